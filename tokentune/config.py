@@ -1,0 +1,290 @@
+"""Run configuration: plain dataclasses, validated in ``__post_init__``.
+
+A run config is one YAML/dict with fixed sections (``model``, ``data``, ``train``, ``compute``,
+``eval``), the ``methods`` list, and one optional section per registered method named after it
+(``lora:``, ``tokentune:``, ``ist:`` ...). Every user-facing error names the offending key and
+what would be accepted. Dotted overrides (``train.lr=1e-4``) use the same names as the YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the key and the accepted values."""
+
+
+def _check(cond: bool, key: str, value: Any, accepted: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {accepted}")
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load. ``name_or_path`` None means the shipped tiny Llama."""
+
+    name_or_path: str | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | float64
+    attn_implementation: str = "sdpa"  # sdpa | eager (TokenTune and its baseline share one kernel)
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _check(
+            self.attn_implementation in ("sdpa", "eager"),
+            "model.attn_implementation",
+            self.attn_implementation,
+            "'sdpa' or 'eager'",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Instruction data (Alpaca-style JSON/JSONL with instruction/input/output, or an HF dataset)."""
+
+    train: str | None = None  # path or HF dataset name; None = shipped instruction data
+    val: str | None = None  # path or HF dataset name; None = shipped (or split from train)
+    val_fraction: float = 0.05  # used when val is None and train is not the shipped data
+    template: str = "alpaca"  # 'alpaca' or a JSON file with prompt_input / prompt_no_input keys
+    max_length: int = 128
+    train_on_inputs: bool = False
+    max_examples: int | None = None  # cap on training rows (quick runs)
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number in (0, 1)")
+        if self.max_examples is not None:
+            _check(self.max_examples >= 1, "data.max_examples", self.max_examples, "an integer >= 1")
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 10
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 16  # micro-batch per worker
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    bf16: str = "auto"  # auto (CUDA with bf16 support) | true | false: autocast for the forward
+    seed: int = 0
+    log_every: int = 10  # report(metrics) every N optimizer steps
+    eval_every: int = 0  # validation loss every N steps (0: only at the end)
+    eval_batches: int = 8  # validation micro-batches per evaluation (0: the whole split)
+    save_every: int = 0  # full checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    output_dir: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr < 1,
+            "train.lr",
+            self.lr,
+            "a number in (0, 1), e.g. 1e-4",
+        )
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.schedule in SCHEDULES, "train.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+        for key in ("max_steps", "batch_size", "grad_accum"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 1, f"train.{key}", v, "an integer >= 1")
+        for key in ("warmup_steps", "log_every", "eval_every", "save_every", "eval_batches"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 0, f"train.{key}", v, "an integer >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        if self.max_grad_norm is not None:
+            _check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "a number > 0 or null")
+        self.bf16 = str(self.bf16).lower()
+        _check(self.bf16 in ("auto", "true", "false"), "train.bf16", self.bf16, "auto, true or false")
+        self.betas = tuple(self.betas)  # YAML gives a list
+
+
+@dataclass
+class ComputeConfig:
+    """Resources of one run (a Ray Train job when workers > 1 or under a sweep)."""
+
+    workers: int = 1
+    use_gpu: bool | str = "auto"  # auto: when CUDA is visible
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 1
+    zero_stage: int | None = None  # None: no DeepSpeed; 0-3: DeepSpeed ZeRO stage
+    backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.workers, int) and self.workers >= 1, "compute.workers", self.workers, ">= 1")
+        if self.zero_stage is not None:
+            _check(self.zero_stage in (0, 1, 2, 3), "compute.zero_stage", self.zero_stage, "0, 1, 2, 3 or null")
+        _check(self.backend in ("auto", "gloo", "nccl"), "compute.backend", self.backend, "auto, gloo or nccl")
+        _check(self.cpus_per_worker > 0, "compute.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+
+
+@dataclass
+class EvalConfig:
+    """lm-eval after training: shipped task names, any lm-eval task, or 'name:fewshot'."""
+
+    tasks: list[str] | None = None  # None = the shipped tasks
+    num_fewshot: int | None = None
+    limit: int | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            _check(
+                isinstance(self.tasks, list) and all(isinstance(t, str) and t for t in self.tasks),
+                "eval.tasks",
+                self.tasks,
+                "a list of task names",
+            )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "compute": ComputeConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: list[str] = field(default_factory=lambda: ["lora"])
+    method_configs: dict[str, Any] = field(default_factory=dict)  # name -> that method's dataclass
+
+    def __post_init__(self) -> None:
+        from tokentune.methods import validate_methods
+
+        self.method_configs = validate_methods(self.methods, self.method_configs)
+
+    # ---- (de)serialisation -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> RunConfig:
+        from tokentune.methods import REGISTRY
+
+        d = dict(d or {})
+        known = set(SECTIONS) | {"methods"} | set(REGISTRY)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {unknown[0]!r}; accepted top-level keys: {', '.join(sorted(known))}"
+            )
+        kwargs: dict[str, Any] = {name: build_section(name, sec, d.get(name)) for name, sec in SECTIONS.items()}
+        methods = d.get("methods", ["lora"])
+        if isinstance(methods, str):
+            methods = [methods]
+        if not isinstance(methods, list) or not methods:
+            raise ConfigError(f"methods={methods!r} is invalid: expected a non-empty list, e.g. [lora, tokentune]")
+        method_cfgs = {}
+        for name in REGISTRY:
+            if name in d:
+                method_cfgs[name] = build_section(name, REGISTRY[name].config_cls, d[name])
+        return cls(methods=list(methods), method_configs=method_cfgs, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["methods"] = list(self.methods)
+        for name, mc in self.method_configs.items():
+            out[name] = dataclasses.asdict(mc)
+        out["train"]["betas"] = list(out["train"]["betas"])
+        return out
+
+
+def build_section(name: str, cls: type, value: Any) -> Any:
+    """Build one section dataclass from a mapping, naming unknown keys."""
+    if value is None:
+        return cls()
+    if dataclasses.is_dataclass(value):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{name}.{unknown[0]}'; accepted keys in {name}: {', '.join(sorted(names))}")
+    try:
+        return cls(**value)
+    except TypeError as e:  # wrong types that slipped through (e.g. a string where a number goes)
+        raise ConfigError(f"{name}: {e}") from e
+
+
+# ---- overrides ---------------------------------------------------------------------------------
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'train.lr=1e-4'`` -> ``('train.lr', 0.0001)``; values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is invalid: expected key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key!r}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    import copy
+
+    d = copy.deepcopy(d)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for k, v in items:
+        set_dotted(d, k, v)
+    return d
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    d = load_yaml(path) if path else {}
+    return RunConfig.from_dict(apply_overrides(d, overrides))

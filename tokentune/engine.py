@@ -1,0 +1,107 @@
+"""How gradients become updates: plain PyTorch (optionally all-reducing across ranks) or DeepSpeed.
+
+Both expose the same three calls the loop uses: ``backward(loss)`` per micro-batch, ``step()`` per
+optimizer step (returns the gradient norm), and ``save``/``load`` of the optimizer-side state.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class PlainEngine:
+    def __init__(self, model, optimizer, scheduler, grad_accum: int, max_grad_norm: float | None) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accum, self.max_norm = grad_accum, max_grad_norm
+        self.rank, self.world = dist_info()
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> float:
+        if self.world > 1:  # data parallel without DeepSpeed: average gradients across ranks
+            for p in self.params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+        grads = [p for p in self.params if p.grad is not None]
+        if self.max_norm:
+            norm = float(torch.nn.utils.clip_grad_norm_(grads, self.max_norm))
+        else:
+            norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in grads)) if grads else 0.0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def save(self, path: Path) -> None:
+        if self.rank == 0:
+            torch.save(self.state_dict(), path / "optimizer.pt")
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def deepspeed_config(stage: int, micro_batch: int, grad_accum: int, max_grad_norm: float | None, bf16: bool) -> dict:
+    world = dist_info()[1]
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world,
+        "gradient_clipping": float(max_grad_norm or 0.0),
+        "zero_optimization": {
+            "stage": stage,
+            "stage3_gather_16bit_weights_on_model_save": stage == 3,
+        },
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 0-3 around a client optimizer/scheduler (the process group already exists)."""
+
+    def __init__(self, model, optimizer, scheduler, grad_accum, max_grad_norm, stage: int, micro_batch: int, bf16: bool):
+        import deepspeed
+
+        self.stage = stage
+        self.rank, self.world = dist_info()
+        cfg = deepspeed_config(stage, micro_batch, grad_accum, max_grad_norm, bf16)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
+        )
+        self.model = self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # a no-op except at the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+
+    def load(self, path: Path) -> None:
+        self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False)

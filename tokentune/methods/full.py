@@ -1,0 +1,43 @@
+"""Full fine-tuning: every weight trains, except names matching ``full.freeze`` patterns."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+
+from tokentune.config import ConfigError
+from tokentune.methods.base import Method, register
+
+
+@dataclass
+class FullSettings:
+    freeze: list[str] = field(default_factory=list)  # glob patterns over parameter names
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.freeze, list) or not all(isinstance(p, str) for p in self.freeze):
+            raise ConfigError(f"full.freeze={self.freeze!r} is invalid: expected a list of glob patterns")
+
+
+def freeze_matching(model: torch.nn.Module, patterns: list[str]) -> int:
+    """Set ``requires_grad`` False for parameters matching any pattern; returns how many."""
+    n = 0
+    for name, p in model.named_parameters():
+        frozen = any(fnmatch.fnmatch(name, pat) for pat in patterns)
+        p.requires_grad_(not frozen)
+        n += frozen
+    return n
+
+
+@register
+class Full(Method):
+    name = "full"
+    config_cls = FullSettings
+    kind = "trainer"
+    order = 20
+    conflicts = ("lora", "dora", "qlora")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        freeze_matching(model, self.config.freeze)
+        return model

@@ -1,0 +1,55 @@
+"""QLoRA: a 4-bit (bitsandbytes) frozen base under LoRA or DoRA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokentune.config import ConfigError
+from tokentune.methods.base import Method, register
+
+
+@dataclass
+class QLoraSettings:
+    quant_type: str = "nf4"  # nf4 | fp4
+    compute_dtype: str = "bfloat16"  # bfloat16 | float32 | float16
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"qlora.quant_type={self.quant_type!r} is invalid: expected nf4 or fp4")
+        if self.compute_dtype not in ("bfloat16", "float32", "float16"):
+            raise ConfigError(
+                f"qlora.compute_dtype={self.compute_dtype!r} is invalid: expected bfloat16, float32 or float16"
+            )
+
+
+def bnb_config(settings: QLoraSettings):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, settings.compute_dtype),
+        bnb_4bit_use_double_quant=settings.double_quant,
+    )
+
+
+@register
+class QLoRA(Method):
+    name = "qlora"
+    config_cls = QLoraSettings
+    kind = "quantizer"
+    order = 10
+    requires_any = ("lora", "dora")
+    conflicts = ("full",)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"quantization_config": bnb_config(self.config)}
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -1,0 +1,364 @@
+"""The training loop: ``train(cfg, report) -> TrainResult``. Plain PyTorch; never imports ray or mlflow.
+
+Reads top to bottom: load model and methods, build data, optimizer and schedule, then per optimizer
+step: method hooks, micro-batches (a method may replace the forward/loss), step, hooks, report,
+validate, checkpoint. Ray Train workers call this same function (see ``orchestrator/trial.py``).
+
+``report(metrics, checkpoint_dir=None)`` is called every ``train.log_every`` steps, at every
+checkpoint and at the end, on every rank (Ray Train's report is a barrier).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokentune.config import RunConfig
+from tokentune.data import StepSampler, collate, load_splits
+from tokentune.engine import DeepSpeedEngine, PlainEngine, dist_info
+from tokentune.memory import Throughput, peak_memory_bytes, reset_peak
+from tokentune.methods import StepContext, build_methods
+from tokentune.models import load_model, load_tokenizer
+
+Report = Callable[..., None]
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    final_dir: str  # peft adapter (adapter methods) or full HF checkpoint (full fine-tuning)
+    is_adapter: bool
+    steps: int
+    val_loss: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    peak_memory_bytes: int = 0
+    tokens_per_s: float = 0.0
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    want = cfg.compute.use_gpu
+    if want in (True, "true", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    if want in (True, "true"):
+        raise RuntimeError("compute.use_gpu=true but no CUDA device is visible")
+    return torch.device("cpu")
+
+
+def autocast_factory(cfg: RunConfig, device: torch.device) -> Callable[[], Any]:
+    on = cfg.train.bf16 == "true" or (
+        cfg.train.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not on:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def default_param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+def trainable_state(model: torch.nn.Module, zero_stage: int | None = None) -> dict[str, torch.Tensor]:
+    """Copies of every trainable parameter, gathered on every rank under ZeRO-3."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().clone().cpu() for n, p in named}
+    return {n: p.detach().clone().cpu() for n, p in named}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint holds parameters the model lacks, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def save_final(model, tokenizer, out: Path, zero_stage: int | None, rank: int) -> bool:
+    """Write the final artifact on rank 0: a peft adapter, or a full HF checkpoint. Returns is_adapter."""
+    is_adapter = hasattr(model, "peft_config")
+    state = trainable_state(model, zero_stage) if zero_stage == 3 else None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if is_adapter:
+            from peft import get_peft_model_state_dict
+
+            sd = get_peft_model_state_dict(model, state_dict=_full_state_with(model, state))
+            model.save_pretrained(str(out), state_dict=sd)
+        else:
+            model.save_pretrained(str(out), state_dict=_full_state_with(model, state))
+        tokenizer.save_pretrained(str(out))
+    return is_adapter
+
+
+def _full_state_with(model, gathered: dict[str, torch.Tensor] | None):
+    if gathered is None:
+        return None
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sd.update(gathered)
+    return sd
+
+
+@torch.no_grad()
+def validation_loss(model, batches: list[dict[str, torch.Tensor]], autocast) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        with autocast():
+            loss = model(**b).loss
+        n = int((b["labels"][:, 1:] != -100).sum())
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(
+    cfg: RunConfig,
+    report: Report | None = None,
+    *,
+    resume_from: str | Path | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Fine-tune ``cfg.model`` with ``cfg.methods`` on ``cfg.data``; see the module docstring."""
+    t_start = time.perf_counter()
+    tc = cfg.train
+    rank, world = dist_info()
+    device = device or pick_device(cfg)
+    out_dir = Path(tc.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    torch.manual_seed(tc.seed)
+    report = report or (lambda metrics, checkpoint_dir=None: None)
+
+    # ---- model + methods ---------------------------------------------------------------------
+    methods = build_methods(cfg.methods, cfg.method_configs, cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    load_kwargs: dict[str, Any] = {}
+    for m in methods:
+        load_kwargs.update(m.load_kwargs())
+    model = load_model(cfg.model, load_kwargs, device=device)
+    for m in methods:
+        model = m.prepare(model)
+    model.train()
+
+    # ---- data --------------------------------------------------------------------------------
+    train_ds, val_ds = load_splits(cfg.data, tokenizer, seed=tc.seed)
+    sampler = StepSampler(len(train_ds), tc.batch_size, tc.seed, world, rank)
+    probe_sampler = StepSampler(len(train_ds), min(tc.batch_size * 2, len(train_ds)), tc.seed + 7919)
+    pad = tokenizer.pad_token_id
+
+    def to_device(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in b.items()}
+
+    def micro_batch(i: int) -> dict[str, torch.Tensor]:
+        return to_device(collate([train_ds[j] for j in sampler.indices(i)], pad))
+
+    probe_counter = [0]
+
+    def probe_batch(size: int | None = None) -> dict[str, torch.Tensor]:
+        """A training batch for method probes: the same examples on every rank."""
+        idx = probe_sampler.indices(probe_counter[0])
+        probe_counter[0] += 1
+        if size:
+            idx = (idx * (size // len(idx) + 1))[:size]
+        return to_device(collate([train_ds[j] for j in idx], pad))
+
+    n_val = len(val_ds) if tc.eval_batches == 0 else min(len(val_ds), tc.eval_batches * tc.batch_size)
+    val_batches = [
+        to_device(collate([val_ds[j] for j in range(i, min(i + tc.batch_size, n_val))], pad))
+        for i in range(0, n_val, tc.batch_size)
+    ]
+
+    # ---- optimizer, schedule, engine -----------------------------------------------------------
+    groups = next((g for g in (m.param_groups(model) for m in methods) if g is not None), None)
+    groups = groups or default_param_groups(model)
+    if not any(len(g["params"]) for g in groups):
+        raise RuntimeError(f"methods={cfg.methods}: no parameter is trainable")
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
+    autocast = autocast_factory(cfg, device)
+    zero = cfg.compute.zero_stage
+    if zero is not None:
+        engine: Any = DeepSpeedEngine(
+            model, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm, zero, tc.batch_size, autocast is not contextlib.nullcontext
+        )
+    else:
+        engine = PlainEngine(model, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm)
+
+    # ---- resume --------------------------------------------------------------------------------
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(Path(resume_from), model, engine, methods, zero)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    history: list[dict[str, Any]] = []
+    speed = Throughput()
+    reset_peak(device)
+    losses: list[float] = []
+    val_loss: float | None = None
+    step = start_step
+    for step in range(start_step, tc.max_steps):
+        ctx = StepContext(
+            step=step, model=model, optimizer=engine.optimizer, probe_batch=probe_batch, device=device,
+            autocast=autocast, world_size=world, rank=rank,
+        )  # fmt: skip
+        for m in methods:
+            m.on_step_start(ctx)
+        step_loss = 0.0
+        for k in range(tc.grad_accum):
+            batch = micro_batch(step * tc.grad_accum + k)
+            ctx.batch = batch
+            with autocast():
+                loss = next((x for x in (m.compute_loss(model, batch, ctx) for m in methods) if x is not None), None)
+                if loss is None:
+                    loss = model(**batch).loss
+            engine.backward(loss)
+            step_loss += float(loss.detach()) / tc.grad_accum
+            speed.add(int(batch["attention_mask"].sum()))
+        grad_norm = engine.step()
+        for m in methods:
+            m.on_step_end(ctx)
+        losses.append(step_loss)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss became {step_loss} at step {step}; lower train.lr or check the data")
+
+        done = step + 1
+        is_last = done == tc.max_steps
+        metrics: dict[str, Any] | None = None
+        if tc.eval_every and done % tc.eval_every == 0 or is_last:
+            val_loss = validation_loss(model, val_batches, autocast)
+        if done % max(tc.log_every, 1) == 0 or is_last:
+            metrics = {
+                "step": done,
+                "loss": sum(losses) / len(losses),
+                "lr": optimizer.param_groups[0]["lr"] if zero is None else engine.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": speed.tick() * world,
+                "peak_memory_bytes": peak_memory_bytes(device),
+                "epoch": done * tc.grad_accum * tc.batch_size * world / len(train_ds),
+            }
+            losses = []
+            for m in methods:
+                metrics.update(m.metrics())
+        if val_loss is not None and (tc.eval_every and done % tc.eval_every == 0 or is_last):
+            metrics = metrics or {"step": done}
+            metrics["val_loss"] = val_loss
+        ckpt_dir = None
+        if tc.save_every and done % tc.save_every == 0 and not is_last:
+            ckpt_dir = save_checkpoint(out_dir, done, model, engine, methods, zero, rank, tc.keep_checkpoints)
+        if metrics is not None or ckpt_dir is not None:
+            metrics = metrics or {"step": done}
+            history.append(metrics)
+            if progress and rank == 0:
+                print(_progress_line(metrics, tc.max_steps), flush=True)
+            report(metrics, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None)
+
+    # ---- final artifact --------------------------------------------------------------------------
+    final_dir = out_dir / "final"
+    is_adapter = save_final(engine.model, tokenizer, final_dir, zero, rank)
+    wall = time.perf_counter() - t_start
+    tokens = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
+    result = TrainResult(
+        output_dir=str(out_dir),
+        final_dir=str(final_dir),
+        is_adapter=is_adapter,
+        steps=tc.max_steps,
+        val_loss=val_loss,
+        history=history,
+        wall_s=wall,
+        peak_memory_bytes=peak_memory_bytes(device),
+        tokens_per_s=sum(tokens) / len(tokens) if tokens else 0.0,
+    )
+    if rank == 0:
+        summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+        (out_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _progress_line(m: dict[str, Any], total: int) -> str:
+    parts = [f"step {m['step']}/{total}"]
+    for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("tokens_per_s", ".0f")):
+        if key in m:
+            parts.append(f"{key} {m[key]:{fmt}}")
+    return "  ".join(parts)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(out_dir: Path, step: int, model, engine, methods, zero, rank: int, keep: int) -> Path:
+    """``checkpoint-<step>/``: trainable weights, optimizer + scheduler, method states, RNG, step."""
+    path = out_dir / f"checkpoint-{step:06d}"
+    state = trainable_state(model, zero if zero == 3 else None)
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path / "trainable.pt")
+        torch.save({m.name: m.state_dict() for m in methods}, path / "methods.pt")
+        torch.save({"torch": torch.get_rng_state()}, path / "rng.pt")
+    _barrier()
+    engine.save(path)
+    _barrier()
+    if rank == 0:
+        (path / "state.json").write_text(json.dumps({"step": step}))
+        old = sorted(out_dir.glob("checkpoint-*"))[:-keep]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    done = [p for p in sorted(Path(out_dir).glob("checkpoint-*")) if (p / "state.json").exists()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, engine, methods, zero) -> int:
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
+    if zero is None:  # DeepSpeed restores the module itself
+        load_trainable_state(model, torch.load(path / "trainable.pt", weights_only=True))
+    engine.load(path)
+    states = torch.load(path / "methods.pt", weights_only=False)
+    for m in methods:
+        if m.name in states:
+            m.load_state_dict(states[m.name])
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=False)["torch"])
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
