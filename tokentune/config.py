@@ -130,8 +130,12 @@ class ComputeConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.workers, int) and self.workers >= 1, "compute.workers", self.workers, ">= 1")
         if self.zero_stage is not None:
-            _check(self.zero_stage in (0, 1, 2, 3), "compute.zero_stage", self.zero_stage, "0, 1, 2, 3 or null")
-        _check(self.backend in ("auto", "gloo", "nccl"), "compute.backend", self.backend, "auto, gloo or nccl")
+            _check(
+                self.zero_stage in (0, 1, 2, 3), "compute.zero_stage", self.zero_stage, "0, 1, 2, 3 or null"
+            )
+        _check(
+            self.backend in ("auto", "gloo", "nccl"), "compute.backend", self.backend, "auto, gloo or nccl"
+        )
         _check(self.cpus_per_worker > 0, "compute.cpus_per_worker", self.cpus_per_worker, "a number > 0")
 
 
@@ -190,12 +194,16 @@ class RunConfig:
             raise ConfigError(
                 f"unknown config key {unknown[0]!r}; accepted top-level keys: {', '.join(sorted(known))}"
             )
-        kwargs: dict[str, Any] = {name: build_section(name, sec, d.get(name)) for name, sec in SECTIONS.items()}
+        kwargs: dict[str, Any] = {
+            name: build_section(name, sec, d.get(name)) for name, sec in SECTIONS.items()
+        }
         methods = d.get("methods", ["lora"])
         if isinstance(methods, str):
             methods = [methods]
         if not isinstance(methods, list) or not methods:
-            raise ConfigError(f"methods={methods!r} is invalid: expected a non-empty list, e.g. [lora, tokentune]")
+            raise ConfigError(
+                f"methods={methods!r} is invalid: expected a non-empty list, e.g. [lora, tokentune]"
+            )
         method_cfgs = {}
         for name in REGISTRY:
             if name in d:
@@ -222,7 +230,9 @@ def build_section(name: str, cls: type, value: Any) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(value) - names)
     if unknown:
-        raise ConfigError(f"unknown config key '{name}.{unknown[0]}'; accepted keys in {name}: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown config key '{name}.{unknown[0]}'; accepted keys in {name}: {', '.join(sorted(names))}"
+        )
     try:
         return cls(**value)
     except TypeError as e:  # wrong types that slipped through (e.g. a string where a number goes)

@@ -47,7 +47,9 @@ def load_template(spec: str) -> dict[str, str]:
         raise DataError(f"template file {spec!r} is not valid JSON: {e}") from e
     missing = [k for k in ("prompt_input", "prompt_no_input") if not isinstance(t.get(k), str)]
     if missing:
-        raise DataError(f"template file {spec!r} lacks string key(s) {missing}: expected prompt_input, prompt_no_input")
+        raise DataError(
+            f"template file {spec!r} lacks string key(s) {missing}: expected prompt_input, prompt_no_input"
+        )
     return t
 
 
@@ -59,10 +61,14 @@ def format_prompt(row: dict[str, str], template: dict[str, str]) -> str:
 
 def _check_row(row: Any, where: str) -> dict[str, str]:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with instruction/input/output, got {type(row).__name__}")
+        raise DataError(
+            f"{where}: expected an object with instruction/input/output, got {type(row).__name__}"
+        )
     for key in ("instruction", "output"):
         if not isinstance(row.get(key), str):
-            raise DataError(f"{where}: field {key!r} is missing or not a string (rows need instruction, output; input optional)")
+            raise DataError(
+                f"{where}: field {key!r} is missing or not a string (rows need instruction, output; input optional)"
+            )
     inp = row.get("input", "")
     if inp is None:
         inp = ""
@@ -116,7 +122,9 @@ def _read_hub_dataset(name: str) -> list[dict[str, str]]:
     return [_check_row(dict(r), f"{name}: row {i}") for i, r in enumerate(ds, 1)]
 
 
-def tokenize_row(row: dict[str, str], tokenizer, template: dict[str, str], max_length: int, train_on_inputs: bool):
+def tokenize_row(
+    row: dict[str, str], tokenizer, template: dict[str, str], max_length: int, train_on_inputs: bool
+):
     """-> (input_ids, labels) lists; prompt encoded as lm-eval encodes a context, output + eos after it."""
     prompt_ids = tokenizer(format_prompt(row, template))["input_ids"]
     out_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]

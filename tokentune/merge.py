@@ -33,7 +33,9 @@ def merge_adapter(
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"merge: {str(adapter_dir)!r} is not a peft adapter directory (no adapter_config.json)")
+        raise ConfigError(
+            f"merge: {str(adapter_dir)!r} is not a peft adapter directory (no adapter_config.json)"
+        )
     base = base or adapter_base(adapter_dir)
     if base is None:
         from tokentune.models import resolve

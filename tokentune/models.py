@@ -36,7 +36,9 @@ def _load(fn, what: str, name: str, **kwargs):
             if offline and not local
             else ""
         )
-        raise ModelLoadError(f"model.{what}: cannot load {name!r}: {str(e).splitlines()[0][:300]}.{hint}") from e
+        raise ModelLoadError(
+            f"model.{what}: cannot load {name!r}: {str(e).splitlines()[0][:300]}.{hint}"
+        ) from e
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -50,7 +52,9 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, extra: dict[str, Any] | None = None, device: torch.device | str | None = None):
+def load_model(
+    cfg: ModelConfig, extra: dict[str, Any] | None = None, device: torch.device | str | None = None
+):
     """``AutoModelForCausalLM.from_pretrained`` with the config's dtype and attention kernel."""
     from transformers import AutoModelForCausalLM
 

@@ -208,12 +208,21 @@ def train(
     if not any(len(g["params"]) for g in groups):
         raise RuntimeError(f"methods={cfg.methods}: no parameter is trainable")
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps)
+    )
     autocast = autocast_factory(cfg, device)
     zero = cfg.compute.zero_stage
     if zero is not None:
         engine: Any = DeepSpeedEngine(
-            model, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm, zero, tc.batch_size, autocast is not contextlib.nullcontext
+            model,
+            optimizer,
+            scheduler,
+            tc.grad_accum,
+            tc.max_grad_norm,
+            zero,
+            tc.batch_size,
+            autocast is not contextlib.nullcontext,
         )
     else:
         engine = PlainEngine(model, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm)
@@ -242,18 +251,24 @@ def train(
             batch = micro_batch(step * tc.grad_accum + k)
             ctx.batch = batch
             with autocast():
-                loss = next((x for x in (m.compute_loss(model, batch, ctx) for m in methods) if x is not None), None)
+                loss = next(
+                    (x for x in (m.compute_loss(model, batch, ctx) for m in methods) if x is not None), None
+                )
                 if loss is None:
                     loss = model(**batch).loss
             engine.backward(loss)
             step_loss += float(loss.detach()) / tc.grad_accum
             speed.add(int(batch["attention_mask"].sum()))
+        for m in methods:
+            m.on_before_step(ctx)
         grad_norm = engine.step()
         for m in methods:
             m.on_step_end(ctx)
         losses.append(step_loss)
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {step}; lower train.lr or check the data")
+            raise FloatingPointError(
+                f"loss became {step_loss} at step {step}; lower train.lr or check the data"
+            )
 
         done = step + 1
         is_last = done == tc.max_steps

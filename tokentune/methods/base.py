@@ -11,6 +11,8 @@ Hooks (all optional, called by ``tokentune.train``):
 - ``param_groups(model)``      -> optimizer parameter groups, or None (IST: one group per layer)
 - ``on_step_start(ctx)``       before the micro-batches of an optimizer step (sample layers, ...)
 - ``compute_loss(model, batch, ctx)`` -> loss tensor, or None to let the next method/stock forward do it
+- ``on_before_step(ctx)``      after the micro-batches' backward, before the optimizer step (plain
+                                engine: gradients are on ``p.grad``; under DeepSpeed they live in the engine)
 - ``on_step_end(ctx)``         after ``optimizer.step()`` (probe, restore optimizer groups, ...)
 - ``metrics()``                -> dict merged into the step's report
 - ``state_dict()`` / ``load_state_dict(state)``: method state saved with checkpoints
@@ -87,6 +89,9 @@ class Method:
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext):
         return None
 
+    def on_before_step(self, ctx: StepContext) -> None:
+        return None
+
     def on_step_end(self, ctx: StepContext) -> None:
         return None
 
@@ -142,7 +147,9 @@ def validate_methods(names: list[str], configs: dict[str, Any] | None = None) ->
     for n in names:
         cls = REGISTRY[n]
         if cls.requires_any and not any(r in names for r in cls.requires_any):
-            raise ConfigError(f"method {n!r} requires one of: {', '.join(cls.requires_any)} (methods={names!r})")
+            raise ConfigError(
+                f"method {n!r} requires one of: {', '.join(cls.requires_any)} (methods={names!r})"
+            )
         for c in cls.conflicts:
             if c in names:
                 raise ConfigError(f"method {n!r} cannot be combined with {c!r} (methods={names!r})")
@@ -156,7 +163,9 @@ def validate_methods(names: list[str], configs: dict[str, Any] | None = None) ->
         out[n] = cfg
     # sections for methods not in the list are kept (sweeps may switch methods on and off)
     for n, cfg in configs.items():
-        out.setdefault(n, cfg if dataclasses.is_dataclass(cfg) else build_section(n, REGISTRY[n].config_cls, cfg))
+        out.setdefault(
+            n, cfg if dataclasses.is_dataclass(cfg) else build_section(n, REGISTRY[n].config_cls, cfg)
+        )
     return out
 
 

@@ -31,11 +31,15 @@ class LoraSettings:
         if self.alpha is None:
             self.alpha = 2 * self.rank
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ConfigError(f"{prefix}.alpha={self.alpha!r} is invalid: expected a number > 0 (often 2 * rank)")
+            raise ConfigError(
+                f"{prefix}.alpha={self.alpha!r} is invalid: expected a number > 0 (often 2 * rank)"
+            )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{prefix}.dropout={self.dropout!r} is invalid: expected a number in [0, 1)")
         if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
-            raise ConfigError(f"{prefix}.target_modules={self.target_modules!r} is invalid: expected module names")
+            raise ConfigError(
+                f"{prefix}.target_modules={self.target_modules!r} is invalid: expected module names"
+            )
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"{prefix}.bias={self.bias!r} is invalid: expected none, all or lora_only")
 
@@ -70,7 +74,9 @@ def wrap_with_adapter(model: torch.nn.Module, settings: LoraSettings, use_dora: 
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in settings.target_modules if t not in names]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
         raise ConfigError(
             f"{type(settings).section}.target_modules: {missing} not found in the model; linear modules: {linear}"
         )
