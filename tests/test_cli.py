@@ -1,0 +1,77 @@
+"""The ``tokentune`` command: help that explains, single runs, clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator.cli import build_parser, main
+from tests.conftest import tiny_run_dict
+
+
+@pytest.mark.parametrize("sub", ["train", "merge", "sweep", "eval"])
+def test_every_subcommand_explains_its_options(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    parser = build_parser()
+    action = next(a for a in parser._subparsers._group_actions if a.dest == "command")
+    for opt in action.choices[sub]._actions:
+        if opt.option_strings and opt.dest != "help":
+            assert opt.help, f"tokentune {sub} {opt.option_strings} has no help text"
+            assert opt.option_strings[0] in out
+
+
+def test_help_is_fast_and_imports_no_ray():
+    code = "import sys; from orchestrator.cli import main; main(['--help'])"
+    r = subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True)
+    assert "tokentune sweep" in r.stdout
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import orchestrator.cli, sys; print('ray' in sys.modules, 'mlflow' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout.strip() == "False False", r.stderr[-2000:]
+
+
+def test_train_then_merge(tiny_workspace, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_run_dict(tiny_workspace, ["lora"], tmp_path / "out")))
+    assert main(["train", str(cfg), "--set", "lora.rank=4", "--set", "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "step 3/3" in out and "done: 3 steps" in out
+    assert (tmp_path / "out" / "final" / "adapter_config.json").exists()
+    assert main(["merge", str(tmp_path / "out" / "final"), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_bad_input_exits_2_naming_the_key(tiny_workspace, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_run_dict(tiny_workspace, ["lora"], tmp_path / "out")))
+    assert main(["train", str(cfg), "--set", "lora.rank=0"]) == 2
+    assert "lora.rank=0" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--set", "methods=[lora,nope]"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--set", "data.train=/no/such/file.jsonl"]) == 2
+    assert "/no/such/file.jsonl" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_methods_lists_every_registered_method(capsys):
+    from tokentune.methods import REGISTRY
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in REGISTRY:
+        assert name in out
+    assert "lora.rank = 8" in out
