@@ -59,7 +59,9 @@ class PlainEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def deepspeed_config(stage: int, micro_batch: int, grad_accum: int, max_grad_norm: float | None, bf16: bool) -> dict:
+def deepspeed_config(
+    stage: int, micro_batch: int, grad_accum: int, max_grad_norm: float | None, bf16: bool
+) -> dict:
     world = dist_info()[1]
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -81,7 +83,9 @@ def deepspeed_config(stage: int, micro_batch: int, grad_accum: int, max_grad_nor
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 0-3 around a client optimizer/scheduler (the process group already exists)."""
 
-    def __init__(self, model, optimizer, scheduler, grad_accum, max_grad_norm, stage: int, micro_batch: int, bf16: bool):
+    def __init__(
+        self, model, optimizer, scheduler, grad_accum, max_grad_norm, stage: int, micro_batch: int, bf16: bool
+    ):
         import deepspeed
 
         self.stage = stage
@@ -94,14 +98,33 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()  # a no-op except at the accumulation boundary
+        if boundary and self.stage == 3:
+            self._clear_grad_partitions()
+
+    def _clear_grad_partitions(self) -> None:
+        """Zero ZeRO-3's persistent gradient partitions after each optimizer step.
+
+        ZeRO-3 copies each reduced gradient into a flat buffer and, at the step, reads every trainable
+        parameter's slot. A parameter that got no gradient this step (an IST/RST layer inactive for
+        the step) would contribute its *last* gradient again: to Adam's moments and to the clipping
+        norm. ZeRO-1/2 use zeros for such parameters; this makes ZeRO-3 do the same (and makes resume
+        exact, since the stale buffer is not part of a checkpoint).
+        """
+        buf = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+        if isinstance(buf, torch.Tensor):
+            buf.zero_()
 
     def step(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+        # frozen weights (a LoRA base) come from the base model on resume: never copy them per checkpoint
+        self.engine.save_checkpoint(
+            str(path), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True
+        )
 
     def load(self, path: Path) -> None:
         self.engine.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False)

@@ -44,6 +44,7 @@ class TrainResult:
     wall_s: float = 0.0
     peak_memory_bytes: int = 0
     tokens_per_s: float = 0.0
+    trainable_digest: str = ""  # hash of this rank's (gathered) trainable weights: equal on every rank
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -93,6 +94,17 @@ def trainable_state(model: torch.nn.Module, zero_stage: int | None = None) -> di
     return {n: p.detach().clone().cpu() for n, p in named}
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short sha256 of names + raw bytes: equal digests mean bit-identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
@@ -106,7 +118,9 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 def save_final(model, tokenizer, out: Path, zero_stage: int | None, rank: int) -> bool:
     """Write the final artifact on rank 0: a peft adapter, or a full HF checkpoint. Returns is_adapter."""
     is_adapter = hasattr(model, "peft_config")
-    state = trainable_state(model, zero_stage) if zero_stage == 3 else None
+    state = None
+    if zero_stage == 3:  # partitioned: gather what is saved (a full model includes frozen weights)
+        state = trainable_state(model, 3) if is_adapter else _gathered_parameters(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if is_adapter:
@@ -118,6 +132,17 @@ def save_final(model, tokenizer, out: Path, zero_stage: int | None, rank: int) -
             model.save_pretrained(str(out), state_dict=_full_state_with(model, state))
         tokenizer.save_pretrained(str(out))
     return is_adapter
+
+
+def _gathered_parameters(model) -> dict[str, torch.Tensor]:
+    """Every parameter gathered from its ZeRO-3 partitions; tied names share one tensor (as unsharded)."""
+    import deepspeed
+
+    named = list(model.named_parameters(remove_duplicate=False))  # tied weights: every name
+    unique = list({id(p): p for _, p in named}.values())
+    with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
+        copies = {id(p): p.detach().clone().cpu() for p in unique}
+    return {n: copies[id(p)] for n, p in named}
 
 
 def _full_state_with(model, gathered: dict[str, torch.Tensor] | None):
@@ -304,6 +329,7 @@ def train(
     # ---- final artifact --------------------------------------------------------------------------
     final_dir = out_dir / "final"
     is_adapter = save_final(engine.model, tokenizer, final_dir, zero, rank)
+    digest = state_digest(trainable_state(engine.model, zero))
     wall = time.perf_counter() - t_start
     tokens = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     result = TrainResult(
@@ -316,6 +342,7 @@ def train(
         wall_s=wall,
         peak_memory_bytes=peak_memory_bytes(device),
         tokens_per_s=sum(tokens) / len(tokens) if tokens else 0.0,
+        trainable_digest=digest,
     )
     if rank == 0:
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}

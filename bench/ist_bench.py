@@ -1,0 +1,213 @@
+"""LoRA vs IST vs RST: saved activations, step time and probe overhead on a random Llama.
+
+    python bench/ist_bench.py [--layers 8] [--hidden 512] [--seq 256] [--steps 20] [--batch 16] [--json]
+
+Every configuration trains its own copy of the same random model with LoRA (r=8, alpha=16 on
+q,k,v,up,down as in the IST paper) through a loop shaped like ``tokentune.train``; IST uses the paper's
+probing (every 10 steps from step 10, K=3 suppression sets, 16 probe examples). Steps run round-robin
+over the configurations so that a busy machine slows all of them alike.
+
+- saved_bytes_mean / _peak: bytes autograd saved for backward during one step's forward (mean and
+  max over steps), deduplicated by storage, model parameters excluded (they cost no extra memory).
+- step_s: median training-step time plus the probe time amortised over the steps (IST), i.e. the
+  wall time per optimizer step including probing; step_s_train is the median without it.
+- probe_share: the share of wall time spent probing from ``start_step`` on (the steady state: one
+  probe round per ``update_every`` steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from tokentune.methods.base import StepContext  # noqa: E402
+from tokentune.methods.ist import IST, RST, ISTSettings, RSTSettings  # noqa: E402
+from tokentune.methods.lora import LoRA, LoraSettings  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def build_model(args) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 64),
+        max_position_embeddings=max(args.seq, 128),
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def make_batch(i: int, batch: int, args) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(10_000 + i)
+    ids = torch.randint(3, args.vocab, (batch, args.seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+class SavedBytes:
+    """Bytes saved for backward inside the context, one count per storage, parameters excluded."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.param_storages:
+            self.seen[s.data_ptr()] = max(self.seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    def __enter__(self):
+        self.seen.clear()
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+@dataclass
+class Run:
+    method: str
+    budget: float | None
+    model: torch.nn.Module
+    methods: list
+    optimizer: torch.optim.Optimizer
+    saved: list[int] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    probe_s: list[float] = field(default_factory=list)
+
+
+def make_run(method: str, budget: float | None, args) -> Run:
+    methods: list = [LoRA(LoraSettings(rank=8, alpha=16, target_modules=TARGETS))]
+    if method == "ist":
+        methods.append(
+            IST(ISTSettings(budget=budget, update_every=10, start_step=10, probe_sets=3, probe_batch_size=16))
+        )
+    elif method == "rst":
+        methods.append(RST(RSTSettings(budget=budget)))
+    model = build_model(args)
+    for m in methods:
+        model = m.prepare(model)
+    model.train()
+    groups = next((g for g in (m.param_groups(model) for m in methods) if g is not None), None)
+    groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return Run(method, budget, model, methods, torch.optim.AdamW(groups, lr=2e-4, weight_decay=0.0))
+
+
+def train_step(run: Run, step: int, args) -> None:
+    model = run.model
+    ctx = StepContext(
+        step=step,
+        model=model,
+        optimizer=run.optimizer,
+        probe_batch=lambda size: make_batch(-1 - step, size, args),
+    )
+    t0 = time.perf_counter()
+    for m in run.methods:
+        m.on_step_start(ctx)
+    with SavedBytes(model) as saved:
+        loss = model(**make_batch(step, args.batch, args)).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    for m in run.methods:
+        m.on_step_end(ctx)
+    run.step_s.append(time.perf_counter() - t0)
+    run.saved.append(saved.total)
+    run.probe_s.append(sum(getattr(m, "probe_s", 0.0) for m in run.methods))
+
+
+def summarise(run: Run, start_step: int) -> dict:
+    probe_total = sum(run.probe_s[start_step:])
+    wall_total = sum(run.step_s[start_step:])
+    train_only = [s - p for s, p in zip(run.step_s, run.probe_s)]
+    step_train = statistics.median(train_only)
+    return {
+        "method": run.method,
+        "budget": run.budget,
+        "saved_bytes_mean": statistics.mean(run.saved),
+        "saved_bytes_peak": max(run.saved),
+        "step_s": step_train + probe_total / max(1, len(run.step_s) - start_step),
+        "step_s_train": step_train,
+        "probe_share": probe_total / wall_total if wall_total else 0.0,
+        "probe_rounds": sum(1 for p in run.probe_s if p > 0),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=16, help="training micro-batch (IST paper: 16)")
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps <= 10:
+        print("note: IST probes from step 10; use --steps > 10 to include probing", file=sys.stderr)
+
+    runs = [make_run("lora", None, args)]
+    runs += [make_run(m, b, args) for m in ("ist", "rst") for b in args.budgets]
+    for step in range(args.steps):  # round-robin: machine noise hits every configuration alike
+        for run in runs:
+            train_step(run, step, args)
+        print(f"step {step + 1}/{args.steps} done", file=sys.stderr, flush=True)
+    rows = [summarise(r, start_step=min(10, args.steps - 1)) for r in runs]
+    base = rows[0]
+    for r in rows:
+        r["step_vs_lora"] = r["step_s"] / base["step_s"]
+        r["saved_vs_lora"] = r["saved_bytes_mean"] / base["saved_bytes_mean"]
+
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return rows
+    print(
+        f"layers={args.layers} hidden={args.hidden} seq={args.seq} batch={args.batch} steps={args.steps} "
+        f"threads={torch.get_num_threads()} (IST: probe every 10 steps from 10, K=3, 16 examples)"
+    )
+    head = f"{'method':<6} {'budget':>6} {'saved MiB mean':>14} {'peak':>8} {'vs LoRA':>8} {'step s':>8} {'train s':>8} {'vs LoRA':>8} {'probe %':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+        print(
+            f"{r['method']:<6} {budget:>6} {r['saved_bytes_mean'] / 2**20:>14.1f} {r['saved_bytes_peak'] / 2**20:>8.1f} "
+            f"{r['saved_vs_lora']:>8.2f} {r['step_s']:>8.3f} {r['step_s_train']:>8.3f} {r['step_vs_lora']:>8.2f} "
+            f"{100 * r['probe_share']:>7.1f}%"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

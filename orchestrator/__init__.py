@@ -1,0 +1,38 @@
+"""The sweep orchestrator: Ray Tune over Ray Train jobs, merge + lm-eval per trial, MLflow tracking.
+
+The only package that imports ray or mlflow, and only lazily: ``import orchestrator`` (and the CLI's
+``--help``, and spec validation) never imports Ray.
+
+    from orchestrator import run_sweep, load_spec
+    spec = load_spec("search_spaces/quickstart.yaml")   # validated, no Ray
+    result = run_sweep(spec)                            # SweepResult
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.api import SweepResult, TrialResult, run_sweep
+    from orchestrator.spec import SpecError, SweepSpec, load_spec
+
+_EXPORTS = {
+    "run_sweep": "orchestrator.api",
+    "SweepResult": "orchestrator.api",
+    "TrialResult": "orchestrator.api",
+    "SweepSpec": "orchestrator.spec",
+    "SpecError": "orchestrator.spec",
+    "load_spec": "orchestrator.spec",
+}
+
+__all__ = ["SpecError", "SweepResult", "SweepSpec", "TrialResult", "load_spec", "run_sweep"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")

@@ -1,0 +1,221 @@
+"""``run_sweep``: the one Python entry point of a sweep (the CLI's ``tokentune sweep`` calls it).
+
+    from orchestrator import run_sweep
+    res = run_sweep("search_spaces/quickstart.yaml", ["train.max_steps=20"])
+    res.best.trial_id, res.best.metrics["eval/score"], res.results_csv
+
+Steps: load + validate the spec (no cluster resource is touched before this succeeds) -> sweep folder
+``<storage>/<name>/`` with the resolved ``sweep.yaml`` -> Ray (local or ``address``) -> MLflow parent
+run (get-or-create) -> Ray Tune (a fresh Tuner, or ``Tuner.restore`` with ``resume=True``) -> results
+table (console, results.csv/.json, Pareto plot, logged on the parent) -> merged checkpoints pruned per
+``after_trial.keep_merged`` -> the parent run ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.spec import SpecError, SweepSpec, load_spec, value_label
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "sweep.yaml"
+#: after_trial.keep_merged (what to keep) -> post_trial.prune_merged policy (what to delete)
+PRUNE_POLICY = {"best": "best", "all": "none", "none": "all"}
+
+
+@dataclass
+class TrialResult:
+    trial_id: str
+    config: dict[str, Any]  # the searched values, e.g. {"lora.rank": 8, "methods": ["lora"]}
+    metrics: dict[str, Any] = field(default_factory=dict)
+    status: str = "pending"  # finished | failed | stopped | pending | planned (dry run)
+    error: str | None = None
+    trial_dir: str | None = None
+
+
+@dataclass
+class SweepResult:
+    name: str
+    sweep_dir: str
+    trials: list[TrialResult] = field(default_factory=list)
+    best: TrialResult | None = None
+    results_csv: str | None = None
+    mlflow_parent_run_id: str | None = None
+    tracking_uri: str | None = None
+    plan_text: str = ""  # the dry run's plan (also set for real runs)
+    table_text: str = ""  # the results table as printed
+    wall_s: float = 0.0
+    spec: SweepSpec | None = None
+
+
+def run_sweep(
+    spec: str | Path | dict[str, Any] | SweepSpec,
+    overrides: list[str] | None = None,
+    *,
+    name: str | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    address: str | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Run (or resume, or dry-run) a sweep; see the module docstring.
+
+    ``spec``: a YAML path, a spec dict, or a ``SweepSpec``; ``overrides``: ``--set`` items
+    (``tune.num_samples=2``, ``train.lr=3e-4`` = ``base.train.lr``); ``name``: the sweep folder
+    (default: the spec's name); ``resume``: continue ``<storage>/<name>`` (finished trials are kept);
+    ``dry_run``: validate and plan only (``SweepResult.plan_text``, ``trials`` with status planned).
+    """
+    t0 = time.perf_counter()
+    sweep = load_spec(spec, overrides)
+    if name:
+        sweep.name = name
+    sweep_dir, storage_uri = sweep_location(sweep)
+    if resume:
+        sweep = _stored_spec(sweep, sweep_dir)
+    plan = sweep.plan_text()
+    if dry_run:
+        planned = [
+            TrialResult(f"plan_{p.index:04d}", p.params, _plan_metrics(p), "planned")
+            for p in sweep.dry_run_trials()
+        ]
+        return SweepResult(sweep.name, str(sweep_dir), planned, plan_text=plan, spec=sweep)
+    return _run(
+        sweep, sweep_dir, storage_uri, resume=resume, address=address, progress=progress, plan=plan, t0=t0
+    )
+
+
+def sweep_location(spec: SweepSpec) -> tuple[Path, str]:
+    """(local sweep folder, storage root for Tune/Train). A URI storage keeps Tune and Train state
+    there and the trial folders, MLflow DB and results locally under ``./sweeps/<name>``."""
+    if "://" in spec.storage:
+        return Path("sweeps", spec.name).resolve(), f"{spec.storage.rstrip('/')}/{spec.name}"
+    local = Path(spec.storage, spec.name).expanduser().resolve()
+    return local, str(local)
+
+
+def _stored_spec(fresh: SweepSpec, sweep_dir: Path) -> SweepSpec:
+    stored = sweep_dir / SPEC_FILE
+    if not stored.is_file():
+        return fresh
+    spec = load_spec(yaml.safe_load(stored.read_text()))
+    spec.source = str(stored)
+    if spec.to_dict() != fresh.to_dict():
+        log.warning("resume: using the sweep's stored spec %s (the given spec or overrides differ)", stored)
+    return spec
+
+
+def _plan_metrics(p) -> dict[str, Any]:
+    out: dict[str, Any] = {f"resources/{k}": v for k, v in p.resources.items()}
+    if p.memory is not None:
+        out["memory_est_gb"] = round(p.memory.total_gb, 4)
+    return out
+
+
+def _run(
+    spec: SweepSpec,
+    sweep_dir: Path,
+    storage_uri: str,
+    *,
+    resume: bool,
+    address: str | None,
+    progress: bool,
+    plan: str,
+    t0: float,
+) -> SweepResult:
+    from orchestrator import report
+    from orchestrator.post_trial import prune_merged
+    from orchestrator.tracking import SweepTracker, default_tracking_uri
+    from orchestrator.train_job import init_ray, worker_env
+    from orchestrator.trial import TrialContext
+    from orchestrator.tuner import best_trial as pick_best
+    from orchestrator.tuner import (
+        build_tuner,
+        can_restore,
+        collect_trials,
+        restore_tuner,
+        set_tune_env,
+    )
+
+    tracking_uri = default_tracking_uri(sweep_dir, spec.tracking.uri)
+    experiment = spec.tracking.experiment or spec.name
+    ctx = TrialContext(
+        spec=spec.to_dict(),
+        sweep_dir=str(sweep_dir),
+        train_storage=f"{storage_uri}/train",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        progress=progress,
+        extra_env={k: v for k, v in worker_env().items() if k != "PYTHONPATH"},
+    )
+    if not resume and (sweep_dir / SPEC_FILE).exists():
+        raise SpecError(
+            "name",
+            f"sweep {spec.name!r} already exists at {sweep_dir}: resume it (--resume / resume=True) or "
+            "give a new name (--name / name=...)",
+        )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SPEC_FILE).write_text(spec.to_yaml())
+    if progress:
+        print(plan, flush=True)
+
+    set_tune_env()
+    cluster = init_ray(address)
+    tracker = SweepTracker(tracking_uri, experiment, spec.name)
+    parent = tracker.start_parent(spec.to_dict())
+    ctx.parent_run_id = parent
+    restoring = resume and can_restore(ctx)
+    if resume and not restoring:
+        log.warning("resume: no Tune experiment to restore under %s; starting the sweep", sweep_dir)
+    status = "FAILED"
+    try:
+        tuner = restore_tuner(spec, ctx) if restoring else build_tuner(spec, ctx, cluster, progress=progress)
+        grid = tuner.fit()
+        trials = collect_trials(grid, spec, sweep_dir)
+        best = pick_best(trials, spec.objective.metric, spec.objective.mode)
+        rows = report.results_table([_row_input(t) for t in trials], search_keys=list(spec.search))
+        paths = tracker.log_summary(rows, sweep_dir)
+        table = report.format_table(rows)
+        if progress:
+            print(table, flush=True)
+            if best is not None:
+                print(
+                    f"best trial: {best.trial_id} ({spec.objective.metric}={best.metrics.get(spec.objective.metric)})"
+                )
+        if spec.after_trial.merge or spec.after_trial.evaluate:
+            prune_merged(
+                sweep_dir, best.trial_id if best else None, PRUNE_POLICY[spec.after_trial.keep_merged]
+            )
+        status = "FINISHED"
+    finally:
+        tracker.end_parent(status)
+    return SweepResult(
+        name=spec.name,
+        sweep_dir=str(sweep_dir),
+        trials=trials,
+        best=best,
+        results_csv=str(paths["csv"]),
+        mlflow_parent_run_id=parent,
+        tracking_uri=tracking_uri,
+        plan_text=plan,
+        table_text=table,
+        wall_s=time.perf_counter() - t0,
+        spec=spec,
+    )
+
+
+def _row_input(t: TrialResult) -> dict[str, Any]:
+    config = {k: (value_label(v) if isinstance(v, dict) else v) for k, v in t.config.items()}
+    return {
+        "trial_id": t.trial_id,
+        "status": t.status,
+        "config": config,
+        "metrics": t.metrics,
+        "error": t.error,
+    }

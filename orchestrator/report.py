@@ -1,0 +1,289 @@
+"""The sweep summary: a results table, CSV/JSON files, the accuracy-vs-memory Pareto front and plot.
+
+A *trial* (the input) is a dict as the sweep collects it::
+
+    {"trial_id": "t_0001", "status": "TERMINATED",
+     "config": {"methods": ["lora"], "lora": {"rank": 8}, "train": {"lr": 1e-3}, ...},  # nested or dotted
+     "metrics": {"eval/tt_next/acc": 0.6, "eval/score": 0.55, "peak_memory_bytes": 1.2e9,
+                 "tokens_per_s": 900.0, "wall_s": 41.0, "val_loss": 1.9, ...},
+     "error": None}
+
+Metric keys may also sit at the top level of the trial dict. A *row* (the output) is flat: trial id,
+status, the searched config values, eval scores, cost and loss columns, error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+#: config keys shown first when present (the joint search of the mission)
+PREFERRED_KEYS = ["methods", "tokentune.ratio", "lora.rank", "ist.budget", "train.lr"]
+#: config keys that differ between trials but are not settings worth a column
+IGNORED_KEYS = ("train.output_dir", "output_dir", "trial_id", "storage", "name")
+COST_KEYS = ["peak_memory_bytes", "tokens_per_s", "wall_s", "val_loss"]
+SCORE_KEY = "eval/score"
+MEMORY_KEY = "peak_memory_bytes"
+#: short names used in point labels
+_SHORT = {"tokentune.ratio": "ratio", "lora.rank": "r", "ist.budget": "budget", "train.lr": "lr"}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _metrics_of(trial: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = dict(trial.get("metrics") or {})
+    for key in COST_KEYS:
+        if key not in metrics and key in trial:
+            metrics[key] = trial[key]
+    for key, value in trial.items():
+        if isinstance(key, str) and key.startswith("eval/") and key not in metrics:
+            metrics[key] = value
+    return metrics
+
+
+def eval_score(metrics: Mapping[str, Any]) -> float | None:
+    """``eval/score`` if present, else the mean of the ``eval/<task>/acc`` values."""
+    if _number(metrics.get(SCORE_KEY)) is not None:
+        return _number(metrics[SCORE_KEY])
+    accs = [_number(v) for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/acc")]
+    accs = [a for a in accs if a is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+def _config_keys(configs: list[dict[str, Any]], search_keys: list[str] | None) -> list[str]:
+    if search_keys is not None:
+        return list(search_keys)
+    present = {k for c in configs for k in c}
+    keys = [k for k in PREFERRED_KEYS if k in present]
+    varying = []
+    for key in sorted(present - set(keys)):
+        if key.endswith(IGNORED_KEYS):
+            continue
+        values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}
+        if len(values) > 1:
+            varying.append(key)
+    return keys + varying
+
+
+def results_table(trials: list[dict[str, Any]], search_keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """One flat row per trial: trial_id, status, config values, eval scores, cost, val_loss, error.
+
+    Config columns are ``search_keys`` when given, else the preferred keys present (methods,
+    tokentune.ratio, lora.rank, ist.budget, train.lr) plus any config key whose value differs between
+    trials. Eval columns: ``eval/score`` (mean task accuracy) and every ``eval/<task>/acc``.
+    """
+    configs = [_flatten(t.get("config") or t.get("params") or {}) for t in trials]
+    keys = _config_keys(configs, search_keys)
+    metrics = [_metrics_of(t) for t in trials]
+    acc_keys = sorted({k for m in metrics for k in m if k.startswith("eval/") and k.endswith("/acc")})
+    rows = []
+    for trial, config, m in zip(trials, configs, metrics):
+        row: dict[str, Any] = {"trial_id": trial.get("trial_id"), "status": trial.get("status")}
+        for key in keys:
+            value = config.get(key)
+            row[key] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        row[SCORE_KEY] = eval_score(m)
+        for key in acc_keys:
+            row[key] = _number(m.get(key))
+        for key in COST_KEYS:
+            row[key] = _number(m.get(key))
+        if row[MEMORY_KEY] is not None:
+            row[MEMORY_KEY] = int(row[MEMORY_KEY])
+        row["error"] = trial.get("error") or None
+        rows.append(row)
+    return rows
+
+
+def columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    """Column names in first-seen order over all rows."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    return columns
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = columns_of(rows) or ["trial_id"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return path
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------- Pareto
+def pareto_front(
+    rows: list[dict[str, Any]], score_key: str = SCORE_KEY, memory_key: str = MEMORY_KEY
+) -> list[dict[str, Any]]:
+    """Rows no other row dominates (score at least as high and memory at least as low, one strictly).
+
+    Rows missing either value are left out. Returned by memory, lowest first; ties (equal score and
+    memory) are all kept.
+    """
+    points = [(r, _number(r.get(score_key)), _number(r.get(memory_key))) for r in rows]
+    points = [(r, s, m) for r, s, m in points if s is not None and m is not None]
+    front = []
+    for row, s, m in points:
+        dominated = any((s2 >= s and m2 <= m) and (s2 > s or m2 < m) for _, s2, m2 in points)
+        if not dominated:
+            front.append((row, s, m))
+    front.sort(key=lambda p: (p[2], -p[1]))
+    return [row for row, _, _ in front]
+
+
+def best_row(rows: list[dict[str, Any]], score_key: str = SCORE_KEY) -> dict[str, Any] | None:
+    scored = [r for r in rows if _number(r.get(score_key)) is not None]
+    return max(scored, key=lambda r: _number(r[score_key])) if scored else None
+
+
+def config_label(row: Mapping[str, Any]) -> str:
+    """A short label from a row's config columns, e.g. ``lora,tokentune r=8 ratio=0.3``."""
+    skip = {"trial_id", "status", "error", *COST_KEYS}
+    parts = []
+    for key, value in row.items():
+        if key in skip or key.startswith("eval/") or value is None or value == "":
+            continue
+        if key == "methods":
+            parts.insert(0, str(value))
+            continue
+        short = _SHORT.get(key, key.rsplit(".", 1)[-1])
+        parts.append(f"{short}={_fmt(value)}")
+    return " ".join(parts) or str(row.get("trial_id"))
+
+
+def pareto_plot(
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    score_key: str = SCORE_KEY,
+    memory_key: str = MEMORY_KEY,
+    title: str | None = None,
+) -> Path:
+    """Scatter of score vs peak memory, every point labelled with its config, the front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    points = [r for r in rows if _number(r.get(score_key)) is not None and _number(r.get(memory_key)) is not None]
+    front = pareto_front(points, score_key, memory_key)
+    front_ids = {id(r) for r in front}
+    mib = 1 / 2**20 if memory_key.endswith("bytes") else 1.0
+    xlabel = f"{memory_key} (MiB)" if memory_key.endswith("bytes") else memory_key
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    if points:
+        other = [r for r in points if id(r) not in front_ids]
+        ax.scatter(
+            [_number(r[memory_key]) * mib for r in other],
+            [_number(r[score_key]) for r in other],
+            c="tab:gray",
+            s=36,
+            label="trial",
+        )
+        ax.scatter(
+            [_number(r[memory_key]) * mib for r in front],
+            [_number(r[score_key]) for r in front],
+            c="tab:red",
+            s=60,
+            marker="D",
+            label="Pareto front",
+            zorder=3,
+        )
+        ax.step(
+            [_number(r[memory_key]) * mib for r in front],
+            [_number(r[score_key]) for r in front],
+            where="post",
+            c="tab:red",
+            alpha=0.5,
+        )
+        for r in points:
+            ax.annotate(
+                config_label(r),
+                (_number(r[memory_key]) * mib, _number(r[score_key])),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no trial has both a score and a memory value yet", ha="center", transform=ax.transAxes)
+    missing = len(rows) - len(points)
+    ax.set_xlabel(xlabel + " (lower is better)")
+    ax.set_ylabel(score_key + " (higher is better)")
+    ax.set_title((title or "Accuracy vs memory") + (f" ({missing} trial(s) without values not shown)" if missing else ""))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------ console
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _fmt_cell(key: str, value: Any) -> str:
+    if key.endswith("_bytes") and _number(value) is not None:
+        return f"{_number(value) / 2**20:.1f}MiB"
+    return _fmt(value)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, max_cell: int = 40) -> str:
+    """Plain fixed-width text, one line per row, for the console."""
+    if not rows:
+        return "(no trials)"
+    columns = columns or columns_of(rows)
+    cells = []
+    for row in rows:
+        line = []
+        for c in columns:
+            text = _fmt_cell(c, row.get(c)).replace("\n", " ")
+            line.append(text if len(text) <= max_cell else text[: max_cell - 3] + "...")
+        cells.append(line)
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    header = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    lines = [header, "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""One Tune trial (the *driver*): a Ray Train job, then merge + eval as its own Ray task.
+
+    trainable = tune.with_parameters(run_trial, ctx=TrialContext(...))
+
+The trial's identity is its Tune trial id: the training output is ``<sweep>/trials/<trial_id>``, the
+Ray Train run is ``<sweep>/train/<trial_id>`` (re-running with the same name resumes it from its
+last checkpoint) and the MLflow child run is found again by the id. ``status.json`` in the trial
+folder says ``finished`` or ``failed``; a finished trial that Tune runs again (a sweep killed before
+Tune saved its state) reports its stored metrics instead of training again. ``events.jsonl`` records
+every start of training (``train started``), so a resume can be audited.
+
+A failure (training, merge or evaluation) is written to ``status.json`` and to the MLflow child run
+(status FAILED, the error as a tag) and re-raised, so Tune marks the trial ERROR and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator.spec import SweepSpec, estimate_memory, max_memory_gb, parse_spec
+
+STATUS_FILE = "status.json"
+EVENTS_FILE = "events.jsonl"
+FINAL_FLAG = "trial_final"  # set on the trial's last Tune report (the tracking callback skips it)
+GB = 1024**3
+
+
+class TrialFailed(RuntimeError):
+    """A trial's training, merge or evaluation failed; the message says which and why."""
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a sweep needs besides its sampled config (plain strings: picklable)."""
+
+    spec: dict[str, Any]  # the resolved sweep spec (``SweepSpec.to_dict()``)
+    sweep_dir: str  # local, absolute: trials/, mlflow.db, results.*
+    train_storage: str  # Ray Train storage: <sweep>/train (local path or URI)
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str | None = None
+    progress: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+# ---- status files ----------------------------------------------------------------------------------
+def trial_dir(sweep_dir: str | Path, trial_id: str) -> Path:
+    return Path(sweep_dir) / "trials" / trial_id
+
+
+def read_status(path: str | Path) -> dict[str, Any] | None:
+    """``status.json`` of a trial folder, or None."""
+    p = Path(path) / STATUS_FILE
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(path: Path, status: str, **info: Any) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"status": status, "time": time.time(), **info}, indent=2, default=str))
+    os.replace(tmp, path / STATUS_FILE)
+
+
+def log_event(path: Path, event: str, **info: Any) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    with (path / EVENTS_FILE).open("a") as f:
+        f.write(
+            json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **info}, default=str) + "\n"
+        )
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path) / EVENTS_FILE
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+# ---- Train -> Tune reports ---------------------------------------------------------------------------------
+#: Keys Ray Tune reserves in a result: a Train report carrying ``done`` would end the Tune trial
+#: before merge + evaluation run. Renamed ``train_<key>`` on the way to Tune.
+TUNE_RESERVED = ("done", "training_iteration", "trial_id", "time_total_s", "timestamp", "config")
+
+
+class TrialReportCallback(TuneReportCallback):
+    """``TuneReportCallback`` that renames Tune's reserved keys (the Train job reports ``done``)."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        metrics = [{(f"train_{k}" if k in TUNE_RESERVED else k): v for k, v in m.items()} for m in metrics]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def use_trial_report_callback() -> None:
+    """Make ``run_train_job(report_to_tune=True)`` (in this trial process) use ``TrialReportCallback``."""
+    import ray.tune.integration.ray_train as ray_train_integration
+
+    ray_train_integration.TuneReportCallback = TrialReportCallback
+
+
+# ---- the trial ------------------------------------------------------------------------------------------
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune trainable: train (Ray Train), merge + evaluate (a Ray task), record, report."""
+    import ray.tune
+
+    for k, v in ctx.extra_env.items():
+        os.environ.setdefault(k, v)
+    trial_id = ray.tune.get_context().get_trial_id()
+    spec = parse_spec(ctx.spec)
+    tdir = trial_dir(ctx.sweep_dir, trial_id)
+    tdir.mkdir(parents=True, exist_ok=True)
+
+    done = read_status(tdir)
+    if done and done.get("status") == "finished" and done.get("metrics"):
+        log_event(tdir, "skipped (finished before)")
+        ray.tune.report({**done["metrics"], FINAL_FLAG: 1})
+        return
+
+    tracker = _tracker(ctx, spec)
+    run_id = None
+    t0 = time.perf_counter()
+    try:
+        cfg = spec.trial_config(config)
+        cfg.train.output_dir = str(tdir)
+        run_id = tracker.trial_run(trial_id, _params(cfg.to_dict(), config))
+        tracker.set_tags(run_id, {"tokentune.trial_dir": str(tdir), "tokentune.status": "running"})
+        metrics = _train_and_evaluate(spec, cfg, trial_id, tdir, ctx)
+        metrics["trial_wall_s"] = time.perf_counter() - t0
+    except BaseException as err:
+        msg = _error_text(err)
+        detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))[-20000:]
+        write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, config=_jsonable(config))
+        if run_id is not None:
+            _artifacts(tracker, run_id, tdir)
+            tracker.set_tags(run_id, {"tokentune.status": "failed"})
+            tracker.end_trial(run_id, "FAILED", msg)
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise TrialFailed(msg) from err
+
+    write_status(
+        tdir, "finished", trial_id=trial_id, metrics=metrics, config=_jsonable(config), run_id=run_id
+    )
+    tracker.log_metrics(run_id, metrics, step=cfg.train.max_steps)
+    _artifacts(tracker, run_id, tdir)
+    tracker.set_tags(run_id, {"tokentune.status": "finished"})
+    tracker.end_trial(run_id, "FINISHED")
+    ray.tune.report({**metrics, FINAL_FLAG: 1})
+
+
+def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: TrialContext) -> dict[str, Any]:
+    from orchestrator.train_job import run_train_job
+
+    limit = max_memory_gb(spec.base)
+    if limit:
+        est = estimate_memory(cfg)
+        if est is not None and est.total_gb > limit:
+            raise TrialFailed(
+                f"refused before launch: estimated {est.short()} per worker > compute.max_memory_gb={limit}"
+            )
+
+    log_event(tdir, "train started", trial_id=trial_id)
+    use_trial_report_callback()
+    res = run_train_job(
+        cfg,
+        name=trial_id,
+        storage_path=ctx.train_storage,
+        resume=True,
+        report_to_tune=True,
+        progress=ctx.progress,
+    )
+    if res.error is not None:
+        raise TrialFailed(f"training failed: {_error_text(res.error)}")
+    if not res.final_dir:
+        raise TrialFailed("training finished without a final adapter/model folder")
+    log_event(tdir, "train finished", final_dir=res.final_dir)
+    metrics = _train_metrics(res.metrics)
+    for name in ("loss", "val_loss"):
+        if name in metrics and not math.isfinite(metrics[name]):
+            raise TrialFailed(f"training diverged: {name} = {metrics[name]}")
+
+    a = spec.after_trial
+    if a.evaluate:
+        from orchestrator.post_trial import run_post_trial
+
+        log_event(tdir, "post-trial started")
+        post = run_post_trial(
+            res.final_dir,
+            tdir,
+            cfg.eval,
+            keep_merged=True,  # pruned per after_trial.keep_merged when the sweep ends
+            resources={"num_cpus": a.cpus, "num_gpus": a.gpus},
+        )
+        if post.get("error"):
+            raise TrialFailed(post["error"])
+        metrics.update({k: v for k, v in (post.get("metrics") or {}).items() if _is_number(v)})
+    elif a.merge:
+        _merge_only(res.final_dir, tdir, a.cpus, a.gpus)
+    return metrics
+
+
+def _train_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    keep = ("step", "loss", "val_loss", "tokens_per_s", "peak_memory_bytes", "wall_s", "epoch")
+    out = {k: float(m[k]) for k in keep if _is_number(m.get(k))}
+    out.update({k: float(v) for k, v in m.items() if "/" in k and _is_number(v)})  # method metrics (ist/...)
+    if "peak_memory_bytes" in out:
+        out["peak_memory_gb"] = out["peak_memory_bytes"] / GB
+    return out
+
+
+def _merge_only(final_dir: str, tdir: Path, cpus: float, gpus: float) -> None:
+    import ray
+
+    from orchestrator.post_trial import export_for_eval, post_trial_options
+
+    opts = post_trial_options({"num_cpus": cpus, "num_gpus": gpus})
+    ray.get(ray.remote(export_for_eval).options(**opts).remote(Path(final_dir), tdir))
+
+
+# ---- tracking helpers --------------------------------------------------------------------------------------
+def _tracker(ctx: TrialContext, spec: SweepSpec):
+    from orchestrator.tracking import SweepTracker
+
+    return SweepTracker(ctx.tracking_uri, ctx.experiment, spec.name, parent_run_id=ctx.parent_run_id)
+
+
+def _params(full_config: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
+    params = {k: v for k, v in full_config.items()}
+    params["search"] = {str(k).replace(".", "/"): v for k, v in sampled.items()}
+    return params
+
+
+def _artifacts(tracker, run_id: str, tdir: Path) -> None:
+    for name in (STATUS_FILE, "eval.json", "run_config.json", "result.json"):
+        p = tdir / name
+        if p.is_file():
+            try:
+                tracker.log_artifact(run_id, p)
+            except Exception:  # noqa: BLE001 - artifacts are a convenience; the run's status matters
+                pass
+
+
+def _error_text(err: BaseException) -> str:
+    """One line: the error's type and first line, and the root cause (the last line of a remote
+    traceback, e.g. ``DataError: data file 'x' does not exist``)."""
+    text = str(err) if isinstance(err, TrialFailed) else f"{type(err).__name__}: {err}"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    summary = lines[0] if len(lines) == 1 or lines[-1] in lines[0] else f"{lines[0]} ... {lines[-1]}"
+    return summary[:1000]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

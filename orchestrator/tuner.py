@@ -1,0 +1,279 @@
+"""Build, run and restore the Ray Tune experiment of a sweep; collect its trials.
+
+    tuner = build_tuner(spec, ctx, cluster_resources, progress=True)       # a fresh sweep
+    tuner = restore_tuner(spec, ctx, progress=True)                          # --resume
+    grid = tuner.fit()
+    trials = collect_trials(grid, spec, sweep_dir)
+
+The trainable is ``orchestrator.trial.run_trial`` (a plain driver function that starts a Ray Train
+job). It reserves only a little memory for itself (``tune.driver_cpus`` CPUs, 0 by default): the
+Train workers reserve their CPUs/GPUs through the Train ``ScalingConfig``, and the number of trials
+in flight is bounded by ``max_concurrent_trials`` computed from the cluster (``space.py``), so a
+trial never starts only to wait for workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from orchestrator.api import TrialResult
+from orchestrator.spec import SweepSpec
+from orchestrator.trial import FINAL_FLAG, TrialContext, read_status, run_trial, trial_dir
+
+log = logging.getLogger(__name__)
+
+TUNE_NAME = "tune"
+DRIVER_MEMORY_BYTES = 256 * 1024**2  # the driver's reservation: a Python process waiting on Ray Train
+
+
+# ---- trainable and tuner -----------------------------------------------------------------------------------
+def make_trainable(spec: SweepSpec, ctx: TrialContext) -> Any:
+    from ray import tune
+
+    from orchestrator.space import driver_resources
+
+    resources: dict[str, Any] = {k: v for k, v in driver_resources(spec).items() if v}
+    resources["memory"] = DRIVER_MEMORY_BYTES  # a bundle must hold something; CPUs are 0 by default
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+
+
+def build_tuner(
+    spec: SweepSpec, ctx: TrialContext, cluster: dict[str, float], *, progress: bool = True
+) -> Any:
+    from ray import tune
+
+    from orchestrator.space import make_scheduler, make_search_alg, max_concurrent_trials, to_tune_space
+
+    concurrent = max_concurrent_trials(spec, cluster)
+    optuna = spec.tune.algorithm == "optuna"
+    tune_config = tune.TuneConfig(
+        search_alg=make_search_alg(spec, max_concurrent=concurrent),  # the limit lives in the search alg
+        scheduler=make_scheduler(spec),
+        num_samples=spec.tune.num_samples,
+        time_budget_s=spec.tune.time_limit_s,
+    )
+    log.info("sweep %s: %d trial(s), at most %d at a time", spec.name, spec.num_trials(), concurrent)
+    return tune.Tuner(
+        make_trainable(spec, ctx),
+        param_space={} if optuna else to_tune_space(spec),
+        tune_config=tune_config,
+        run_config=run_config(spec, ctx, progress),
+    )
+
+
+def run_config(spec: SweepSpec, ctx: TrialContext, progress: bool) -> Any:
+    from ray import tune
+
+    return tune.RunConfig(
+        name=TUNE_NAME,
+        storage_path=storage_root(ctx),
+        failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
+        callbacks=[
+            TrialTrackingCallback(
+                ctx.tracking_uri, ctx.experiment, spec.name, ctx.parent_run_id, ctx.sweep_dir
+            )
+        ],
+        verbose=1 if progress else 0,
+    )
+
+
+def storage_root(ctx: TrialContext) -> str:
+    """Where the Tune experiment lives: the sweep folder (local) or ``<uri>/<sweep>`` (cloud)."""
+    return ctx.train_storage.rsplit("/", 1)[0]
+
+
+def tune_path(ctx: TrialContext) -> str:
+    return f"{storage_root(ctx)}/{TUNE_NAME}"
+
+
+def can_restore(ctx: TrialContext) -> bool:
+    from ray import tune
+
+    return bool(tune.Tuner.can_restore(tune_path(ctx)))
+
+
+def restore_tuner(spec: SweepSpec, ctx: TrialContext) -> Any:
+    """Finished trials stay finished; unfinished and errored ones run again (Train resumes by name)."""
+    from ray import tune
+
+    return tune.Tuner.restore(
+        tune_path(ctx),
+        trainable=make_trainable(spec, ctx),
+        resume_unfinished=True,
+        resume_errored=True,
+        restart_errored=False,
+    )
+
+
+# ---- live tracking of trial results ------------------------------------------------------------------------
+def _callback_base() -> type:
+    from ray.tune import Callback
+
+    return Callback
+
+
+class TrialTrackingCallback(_callback_base()):
+    """Logs every intermediate Tune result (loss curves, tokens/s, memory) to the trial's MLflow run,
+    and closes runs of trials that ended without a ``status.json`` (stopped early by ASHA or by the
+    time limit: KILLED; crashed driver: FAILED)."""
+
+    def __init__(
+        self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str | None, sweep_dir: str
+    ):
+        self.args = (tracking_uri, experiment, sweep, parent_run_id)
+        self.sweep_dir = sweep_dir
+        self._tracker = None
+        self._runs: dict[str, str] = {}
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from orchestrator.tracking import SweepTracker
+
+            uri, exp, sweep, parent = self.args
+            self._tracker = SweepTracker(uri, exp, sweep, parent_run_id=parent)
+        return self._tracker
+
+    def _run_id(self, trial) -> str | None:
+        if trial.trial_id not in self._runs:
+            try:
+                self._runs[trial.trial_id] = self.tracker.trial_run(trial.trial_id)
+            except Exception as err:  # noqa: BLE001 - tracking must never stop a sweep
+                log.warning("MLflow run of trial %s not available: %s", trial.trial_id, err)
+                return None
+        return self._runs[trial.trial_id]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(FINAL_FLAG):
+            return  # the trial logs its final metrics itself
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        metrics = {k: v for k, v in result.items() if _loggable(k, v)}
+        step = int(result.get("step") or result.get("training_iteration") or 0)
+        try:
+            self.tracker.log_metrics(run_id, metrics, step=step)
+        except Exception as err:  # noqa: BLE001
+            log.warning("logging metrics of trial %s failed: %s", trial.trial_id, err)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close_if_unfinished(
+            trial, "KILLED", "stopped before it finished (early stopping or time limit)"
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close_if_unfinished(trial, "FAILED", "the trial's driver process failed")
+
+    def _close_if_unfinished(self, trial, status: str, why: str) -> None:
+        if read_status(trial_dir(self.sweep_dir, trial.trial_id)) is not None:
+            return  # the trial recorded its own end
+        run_id = self._runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        try:
+            self.tracker.set_tags(run_id, {"tokentune.status": "stopped" if status == "KILLED" else "failed"})
+            self.tracker.end_trial(run_id, status, why)
+        except Exception as err:  # noqa: BLE001
+            log.warning("closing the MLflow run of trial %s failed: %s", trial.trial_id, err)
+
+
+_SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "done", "step"}
+
+
+def _loggable(key: str, value: Any) -> bool:
+    if key in _SKIP or key.startswith(
+        ("config/", "config.", "node_ip", "hostname", "date", "trial_id", "experiment")
+    ):
+        return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+def collect_trials(grid: Any, spec: SweepSpec, sweep_dir: str | Path) -> list[TrialResult]:
+    """One ``TrialResult`` per Tune trial: status/metrics from ``status.json`` when the trial wrote
+    one, else from Tune's last result (``stopped``/``failed``/``pending``)."""
+    out = []
+    for t in _tune_trials(grid):
+        tdir = trial_dir(sweep_dir, t.trial_id)
+        params = searched_values(spec, t.config)
+        st = read_status(tdir)
+        last = {k: v for k, v in (t.last_result or {}).items() if _loggable(k, v) or k == "step"}
+        if st is not None and st.get("status") == "finished":
+            out.append(
+                TrialResult(t.trial_id, params, st.get("metrics") or last, "finished", None, str(tdir))
+            )
+        elif st is not None and st.get("status") == "failed":
+            out.append(TrialResult(t.trial_id, params, last, "failed", st.get("error"), str(tdir)))
+        elif t.status == "ERROR":
+            out.append(TrialResult(t.trial_id, params, last, "failed", _tune_error(t), str(tdir)))
+        elif t.status == "TERMINATED":
+            out.append(
+                TrialResult(t.trial_id, params, last, "stopped", "stopped before it finished", str(tdir))
+            )
+        else:
+            out.append(TrialResult(t.trial_id, params, last, "pending", None, str(tdir)))
+    return out
+
+
+def _tune_trials(grid: Any) -> list[Any]:
+    analysis = getattr(grid, "_experiment_analysis", None)
+    if analysis is None:
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(grid.experiment_path)
+    return sorted(analysis.trials, key=lambda t: t.trial_id)
+
+
+def _tune_error(trial: Any) -> str:
+    for attr in ("error_msg",):
+        msg = getattr(trial, attr, None)
+        if msg:
+            return str(msg)[:2000]
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and os.path.exists(path):
+            return Path(path).read_text()[-2000:]
+    except OSError:
+        pass
+    return "the trial failed (see the Tune trial's error.txt)"
+
+
+def searched_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """The trial's values of the searched keys (decoded: lists stay lists). A key of a method's section
+    whose method the trial does not use (``tokentune.ratio`` of a ``[lora]`` trial) is None."""
+    from orchestrator.spec import lookup_dotted
+    from tokentune.methods import REGISTRY
+
+    out = {}
+    for key, dim in spec.search.items():
+        found, value = lookup_dotted(config or {}, key)
+        out[key] = dim.coerce(value) if found else (dim.values[0] if dim.verb == "fixed" else None)
+    methods = out.get("methods") or spec.base.get("methods") or ["lora"]
+    for key in out:
+        section = key.split(".", 1)[0]
+        if section in REGISTRY and section not in methods:
+            out[key] = None
+    return out
+
+
+def best_trial(trials: list[TrialResult], metric: str, mode: str) -> TrialResult | None:
+    scored = [
+        t
+        for t in trials
+        if t.status == "finished"
+        and isinstance(t.metrics.get(metric), (int, float))
+        and math.isfinite(t.metrics[metric])
+    ]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda t: t.metrics[metric])
+
+
+def set_tune_env() -> None:
+    """Trials report training metrics first and ``eval/score`` last: relax Tune's per-result check."""
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")

@@ -1,0 +1,64 @@
+"""tokentune.evaluate: shipped lm-eval tasks on the shipped base model, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+
+from tokentune.assets import SHIPPED_TASK_FAMILIES, default_model_path
+from tokentune.evaluate import evaluate, parse_task_spec, shipped_tasks
+
+CHANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def base():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_path())
+    return model, AutoTokenizer.from_pretrained(default_model_path())
+
+
+def test_shipped_task_names():
+    assert set(shipped_tasks()) == {"tokentune_mini", *SHIPPED_TASK_FAMILIES}
+
+
+def test_parse_task_spec():
+    assert parse_task_spec("arc_challenge:25") == ("arc_challenge", 25)
+    assert parse_task_spec(" tt_next ") == ("tt_next", None)
+
+
+def test_base_model_scores_near_chance(base):
+    model, tok = base
+    out = evaluate(model, tok, limit=40, batch_size=32)
+    accs = [out["results"][name]["acc"] for name in SHIPPED_TASK_FAMILIES]
+    assert sum(accs) / len(accs) < CHANCE + 0.15  # a fine-tuned model reaches well above this
+    assert all(acc < 0.55 for acc in accs), accs
+    assert out["metrics"]["eval/tokentune_mini/acc"] == pytest.approx(sum(accs) / len(accs))
+    assert {f"eval/{name}/acc" for name in SHIPPED_TASK_FAMILIES} <= set(out["metrics"])
+    json.dumps(out["raw"])  # serialisable
+    assert model.training is False
+
+
+def test_evaluate_from_path_single_task_is_deterministic():
+    a = evaluate(str(default_model_path()), tasks="tt_category", limit=20)
+    b = evaluate(default_model_path(), tasks=["tt_category:0"], limit=20)
+    assert set(a["results"]) == {"tt_category"}
+    assert a["metrics"] == b["metrics"]
+
+
+def test_unknown_task_is_a_value_error(base):
+    model, tok = base
+    with pytest.raises(ValueError, match="no_such_task_xyz") as err:
+        evaluate(model, tok, tasks=["tt_category", "no_such_task_xyz"])
+    assert "tokentune_mini" in str(err.value)
+
+
+def test_empty_task_list_is_a_value_error(base):
+    model, tok = base
+    with pytest.raises(ValueError, match="no evaluation tasks"):
+        evaluate(model, tok, tasks=" , ")

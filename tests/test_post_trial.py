@@ -1,0 +1,157 @@
+"""The after-trial step: merge a freshly trained adapter, lm-eval it on the shipped tasks, record
+errors; the same as a real Ray task; pruning merged checkpoints; the ``tokentune eval`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli_eval import add_eval_parser, main as eval_main
+from orchestrator.post_trial import PostTrialError, merge_and_evaluate, prune_merged, run_post_trial
+from tokentune.assets import SHIPPED_TASK_FAMILIES, default_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL = {"tasks": ["tt_next", "tt_antonym"], "limit": 4, "batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter on the shipped tiny model after a few optimizer steps (~10 s)."""
+    from tokentune.config import RunConfig
+    from tokentune.train import train
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = RunConfig.from_dict(
+        {
+            "methods": ["lora"],
+            "lora": {"rank": 4},
+            "data": {"max_examples": 32, "max_length": 64},
+            "train": {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "output_dir": str(out)},
+        }
+    )
+    result = train(cfg)
+    assert result.is_adapter
+    return Path(result.final_dir)
+
+
+def test_merge_and_evaluate_adapter(adapter, tmp_path):
+    out = merge_and_evaluate(adapter, tmp_path / "t1", EVAL)
+    assert out["error"] is None
+    merged = Path(out["merged_dir"])
+    assert merged == tmp_path / "t1" / "merged" and (merged / "config.json").is_file()
+    assert not (merged / "adapter_config.json").exists()
+    metrics = out["metrics"]
+    accs = [metrics["eval/tt_next/acc"], metrics["eval/tt_antonym/acc"]]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert metrics["eval/score"] == pytest.approx(sum(accs) / 2)
+    saved = json.loads((tmp_path / "t1" / "eval.json").read_text())
+    assert saved["metrics"] == metrics and saved["error"] is None
+    assert saved["eval_config"]["tasks"] == EVAL["tasks"] and saved["raw"]["results"]
+    # resume: the same config reuses eval.json instead of evaluating again
+    again = merge_and_evaluate(adapter, tmp_path / "t1", EVAL)
+    assert again["metrics"] == metrics
+    # keep_merged=False removes the merged model after evaluation
+    gone = merge_and_evaluate(adapter, tmp_path / "t2", {**EVAL, "tasks": ["tt_next"]}, keep_merged=False)
+    assert gone["error"] is None and gone["merged_dir"] is None and not (tmp_path / "t2" / "merged").exists()
+
+
+def test_full_checkpoint_is_evaluated_in_place(tmp_path):
+    out = merge_and_evaluate(default_model_path(), tmp_path / "full", {"tasks": ["tt_next"], "limit": 2})
+    assert out["error"] is None and out["merged_dir"] == str(default_model_path())
+    assert not (tmp_path / "full" / "merged").exists() and "eval/tt_next/acc" in out["metrics"]
+
+
+def test_unknown_task_is_an_error_not_silence(adapter, tmp_path):
+    out = merge_and_evaluate(adapter, tmp_path / "bad", {"tasks": ["no_such_task_xyz"], "limit": 2})
+    assert out["error"].startswith("evaluation failed: ValueError")
+    assert "no_such_task_xyz" in out["error"] and out["metrics"].get("eval/score") is None
+    saved = json.loads((tmp_path / "bad" / "eval.json").read_text())
+    assert saved["error"] == out["error"] and "Traceback" in saved["traceback"]
+    with pytest.raises(PostTrialError, match="no_such_task_xyz"):
+        merge_and_evaluate(adapter, tmp_path / "bad", {"tasks": ["no_such_task_xyz"]}, strict=True)
+    missing = merge_and_evaluate(tmp_path / "nothing", tmp_path / "bad2", EVAL)
+    assert missing["error"].startswith("merge failed")
+
+
+@pytest.mark.ray
+def test_run_post_trial_as_a_ray_task(adapter, tmp_path):
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}},
+    )
+    try:
+        out = run_post_trial(adapter, tmp_path / "ray", {"tasks": ["tt_next"], "limit": 4}, resources={"num_cpus": 1})
+        assert out["error"] is None, out["error"]
+        assert (tmp_path / "ray" / "merged" / "config.json").is_file()
+        assert out["metrics"]["eval/score"] == out["metrics"]["eval/tt_next/acc"]
+        bad = run_post_trial(adapter, tmp_path / "ray", {"tasks": ["no_such_task_xyz"]}, resources={"num_cpus": 1})
+        assert "no_such_task_xyz" in bad["error"]
+        deadline = time.monotonic() + 30  # the task's CPU comes back (resource view updates lazily)
+        while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU") == 2
+    finally:
+        ray.shutdown()
+
+
+def test_post_trial_options():
+    from orchestrator.post_trial import post_trial_options
+
+    cpu = post_trial_options({"num_cpus": 2}, escape_placement_group=False)
+    assert cpu == {"num_cpus": 2.0, "num_gpus": 0.0, "max_retries": 0, "max_calls": 0}
+    gpu = post_trial_options({"num_gpus": 1, "memory": 10**9, "A100": 0.1}, escape_placement_group=False)
+    assert gpu["max_calls"] == 1 and gpu["num_gpus"] == 1.0 and gpu["resources"] == {"A100": 0.1}
+
+
+def test_prune_merged(tmp_path):
+    def make():
+        for tid in ("t1", "t2", "t3"):
+            (tmp_path / "trials" / tid / "merged").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "trials" / tid / "final").mkdir(exist_ok=True)
+
+    make()
+    assert prune_merged(tmp_path, "t2", "none") == []
+    deleted = prune_merged(tmp_path, "t2", "best")
+    assert sorted(p.parent.name for p in deleted) == ["t1", "t3"]
+    assert (tmp_path / "trials" / "t2" / "merged").is_dir() and (tmp_path / "trials" / "t1" / "final").is_dir()
+    make()
+    assert len(prune_merged(tmp_path, "t2", "all")) == 3
+    with pytest.raises(ValueError, match="none, best, all"):
+        prune_merged(tmp_path, "t2", "some")
+
+
+# --------------------------------------------------------------------------- tokentune eval
+def test_eval_cli_help_names_every_option(capsys):
+    import argparse
+
+    sub = argparse.ArgumentParser(prog="tokentune").add_subparsers()
+    p = add_eval_parser(sub)
+    text = p.format_help()
+    for option in ("CHECKPOINT", "--tasks", "--limit", "--num-fewshot", "--batch-size", "--output", "--device"):
+        assert option in text
+    assert all(a.help for a in p._actions)
+    with pytest.raises(SystemExit):
+        p.parse_args(["x", "--limit", "-1"])
+
+
+def test_eval_cli_on_an_adapter(adapter, tmp_path, capsys):
+    out = tmp_path / "res" / "eval.json"
+    rc = eval_main([str(adapter), "--tasks", "tt_next,tt_antonym:1", "--limit", "2", "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "tt_next" in printed and "acc" in printed and "eval/score" in printed
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"tt_next", "tt_antonym"} and "eval/score" in record["metrics"]
+    assert record["raw"]["n-shot"]["tt_antonym"] == 1
+    rc = eval_main([str(adapter), "--tasks", "no_such_task_xyz"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_task_xyz" in err and len(SHIPPED_TASK_FAMILIES) == 4
+    assert eval_main([str(tmp_path / "missing")]) == 2
+    assert os.path.exists(out)

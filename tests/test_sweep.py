@@ -1,0 +1,308 @@
+"""Sweeps on a real (local) Ray: Tune -> Train -> merge + lm-eval -> MLflow, failures, resume.
+
+The fast tests check the Tune search space, search algorithms, scheduler and concurrency without a
+cluster. The slow ones run sweeps end to end on the shipped tiny model (2 CPU cores: ~10 minutes).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.spec import SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
+
+
+def small_spec(**changes) -> dict:
+    d = {
+        "include": [str(ROOT / "search_spaces" / "_base.yaml")],
+        "name": "small",
+        "base": {
+            "train": {"max_steps": 6, "batch_size": 8, "log_every": 3, "warmup_steps": 1},
+            "eval": {"limit": 8},
+        },
+        "search": {"lora.rank": {"grid": [2, 4]}},
+    }
+    d.update(changes)
+    return d
+
+
+# ---- the Tune side of a spec (no cluster) --------------------------------------------------------------------
+def test_tune_space_domains_and_lists():
+    from ray import tune
+
+    from orchestrator.space import to_tune_space
+
+    spec = load_spec(
+        small_spec(
+            search={
+                "methods": {"grid": [["lora"], ["lora", "tokentune"]]},
+                "lora.rank": {"choice": [4, 8]},
+                "train.lr": {"loguniform": [1e-4, 1e-2]},
+                "tokentune.ratio": {"quniform": [0.1, 1.0, 0.1]},
+                "ist.budget": {"randint": [1, 3]},
+                "train.warmup_steps": 2,
+            }
+        )
+    )
+    space = to_tune_space(spec)
+    assert space["methods"] == {"grid_search": [["lora"], ["lora", "tokentune"]]}  # lists stay lists
+    assert isinstance(space["lora.rank"], tune.search.sample.Categorical)
+    assert space["lora.rank"].categories == [4, 8]
+    assert (space["train.lr"].lower, space["train.lr"].upper) == (1e-4, 1e-2)
+    assert (space["ist.budget"].lower, space["ist.budget"].upper) == (
+        1,
+        4,
+    )  # spec includes 3; Tune excludes 4
+    assert space["train.warmup_steps"] == 2
+    labelled = to_tune_space(spec, labels=True)["methods"]["grid_search"]
+    assert labelled == ["[lora]", "[lora, tokentune]"]
+    sampled = {
+        "methods": labelled[1],
+        "lora.rank": 4,
+        "train.lr": 1e-3,
+        "tokentune.ratio": 0.3,
+        "ist.budget": 2,
+    }
+    assert spec.trial_config(sampled).methods == ["lora", "tokentune"]
+
+
+def test_search_algorithms():
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from orchestrator.space import FinalMetricOptunaSearch, make_search_alg
+
+    alg = make_search_alg(load_spec(small_spec()), max_concurrent=2)
+    assert isinstance(alg, BasicVariantGenerator) and alg.max_concurrent == 2
+    joint = load_spec(ROOT / "search_spaces" / "joint_search.yaml")
+    alg = make_search_alg(joint, max_concurrent=3)
+    assert isinstance(alg, ConcurrencyLimiter) and alg.max_concurrent == 3
+    searcher = alg.searcher
+    assert isinstance(searcher, FinalMetricOptunaSearch)
+    assert searcher.metric == "eval/score" and searcher.mode == "max"
+    config = searcher.suggest("t1")
+    cfg = joint.trial_config(config)  # Optuna's labels decode to the method lists
+    assert isinstance(cfg.methods, list) and cfg.methods[0] == "lora"
+    searcher.on_trial_result("t1", {"loss": 1.0, "training_iteration": 1})  # no eval/score yet: ignored
+    searcher.on_trial_complete("t1", {"eval/score": 0.5, "training_iteration": 2})
+    grid_with_optuna = dataclasses.replace(load_spec(small_spec()), tune=joint.tune)  # bypasses validation
+    with pytest.raises(SpecError, match="optuna"):
+        make_search_alg(grid_with_optuna)
+
+
+def test_scheduler_never_stops_before_the_last_training_report():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from orchestrator.space import make_scheduler
+
+    assert isinstance(make_scheduler(load_spec(small_spec())), FIFOScheduler)
+    joint = load_spec(ROOT / "search_spaces" / "joint_search.yaml")
+    asha = make_scheduler(joint)
+    assert isinstance(asha, ASHAScheduler)
+    assert asha._max_t > joint.base["train"]["max_steps"] and asha.metric == "val_loss"
+
+
+def test_concurrency_from_cluster_resources():
+    from orchestrator.space import max_concurrent_trials, trial_demand
+
+    quick = load_spec(QUICKSTART)
+    assert trial_demand(quick, {"CPU": 2}) == {"CPU": 1.0, "GPU": 0.0}
+    assert max_concurrent_trials(quick, {"CPU": 2}) == 2
+    assert max_concurrent_trials(quick, {"CPU": 64}) == quick.num_trials()  # never more than the trials
+    two = load_spec(QUICKSTART, ["compute.workers=2", "compute.cpus_per_worker=2"])
+    assert max_concurrent_trials(two, {"CPU": 9}) == 2
+    big_eval = load_spec(QUICKSTART, ["after_trial.cpus=3"])  # the post-trial task needs more than training
+    assert max_concurrent_trials(big_eval, {"CPU": 7}) == 2
+    gpu = load_spec(QUICKSTART, ["compute.use_gpu=true", "after_trial.gpus=1"])
+    assert max_concurrent_trials(gpu, {"CPU": 16, "GPU": 3}) == 3
+    auto = load_spec(QUICKSTART)  # use_gpu auto: GPUs count when the cluster has them
+    assert trial_demand(auto, {"CPU": 16, "GPU": 1})["GPU"] == 1
+    assert max_concurrent_trials(load_spec(QUICKSTART, ["tune.max_concurrent=1"]), {"CPU": 64}) == 1
+    with pytest.raises(SpecError, match="compute"):
+        max_concurrent_trials(two, {"CPU": 1})
+
+
+# ---- real sweeps ---------------------------------------------------------------------------------------------
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _events(trial_dir) -> list[str]:
+    p = Path(trial_dir) / "events.jsonl"
+    return [json.loads(line)["event"] for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def _csv_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _mlflow_runs(tracking_uri: str, sweep: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(sweep)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("tokentune.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("tokentune.role") == "trial"]
+    return parents, children
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_quickstart_sweep_end_to_end(tmp_path):
+    from orchestrator import run_sweep
+
+    t0 = time.time()
+    res = run_sweep(QUICKSTART, [f"storage={tmp_path}"], progress=False)
+    wall = time.time() - t0
+    spec = load_spec(QUICKSTART)
+    assert len(res.trials) == spec.num_trials() >= 4
+    for t in res.trials:
+        assert t.status == "finished", (t.trial_id, t.error)
+        assert _finite(t.metrics["loss"]) and _finite(t.metrics["val_loss"])
+        assert 0 <= t.metrics["eval/score"] <= 1 and t.metrics["peak_memory_bytes"] > 0
+        assert _events(t.trial_dir).count("train started") == 1
+        status = json.loads((Path(t.trial_dir) / "status.json").read_text())
+        assert status["status"] == "finished"
+        assert (Path(t.trial_dir) / "final").is_dir() and (Path(t.trial_dir) / "eval.json").is_file()
+    # the best trial by the objective; only its merged checkpoint is kept
+    assert res.best is not None
+    assert res.best.metrics["eval/score"] == max(t.metrics["eval/score"] for t in res.trials)
+    merged = sorted(p.parent.name for p in Path(res.sweep_dir, "trials").glob("*/merged"))
+    assert merged == [res.best.trial_id]
+    # results files, one row per trial
+    rows = _csv_rows(res.results_csv)
+    assert len(rows) == len(res.trials) and {"eval/score", "lora.rank", "peak_memory_bytes"} <= set(rows[0])
+    assert len(json.loads(Path(res.sweep_dir, "results.json").read_text())) == len(res.trials)
+    assert Path(res.sweep_dir, "sweep.yaml").is_file() and Path(res.sweep_dir, "pareto.png").is_file()
+    # MLflow: one parent, one FINISHED child per trial, with loss curves and eval scores
+    parents, children = _mlflow_runs(res.tracking_uri, "quickstart")
+    assert [p.info.run_id for p in parents] == [res.mlflow_parent_run_id]
+    assert parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["tokentune.trial_id"] for c in children) == sorted(
+        t.trial_id for t in res.trials
+    )
+    for c in children:
+        assert c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == res.mlflow_parent_run_id
+        assert "eval/score" in c.data.metrics and "loss" in c.data.metrics
+    from mlflow import MlflowClient
+
+    history = MlflowClient(res.tracking_uri).get_metric_history(children[0].info.run_id, "loss")
+    assert len(history) >= 2  # a curve, not one point
+    per_trial = {t.trial_id: round(t.metrics.get("trial_wall_s", 0), 1) for t in res.trials}
+    print(f"\nquickstart: {wall:.0f}s wall, per-trial seconds {per_trial}")
+    print(res.table_text)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    from orchestrator import run_sweep
+
+    bad = str(tmp_path / "no_such_data.jsonl")
+    d = small_spec(name="with_failure", search={"data.train": {"grid": [None, bad]}})
+    res = run_sweep(d, [f"storage={tmp_path}"], progress=False)
+    by_data = {t.config["data.train"]: t for t in res.trials}
+    ok, failed = by_data[None], by_data[bad]
+    assert ok.status == "finished" and _finite(ok.metrics["eval/score"])
+    assert failed.status == "failed" and "no_such_data" in failed.error
+    assert json.loads((Path(failed.trial_dir) / "status.json").read_text())["status"] == "failed"
+    assert res.best is not None and res.best.trial_id == ok.trial_id
+    rows = _csv_rows(res.results_csv)
+    assert len(rows) == 2 and "no_such_data" in {r["trial_id"]: r for r in rows}[failed.trial_id]["error"]
+    _, children = _mlflow_runs(res.tracking_uri, "with_failure")
+    status = {c.data.tags["tokentune.trial_id"]: c for c in children}
+    assert status[ok.trial_id].info.status == "FINISHED"
+    assert status[failed.trial_id].info.status == "FAILED"
+    assert "no_such_data" in status[failed.trial_id].data.tags.get("tokentune.error", "")
+    # an existing sweep is not silently restarted
+    with pytest.raises(SpecError, match="already exists"):
+        run_sweep(d, [f"storage={tmp_path}"], progress=False)
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    pids = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in pids:  # Ray's own daemons may have left the process group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    spec_file = tmp_path / "resume.yaml"
+    d = small_spec(name="resume", search={"lora.rank": {"grid": [2, 4, 8]}})
+    d["base"]["train"].update({"max_steps": 12, "save_every": 4, "log_every": 4})
+    d["tune"] = {"max_concurrent": 1}  # one at a time: kill while the second trial trains
+    spec_file.write_text(yaml.safe_dump(d))
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_file), "--set", f"storage={tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    trials_dir = tmp_path / "resume" / "trials"
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = None
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and proc.poll() is None:
+            done = [p.parent for p in trials_dir.glob("*/status.json")]
+            started = [p for p in trials_dir.glob("*") if p.is_dir() and p not in done]
+            if done and started:
+                first = done[0]
+                break
+            time.sleep(1)
+    finally:
+        _kill_tree(proc)
+    assert first is not None, "no trial finished before the deadline"
+    first_final = first / "final" / "adapter_model.safetensors"
+    mtime = first_final.stat().st_mtime
+
+    out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    trial_dirs = sorted(p for p in trials_dir.glob("*") if p.is_dir())
+    assert len(trial_dirs) == 3
+    for tdir in trial_dirs:
+        assert json.loads((tdir / "status.json").read_text())["status"] == "finished", tdir.name
+    assert _events(first).count("train started") == 1  # the finished trial did not train again
+    assert first_final.stat().st_mtime == mtime
+    rows = _csv_rows(tmp_path / "resume" / "results.csv")
+    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows)
+    from orchestrator.tracking import default_tracking_uri
+
+    parents, children = _mlflow_runs(default_tracking_uri(tmp_path / "resume"), "resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    ids = [c.data.tags["tokentune.trial_id"] for c in children]
+    assert sorted(ids) == sorted(p.name for p in trial_dirs)  # one run per trial: no duplicates
+    assert all(c.info.status == "FINISHED" for c in children)

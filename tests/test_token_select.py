@@ -1,0 +1,462 @@
+"""TokenTune: the five invariants of METHODS.md on tiny random models, plus the selection rules."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import make_tiny_causal_lm
+from tokentune.config import ConfigError, RunConfig
+from tokentune.methods import REGISTRY, StepContext, build_methods, validate_methods
+from tokentune.methods.token_select import (
+    SUPPORTED,
+    TokenTune,
+    TokenTuneSettings,
+    num_selected,
+    select_tokens,
+    selected_logits,
+    tokentune_loss,
+    validate_mask,
+)
+from tokentune.methods.token_select_encoder import encoder_hidden, tokentune_encoder_forward
+
+VOCAB = 128
+LENGTHS = (14, 9, 5)  # right padding to 14
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine they lose a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_batch(lengths=LENGTHS, vocab=VOCAB, prompt=2, seed=0, pad_id=0):
+    """Right-padded batch: labels -100 on the first ``prompt`` tokens and on padding."""
+    g = torch.Generator().manual_seed(seed)
+    length = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), length), generator=g)
+    mask = (torch.arange(length)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, pad_id)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def make_decoder(family, dtype=torch.float64):
+    """conftest's tiny decoders, plus Gemma (same layer shape; scaled embeddings, (1 + w) RMSNorm)."""
+    if family != "gemma":
+        return make_tiny_causal_lm(family, dtype=dtype)
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    cfg = GemmaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        pad_token_id=0,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return GemmaForCausalLM(cfg).to(dtype)
+
+
+def draw(batch, ratio, seed=0):
+    return select_tokens(batch["attention_mask"], ratio, generator=torch.Generator().manual_seed(seed))
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+def assert_grads_close(got, want, atol=1e-10, rtol=1e-8):
+    assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=name)
+
+
+def next_token_ce(logits, batch, positions):
+    """Float64 mean cross-entropy of logits[b, i] vs labels[b, i + 1] over ``positions`` with a label."""
+    labels, mask = batch["labels"], batch["attention_mask"].bool()
+    target = torch.full_like(labels, -100)
+    target[:, :-1] = torch.where(mask[:, 1:], labels[:, 1:], -100)
+    keep = positions & (target != -100)
+    return F.cross_entropy(logits[keep].double(), target[keep])
+
+
+# ---- invariant 1: logits at S positions equal the stock model's ---------------------------------
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
+def test_selected_logits_equal_stock(family):
+    model = make_decoder(family)
+    if family == "mistral":
+        model.config.sliding_window = 4  # exercises the sliding-window mask (L = 14)
+    batch = make_batch()
+    selected = draw(batch, 0.4)
+    with torch.no_grad():
+        stock = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ours = selected_logits(model, batch, selected)
+    torch.testing.assert_close(ours, stock[selected], atol=1e-12, rtol=1e-10)
+
+
+# ---- invariant 2: every token selected == stock training ----------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_all_selected_equals_stock_training(family):
+    model = make_tiny_causal_lm(family, dtype=torch.float64)
+    batch = make_batch()
+    real = batch["attention_mask"].bool()
+    selected = draw(batch, 1.0)
+    assert torch.equal(selected, real)
+
+    stock_loss, stock_grads = loss_and_grads(model, lambda: next_token_ce(model(**batch).logits, batch, real))
+    with torch.no_grad():  # the float64 reference is the stock loss (which HF computes in float32)
+        torch.testing.assert_close(model(**batch).loss.double(), stock_loss, atol=1e-6, rtol=1e-6)
+    loss, ours = loss_and_grads(model, lambda: tokentune_loss(model, batch, selected))
+    torch.testing.assert_close(loss, stock_loss, atol=1e-12, rtol=1e-12)
+    assert_grads_close(ours, stock_grads)
+    assert len(ours) == len(list(model.parameters()))
+
+
+# ---- invariant 3: gradients == stop-gradient on R hidden states, keys and values ----------------
+def stop_gradient_reference(model, batch, selected, detach_kv=True):
+    """Stock forward with hooks detaching R rows of embeddings, layer outputs, keys and values."""
+    rest = batch["attention_mask"].bool() & ~selected
+
+    def detach_rest(_module, _inputs, out):
+        r = rest.view(*rest.shape, *([1] * (out.dim() - 2)))
+        return torch.where(r, out.detach(), out)
+
+    inner = model.model
+    hooked = [inner.embed_tokens, *inner.layers]
+    for layer in inner.layers:
+        attn = layer.self_attn
+        if detach_kv:
+            hooked += [getattr(attn, "k_norm", attn.k_proj), attn.v_proj]  # keys after Qwen3's k_norm
+    handles = [m.register_forward_hook(detach_rest) for m in hooked]
+    try:
+        return next_token_ce(model(**batch).logits, batch, selected)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_gradients_equal_stop_gradient_reference(family):
+    model = make_tiny_causal_lm(family, dtype=torch.float64)
+    batch = make_batch()
+    selected = draw(batch, 0.4, seed=3)
+    ref_loss, ref = loss_and_grads(model, lambda: stop_gradient_reference(model, batch, selected))
+    loss, ours = loss_and_grads(model, lambda: tokentune_loss(model, batch, selected))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    assert_grads_close(ours, ref)
+    # the reference is discriminating: without the stop-gradient on R keys/values, W_k differs
+    _, leaky = loss_and_grads(model, lambda: stop_gradient_reference(model, batch, selected, detach_kv=False))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert not torch.allclose(leaky[name], ours[name], atol=1e-8)
+
+
+# ---- invariant 4: padding never produces loss ---------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_padding_never_produces_loss(family):
+    model = make_tiny_causal_lm(family, dtype=torch.float64)
+    batch = make_batch()
+    pad = batch["attention_mask"] == 0
+    selected = draw(batch, 0.5, seed=1)
+    assert not (selected & pad).any()
+    loss, ours = loss_and_grads(model, lambda: tokentune_loss(model, batch, selected))
+
+    noisy = dict(batch)  # other token ids and (non -100!) labels on padded positions
+    noise = torch.randint(3, VOCAB, pad.shape, generator=torch.Generator().manual_seed(9))
+    noisy["input_ids"] = torch.where(pad, noise, batch["input_ids"])
+    noisy["labels"] = torch.where(pad, noise, batch["labels"])
+    loss2, ours2 = loss_and_grads(model, lambda: tokentune_loss(model, noisy, selected))
+    torch.testing.assert_close(loss2, loss, atol=0, rtol=0)
+    assert_grads_close(ours2, ours, atol=0, rtol=0)
+
+    # all selected: the padded batch's loss is the token-weighted mean of the unpadded sequences' losses
+    total = count = 0
+    for b, n in enumerate(LENGTHS):
+        one = {k: v[b : b + 1, :n] for k, v in batch.items()}
+        with torch.no_grad():
+            logits = model(input_ids=one["input_ids"]).logits
+        k = int((one["labels"][:, 1:] != -100).sum())
+        total, count = (
+            total + next_token_ce(logits, one, torch.ones_like(one["labels"], dtype=torch.bool)) * k,
+            count + k,
+        )
+    with torch.no_grad():
+        full = tokentune_loss(model, batch, draw(batch, 1.0))
+    torch.testing.assert_close(full, total / count, atol=1e-12, rtol=1e-12)
+
+
+# ---- invariant 5: trainers, quantization, gradient accumulation ---------------------------------
+def train(model, names, configs, batch, steps=3, accum=2, lr=1e-2):
+    """The loop of tokentune.train in miniature: hooks, micro-batches, accumulation, optimizer."""
+    methods = build_methods(names, validate_methods(names, configs))
+    for m in methods:
+        model = m.prepare(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).loss
+        all_tokens = tokentune_loss(model, batch, batch["attention_mask"].bool())
+    torch.testing.assert_close(all_tokens.float(), before.float(), atol=1e-5, rtol=1e-5)
+    assert all(m.compute_loss(model, batch, None) is None for m in methods)  # eval: stock forward
+    model.train()
+    rows = batch["input_ids"].shape[0]
+    for step in range(steps):
+        ctx = StepContext(step=step, model=model, optimizer=opt)
+        for m in methods:
+            m.on_step_start(ctx)
+        for start in range(0, rows, -(-rows // accum)):
+            micro = {k: v[start : start + -(-rows // accum)] for k, v in batch.items()}
+            ctx.batch = micro
+            loss = next(x for x in (m.compute_loss(model, micro, ctx) for m in methods) if x is not None)
+            assert torch.isfinite(loss)
+            (loss / accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for m in methods:
+            m.on_step_end(ctx)
+    metrics = {k: v for m in methods for k, v in m.metrics().items()}
+    assert 0 < metrics["tokentune/selected_frac"] < 1
+    model.eval()
+    with torch.no_grad():
+        after = model(**batch).loss
+    assert after < before, (before, after)
+    return model
+
+
+LORA = {
+    "rank": 4,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@pytest.mark.parametrize(
+    "names,configs,lr",
+    [
+        (["full", "tokentune"], {}, 3e-3),
+        (["lora", "tokentune"], {"lora": LORA}, 1e-2),
+        (["dora", "tokentune"], {"dora": LORA}, 1e-2),
+    ],
+    ids=["full", "lora", "dora"],
+)
+def test_trains_with_each_trainer(names, configs, lr):
+    model = train(make_tiny_causal_lm("llama"), names, configs, make_batch(), lr=lr)
+    if names[0] != "full":
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_trains_under_qlora_4bit(tmp_path):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    make_tiny_causal_lm("llama", num_layers=1).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    configs = {"qlora": {"compute_dtype": "float32"}, "lora": LORA}
+    train(model, ["qlora", "lora", "tokentune"], configs, make_batch(), steps=3)
+
+
+# ---- encoders (BERT / RoBERTa sequence classification) ------------------------------------------
+def make_encoder(kind="bert", dtype=torch.float64, seed=0):
+    import transformers
+
+    cfg_cls, model_cls = {
+        "bert": ("BertConfig", "BertForSequenceClassification"),
+        "roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
+    }[kind]
+    cfg = getattr(transformers, cfg_cls)(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=1,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(cfg).to(dtype)
+
+
+def encoder_batch(seed=0):
+    batch = make_batch(seed=seed, pad_id=1)
+    batch["labels"] = torch.tensor([0, 2, 1])
+    return batch
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_encoder_selected_states_and_logits_equal_stock(kind):
+    model = make_encoder(kind)
+    batch = encoder_batch()
+    selected = draw(batch, 0.4)
+    with torch.no_grad():
+        stock = model(**batch)
+        encoder = getattr(model, model.base_model_prefix)
+        stock_hidden = encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        hidden, _, valid = encoder_hidden(model, batch, selected)
+        ours = tokentune_encoder_forward(model, batch, selected)
+    torch.testing.assert_close(hidden[valid], stock_hidden[selected], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(ours.logits, stock.logits, atol=1e-12, rtol=1e-10)  # [CLS] sees every token
+    torch.testing.assert_close(ours.loss, stock.loss, atol=1e-12, rtol=1e-10)
+
+
+def test_encoder_gradients_all_selected_and_stop_gradient():
+    model = make_encoder("bert")
+    batch = encoder_batch()
+    # all selected == stock training
+    stock_loss, stock = loss_and_grads(model, lambda: model(**batch).loss)
+    loss, ours = loss_and_grads(model, lambda: tokentune_loss(model, batch, draw(batch, 1.0)))
+    torch.testing.assert_close(loss, stock_loss, atol=1e-12, rtol=1e-12)
+    assert_grads_close(ours, stock)
+
+    # a subset == stop-gradient reference (R rows of embeddings, layer outputs, keys, values)
+    selected = draw(batch, 0.4, seed=5)
+    rest = batch["attention_mask"].bool() & ~selected
+
+    def detach_rest(_module, _inputs, out):
+        return torch.where(rest[..., None], out.detach(), out)
+
+    bert = model.bert
+    hooked = [bert.embeddings, *bert.encoder.layer]
+    hooked += [
+        m for layer in bert.encoder.layer for m in (layer.attention.self.key, layer.attention.self.value)
+    ]
+    handles = [m.register_forward_hook(detach_rest) for m in hooked]
+    ref_loss, ref = loss_and_grads(model, lambda: model(**batch).loss)
+    for h in handles:
+        h.remove()
+    loss, ours = loss_and_grads(model, lambda: tokentune_loss(model, batch, selected))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    assert_grads_close(ours, ref)
+
+    # padding: other pad token ids change nothing
+    noisy = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
+    loss2, ours2 = loss_and_grads(model, lambda: tokentune_loss(model, noisy, selected))
+    torch.testing.assert_close(loss2, loss, atol=0, rtol=0)
+    assert_grads_close(ours2, ours, atol=0, rtol=0)
+
+    # the [CLS] token must be selected for the pooled path
+    no_cls = selected.clone()
+    no_cls[:, 0] = False
+    with pytest.raises(ValueError, match="first real token"):
+        tokentune_loss(model, batch, no_cls)
+
+
+@pytest.mark.parametrize("trainer", ["full", "lora"])
+def test_encoder_trains(trainer):
+    configs = {"lora": {"rank": 4, "target_modules": ["query", "value"], "modules_to_save": ["classifier"]}}
+    lr = 1e-2 if trainer == "lora" else 3e-3
+    train(make_encoder("bert", dtype=torch.float32), [trainer, "tokentune"], configs, encoder_batch(), lr=lr)
+
+
+# ---- selection rules ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n,ratio,count,k",
+    [
+        (10, 0.3, None, 3),  # 0.3 * 10 is 3.0000000000000004 in floating point: still 3
+        (11, 0.3, None, 4),  # ceil
+        (100, 1.0, None, 100),
+        (5, 0.1, None, 2),  # at least first + last
+        (1, 0.3, None, 1),
+        (0, 0.3, None, 0),
+        (10, None, 4, 4),
+        (3, None, 4, 3),  # never more than n
+    ],
+)
+def test_k_rounding(n, ratio, count, k):
+    assert num_selected(torch.tensor([n]), ratio, count).item() == k
+
+
+def test_selection_rules():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 40, (64,), generator=g)
+    mask = (torch.arange(40)[None] < lengths[:, None]).long()
+    for ratio, count in [(0.1, None), (0.3, None), (0.77, None), (1.0, None), (None, 5)]:
+        sel = select_tokens(mask, ratio, count, generator=g)
+        assert sel.dtype == torch.bool and sel.shape == mask.shape
+        assert torch.equal(sel.sum(1), num_selected(lengths, ratio, count))  # the documented k
+        assert sel[:, 0].all() and sel[torch.arange(64), lengths - 1].all()  # first and last real token
+        assert not (sel & (mask == 0)).any()  # never padding
+    # same seed, same draws; successive draws differ (redrawn each call)
+    a = [select_tokens(mask, 0.3, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+    g = torch.Generator().manual_seed(7)
+    assert not torch.equal(select_tokens(mask, 0.3, generator=g), select_tokens(mask, 0.3, generator=g))
+
+
+def test_state_dict_round_trip_continues_draws():
+    batch = make_batch()
+    first = TokenTune(TokenTuneSettings(ratio=0.3, seed=11))
+    model = make_tiny_causal_lm("llama").train()
+    first.compute_loss(model, batch, None)  # one draw
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    expected = [select_tokens(batch["attention_mask"], 0.3, generator=first.generator) for _ in range(3)]
+    resumed = TokenTune(TokenTuneSettings(ratio=0.3, seed=11))
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf))
+    resumed.prepare(model)  # prepare after loading keeps the restored generator
+    got = [select_tokens(batch["attention_mask"], 0.3, generator=resumed.generator) for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(expected, got))
+
+
+def test_settings_validation():
+    with pytest.raises(ConfigError, match=r"tokentune\.ratio=1\.5 is invalid: expected a number in \(0, 1\]"):
+        TokenTuneSettings(ratio=1.5)
+    for bad in (0, -0.1, float("nan"), True, "0.3"):
+        with pytest.raises(ConfigError, match=r"tokentune\.ratio="):
+            TokenTuneSettings(ratio=bad)
+    with pytest.raises(ConfigError, match=r"tokentune\.ratio=None"):
+        TokenTuneSettings(ratio=None)
+    with pytest.raises(ConfigError, match=r"tokentune\.count=1 is invalid"):
+        TokenTuneSettings(count=1)
+    assert TokenTuneSettings(count=64).ratio is None  # count takes precedence
+    with pytest.raises(ConfigError, match=r"tokentune\.ratio=2"):
+        RunConfig.from_dict({"methods": ["lora", "tokentune"], "tokentune": {"ratio": 2}})
+    cfg = RunConfig.from_dict({"methods": ["lora", "tokentune"], "tokentune": {"ratio": 0.5, "seed": 3}})
+    assert cfg.method_configs["tokentune"] == TokenTuneSettings(ratio=0.5, seed=3)
+    assert REGISTRY["tokentune"] is TokenTune and TokenTune.overrides_loss and TokenTune.kind == "modifier"
+
+
+def test_validate_mask_errors():
+    batch = make_batch()
+    with pytest.raises(ValueError, match="torch.bool"):
+        validate_mask(batch["attention_mask"], batch["attention_mask"])
+    with pytest.raises(ValueError, match="padding"):
+        validate_mask(torch.ones(3, 14, dtype=torch.bool), batch["attention_mask"])
+    with pytest.raises(ValueError, match="no token"):
+        validate_mask(torch.zeros(3, 14, dtype=torch.bool), batch["attention_mask"])
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32))
+    with pytest.raises(ConfigError) as err:
+        TokenTune(TokenTuneSettings()).prepare(model)
+    assert "GPT2LMHeadModel" in str(err.value) and all(name in str(err.value) for name in SUPPORTED)

@@ -1,0 +1,319 @@
+"""MLflow tracking on a real SQLite store: nesting, resume without duplicates, metrics with steps,
+failed trials, redaction, the sweep summary (files, table, Pareto front)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import report
+from orchestrator.tracking import (
+    REDACTED,
+    TAG_ERROR,
+    TAG_PARENT,
+    TAG_TRIAL,
+    SweepTracker,
+    TrialLogger,
+    absolute_uri,
+    compare_url,
+    default_tracking_uri,
+    redact,
+    redact_text,
+    to_params,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HF_TOKEN = "hf_" + "A1b2C3d4E5f6G7h8I9j0KlMnOpQrStUv"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating its tables takes ~10 s)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = default_tracking_uri(root)
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).search_experiments()
+    return uri, root
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+# ------------------------------------------------------------------------------ URI resolution
+def test_default_tracking_uri_order_and_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = default_tracking_uri(tmp_path / "sweep")
+    assert uri == "sqlite:///" + str((tmp_path / "sweep" / "mlflow.db").resolve())
+    assert uri.startswith("sqlite:////")  # three slashes + an absolute path
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert default_tracking_uri(tmp_path) == "http://tracking:5000"
+    assert default_tracking_uri(tmp_path, explicit="http://other:5000") == "http://other:5000"
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/m.db")
+    assert default_tracking_uri("x") == "sqlite:///" + str(tmp_path.resolve() / "rel" / "m.db")
+    assert absolute_uri("runs/m.db") == "sqlite:///" + str(tmp_path.resolve() / "runs" / "m.db")
+    assert absolute_uri("postgresql://u@db/mlflow") == "postgresql://u@db/mlflow"
+
+
+# ------------------------------------------------------------------------------------ redaction
+def test_redact_masks_secret_keys_and_values():
+    params = {
+        "HF_TOKEN": "abc",
+        "hub": {"auth_token": "xyz", "repo": "org/model"},
+        "aws": {"AWS_SECRET_ACCESS_KEY": "k", "region": "us-east-1"},
+        "AWS_ACCESS_KEY_ID": "AKIAABCDEFGHIJKLMNOP",
+        "db_password": "pw",
+        "my_secret_thing": "s",
+        "openai_api_key": "sk-123",
+        "model": {"name_or_path": HF_TOKEN},  # a token pasted into a value
+        "note": f"use {HF_TOKEN} please",
+        "tracking": "postgresql://user:hunter2@db:5432/mlflow",
+        "tokenizer": {"pad_token": "<pad>", "eos_token": "</s>"},  # not secrets
+        "tokentune": {"ratio": 0.3},
+        "train": {"max_tokens": 512, "lr": 1e-3},
+        "methods": ["lora", "tokentune"],
+    }
+    out = redact(params)
+    for key in ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "db_password", "my_secret_thing", "openai_api_key"):
+        assert out[key] == REDACTED, key
+    assert out["hub"] == {"auth_token": REDACTED, "repo": "org/model"}
+    assert out["aws"] == {"AWS_SECRET_ACCESS_KEY": REDACTED, "region": "us-east-1"}
+    assert out["model"]["name_or_path"] == REDACTED
+    assert out["note"] == f"use {REDACTED} please"
+    assert out["tracking"] == f"postgresql://user:{REDACTED}@db:5432/mlflow"
+    assert out["tokenizer"] == {"pad_token": "<pad>", "eos_token": "</s>"}
+    assert out["tokentune"] == {"ratio": 0.3} and out["train"] == {"max_tokens": 512, "lr": 1e-3}
+    assert out["methods"] == ["lora", "tokentune"]
+    assert params["HF_TOKEN"] == "abc"  # the input is not modified
+    # flat dotted keys too, and nothing secret survives into MLflow params
+    flat = to_params({"hub.hf_token": "x", "env.AWS_SESSION_TOKEN": "y", "a.b": HF_TOKEN})
+    assert set(flat.values()) == {REDACTED}
+    assert "hunter2" not in redact_text("mysql://root:hunter2@host/db")
+
+
+def test_to_params_flattens_stringifies_truncates():
+    p = to_params({"lora": {"rank": 8}, "methods": ["lora", "ist"], "x": None, "long": "a" * 7000, "bad key!": 1})
+    assert p["lora.rank"] == "8"
+    assert json.loads(p["methods"]) == ["lora", "ist"]
+    assert p["x"] == "null"
+    assert len(p["long"]) == 6000
+    assert p["bad key_"] == "1"
+
+
+# ------------------------------------------------------------------------- nesting and resume
+def _spec():
+    return {
+        "name": "s1",
+        "base": {"model": {"name_or_path": None}, "methods": ["lora"], "hub": {"token": HF_TOKEN}},
+        "search": {"lora.rank": {"grid": [4, 8]}, "train.lr": {"loguniform": [1e-4, 1e-2]}},
+    }
+
+
+def test_parent_and_trials_nest_and_resume_without_duplicates(store):
+    uri, _ = store
+    tracker = SweepTracker(uri, "exp-nesting", "s1")
+    parent = tracker.start_parent(_spec())
+    t1 = tracker.trial_run("t_0001", {"lora": {"rank": 4}, "train": {"lr": 1e-3}, "hf_token": HF_TOKEN})
+    t2 = tracker.trial_run("t_0002", {"lora": {"rank": 8}, "train": {"lr": 1e-3}})
+    for step in (1, 2, 3):
+        tracker.log_metrics(t1, {"loss": 3.0 / step, "tokens_per_s": 100.0 * step}, step=step)
+    tracker.end_trial(t1, "FINISHED")
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name("exp-nesting")
+    assert exp.artifact_location.startswith("file://") and "mlartifacts" in exp.artifact_location
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {parent, t1, t2}
+    assert TAG_PARENT not in runs[parent].data.tags
+    assert runs[t1].data.tags[TAG_PARENT] == parent and runs[t2].data.tags[TAG_PARENT] == parent
+    assert runs[t1].data.tags[TAG_TRIAL] == "t_0001" and runs[t1].info.run_name == "t_0001"
+    assert runs[t1].data.params["lora.rank"] == "4" and runs[t1].data.params["hf_token"] == REDACTED
+    assert runs[parent].data.params["base.hub.token"] == REDACTED
+    sweep_yaml = client.download_artifacts(parent, "sweep.yaml", str(store[1]))
+    text = Path(sweep_yaml).read_text()
+    assert "lora.rank" in text and HF_TOKEN not in text
+    history = client.get_metric_history(t1, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 1.5), (3, 1.0)]
+    assert runs[t1].info.status == "FINISHED" and runs[t2].info.status == "RUNNING"
+
+    # a resumed sweep: a new tracker (here: pickled, as Ray would ship it) finds the same runs
+    again = pickle.loads(pickle.dumps(SweepTracker(uri, "exp-nesting", "s1")))
+    assert again.start_parent(_spec()) == parent
+    assert again.trial_run("t_0001", {"lora": {"rank": 4}, "train": {"lr": 1e-3}}) == t1  # same params: fine
+    assert again.trial_run("t_0002", {"lora": {"rank": 8}, "train": {"lr": 2e-3}}) == t2  # changed: kept as tag
+    assert again.trial_run("t_0003", {"lora": {"rank": 16}}) not in (t1, t2)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4  # 1 parent + 3 trials, no duplicates
+    r2 = client.get_run(t2)
+    assert r2.data.params["train.lr"] == "0.001" and r2.data.tags["tokentune.changed.train.lr"] == "0.002"
+    assert client.get_run(t1).info.status == "RUNNING"  # reopened for the resumed trial
+    # another sweep in the same experiment gets its own parent
+    assert SweepTracker(uri, "exp-nesting", "s2").start_parent({}) != parent
+    assert {r.info.run_id for r in again.trial_runs()} == {t1, t2, again.trial_run("t_0003")}
+
+
+def test_log_metrics_skips_non_numeric_and_batches(store):
+    import numpy as np
+    import torch
+
+    uri, _ = store
+    tracker = SweepTracker(uri, "exp-metrics", "s")
+    run = tracker.trial_run("t", {})
+    metrics = {"a": 1, "b": "text", "c": None, "d": True, "e": np.float32(0.5), "f": torch.tensor(2.0)}
+    metrics.update({f"m{i}": float(i) for i in range(1200)})  # more than one log_batch call
+    assert tracker.log_metrics(run, metrics, step=7) == 3 + 1200
+    data = _client(uri).get_run(run).data.metrics
+    assert data["a"] == 1 and data["e"] == 0.5 and data["f"] == 2.0 and data["m1199"] == 1199
+    assert "b" not in data and "c" not in data and "d" not in data
+    assert _client(uri).get_metric_history(run, "a")[0].step == 7
+
+
+def test_failed_trial_from_another_process_has_error_tag_and_artifact(store, tmp_path):
+    uri, _ = store
+    tracker = SweepTracker(uri, "exp-fail", "s")
+    tracker.start_parent({})
+    run = tracker.trial_run("t_bad", {"lora": {"rank": 4}})
+    logger = tracker.trial_logger(run)
+    # the Tune trial function runs in another process: ship the logger there
+    blob = base64.b64encode(pickle.dumps(logger)).decode()
+    code = (
+        "import base64, pickle; "
+        f"log = pickle.loads(base64.b64decode('{blob}')); "
+        "log.log_metrics({'loss': 2.5}, step=5); "
+        "log.set_tags({'tokentune.stage': 'train', 'api_key': 'zzz'}); "
+        f"log.end('FAILED', error='Traceback: RuntimeError: CUDA out of memory (token {HF_TOKEN})')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path, timeout=120)
+
+    got = _client(uri).get_run(run)
+    assert got.info.status == "FAILED"
+    assert "CUDA out of memory" in got.data.tags[TAG_ERROR] and HF_TOKEN not in got.data.tags[TAG_ERROR]
+    assert got.data.tags["tokentune.stage"] == "train" and got.data.tags["api_key"] == REDACTED
+    assert got.data.metrics["loss"] == 2.5
+    err = Path(_client(uri).download_artifacts(run, "error.txt", str(tmp_path))).read_text()
+    assert "CUDA out of memory" in err and REDACTED in err
+    assert not (tmp_path / "mlruns").exists()  # nothing written relative to the working directory
+    with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
+        logger.end("DONE")
+    assert TrialLogger(uri, run).__getstate__() == {"tracking_uri": uri, "run_id": run}
+
+
+# ----------------------------------------------------------------------------------- summary
+def _trials():
+    def t(tid, methods, rank, ratio, accs, mem, status="TERMINATED", error=None):
+        metrics = {f"eval/{task}/acc": a for task, a in accs.items()}
+        metrics.update({"peak_memory_bytes": mem, "tokens_per_s": 1000.0, "wall_s": 30.0, "val_loss": 2.0})
+        return {
+            "trial_id": tid,
+            "status": status,
+            "config": {
+                "methods": methods,
+                "lora": {"rank": rank},
+                "tokentune": {"ratio": ratio},
+                "train": {"lr": 1e-3, "output_dir": f"/s/trials/{tid}"},
+                "data": {"max_length": 128},
+            },
+            "metrics": metrics if error is None else {},
+            "error": error,
+        }
+
+    mib = 2**20
+    return [
+        t("t1", ["lora"], 4, 1.0, {"a": 0.50, "b": 0.60}, 100 * mib),  # front (lowest memory)
+        t("t2", ["lora", "tokentune"], 8, 0.3, {"a": 0.70, "b": 0.70}, 150 * mib),  # front
+        t("t3", ["lora"], 8, 1.0, {"a": 0.60, "b": 0.60}, 200 * mib),  # dominated by t2
+        t("t4", ["lora", "tokentune"], 16, 0.5, {"a": 0.80, "b": 0.90}, 300 * mib),  # front (best)
+        t("t5", ["lora"], 16, 1.0, {"a": 0.80, "b": 0.90}, 400 * mib),  # dominated by t4 (tie on score)
+        t("t6", ["lora"], 32, 1.0, {}, None, status="ERROR", error="RuntimeError: boom"),
+    ]
+
+
+def test_results_table_and_pareto_front():
+    rows = report.results_table(_trials())
+    assert [r["trial_id"] for r in rows] == ["t1", "t2", "t3", "t4", "t5", "t6"]
+    columns = report.columns_of(rows)
+    assert columns[:5] == ["trial_id", "status", "methods", "tokentune.ratio", "lora.rank"]
+    assert "train.lr" in columns  # preferred key, even though it does not vary
+    assert "data.max_length" not in columns and "train.output_dir" not in columns
+    assert rows[1]["methods"] == "lora,tokentune"
+    assert rows[1]["eval/score"] == pytest.approx(0.7) and rows[0]["eval/score"] == pytest.approx(0.55)
+    assert rows[5]["eval/score"] is None and rows[5]["error"] == "RuntimeError: boom"
+    for key in ("eval/a/acc", "eval/b/acc", "peak_memory_bytes", "tokens_per_s", "wall_s", "val_loss", "error"):
+        assert key in columns
+
+    front = report.pareto_front(rows, "eval/score", "peak_memory_bytes")
+    assert [r["trial_id"] for r in front] == ["t1", "t2", "t4"]
+    assert report.best_row(rows)["trial_id"] == "t4"
+    # hand-made rows: equal points are both on the front; missing values are ignored
+    hand = [
+        {"id": "a", "s": 1.0, "m": 10},
+        {"id": "b", "s": 1.0, "m": 10},
+        {"id": "c", "s": 0.5, "m": 5},
+        {"id": "d", "s": 0.4, "m": 6},
+        {"id": "e", "s": None, "m": 1},
+        {"id": "f", "s": 2.0, "m": float("nan")},
+    ]
+    assert [r["id"] for r in report.pareto_front(hand, "s", "m")] == ["c", "a", "b"]
+    assert report.pareto_front([], "s", "m") == []
+
+    text = report.format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("trial_id") and len(lines) == 2 + len(rows)
+    assert "100.0MiB" in text and "RuntimeError: boom" in text
+    assert report.format_table([]) == "(no trials)"
+
+
+def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
+    uri, _ = store
+    tracker = SweepTracker(uri, "exp-summary", "s")
+    parent = tracker.start_parent({"name": "s"})
+    children = [tracker.trial_run(f"t{i}", {}) for i in (1, 2)]
+    rows = report.results_table(_trials())
+    paths = tracker.log_summary(rows, tmp_path)
+    for name in ("results.csv", "results.json", "pareto.png"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["pareto"] == tmp_path / "pareto.png"
+    assert json.loads((tmp_path / "results.json").read_text())[3]["trial_id"] == "t4"
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("trial_id,status,methods") and "eval/score" in header
+
+    client = _client(uri)
+    names = {a.path for a in client.list_artifacts(parent)}
+    assert {"results.csv", "results.json", "pareto.png", "results_table.json", "sweep.yaml"} <= names
+    run = client.get_run(parent)
+    assert run.data.tags["tokentune.best_trial"] == "t4"
+    assert run.data.tags["tokentune.pareto_front"] == "t1,t2,t4"
+    assert run.data.metrics["best/eval/score"] == pytest.approx(0.85)
+    # metric names with '/' need backticks in search filters
+    exp_id = tracker.experiment_id
+    found = client.search_runs([exp_id], "metrics.`best/eval/score` > 0.8")
+    assert [r.info.run_id for r in found] == [parent]
+
+    url = tracker.compare_url("127.0.0.1:5000")
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
+    assert all(c in url for c in children) and exp_id in url
+
+
+def test_compare_url_format():
+    url = compare_url("http://host:5000/", ["r1", "r2"], "3")
+    assert url == "http://host:5000/#/compare-runs?runs=%5B%22r1%22%2C%20%22r2%22%5D&experiments=%5B%223%22%5D"
+
+
+def test_pareto_plot_without_points(tmp_path):
+    path = report.pareto_plot([{"trial_id": "x", "eval/score": None}], tmp_path / "p.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
