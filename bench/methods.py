@@ -3,6 +3,8 @@
     python bench/methods.py                         # CPU: 4-layer Llama, hidden 512, seq 1024
     python bench/methods.py --json                  # one JSON object per row as well
     python bench/methods.py --device cuda --preset llama2-7b --modes lora,qlora
+    python bench/methods.py --device cuda --preset llama2-7b --modes full --optim sgd   # AdamW state: > 80 GB
+    python bench/methods.py --threads 1             # steadier CPU timings on a shared machine
 
 A row is one (mode, variant, ratio): ``mode`` picks the trainer (lora, full, qlora = 4-bit base +
 LoRA), a variant adds methods on top (``stock``: none; ``tokentune``: TokenTune at each ratio).

@@ -132,7 +132,7 @@ def _run(
     from orchestrator import report
     from orchestrator.post_trial import prune_merged
     from orchestrator.tracking import SweepTracker, default_tracking_uri
-    from orchestrator.train_job import init_ray, worker_env
+    from orchestrator.train_job import init_ray
     from orchestrator.trial import TrialContext
     from orchestrator.tuner import best_trial as pick_best
     from orchestrator.tuner import (
@@ -152,7 +152,6 @@ def _run(
         tracking_uri=tracking_uri,
         experiment=experiment,
         progress=progress,
-        extra_env={k: v for k, v in worker_env().items() if k != "PYTHONPATH"},
     )
     if not resume and (sweep_dir / SPEC_FILE).exists():
         raise SpecError(

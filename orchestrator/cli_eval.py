@@ -33,7 +33,9 @@ def _limit(text: str) -> int | float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--limit {text!r}: expected an integer or a fraction in (0, 1)") from None
+        raise argparse.ArgumentTypeError(
+            f"--limit {text!r}: expected an integer or a fraction in (0, 1)"
+        ) from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"--limit {text!r}: expected a number > 0")
     return value if value < 1 else int(value)

@@ -49,7 +49,9 @@ def as_eval_config(eval_cfg: EvalConfig | Mapping[str, Any] | None) -> EvalConfi
 def score_of(summary: Mapping[str, Any]) -> float | None:
     """Mean ``acc`` over the evaluated tasks (group rows left out: they are means themselves)."""
     raw = summary.get("raw") or {}
-    groups = set(raw.get("groups") or {}) | {g for g, subs in (raw.get("group_subtasks") or {}).items() if subs}
+    groups = set(raw.get("groups") or {}) | {
+        g for g, subs in (raw.get("group_subtasks") or {}).items() if subs
+    }
     results = summary.get("results") or {}
     accs = [m["acc"] for task, m in results.items() if task not in groups and "acc" in m]
     if not accs:  # only groups reported accuracy
@@ -196,20 +198,21 @@ def merge_and_evaluate(
 
 
 # ------------------------------------------------------------------------------------ Ray task
-def post_trial_options(resources: Mapping[str, Any] | None = None, escape_placement_group: bool = True) -> dict:
-    """``ray.remote`` options for the post-trial task from ``{"num_cpus": .., "num_gpus": .., ...}``.
+def post_trial_options(
+    resources: Mapping[str, Any] | None = None, escape_placement_group: bool = True
+) -> dict:
+    """Ray task options (valid for ``.options()``) from ``{"num_cpus": .., "num_gpus": .., ...}``.
 
-    On GPU the worker runs one call and exits (``max_calls=1``), which frees its GPU memory. The task
-    is never retried (a failure is a result to record, not a reason to evaluate twice). By default it
-    is scheduled outside the calling trial's placement group, so the trial's slot is not needed.
+    The task is never retried (a failure is a result to record, not a reason to evaluate twice). By
+    default it is scheduled outside the calling trial's placement group, so the trial's slot is not
+    needed. ``max_calls`` is not in here (Ray accepts it only in ``ray.remote``): use
+    :func:`as_ray_task`, which adds ``max_calls=1`` on GPU.
     """
     resources = dict(resources or {})
-    num_gpus = float(resources.pop("num_gpus", 0) or 0)
     opts: dict[str, Any] = {
         "num_cpus": float(resources.pop("num_cpus", 1)),
-        "num_gpus": num_gpus,
+        "num_gpus": float(resources.pop("num_gpus", 0) or 0),
         "max_retries": 0,
-        "max_calls": 1 if num_gpus > 0 else 0,
     }
     if "memory" in resources:
         opts["memory"] = resources.pop("memory")
@@ -222,6 +225,20 @@ def post_trial_options(resources: Mapping[str, Any] | None = None, escape_placem
     return opts
 
 
+def as_ray_task(
+    fn: Any, resources: Mapping[str, Any] | None = None, escape_placement_group: bool = True
+) -> Any:
+    """``fn`` as a Ray remote function with :func:`post_trial_options`; on GPU its worker runs one
+    call and exits (``max_calls=1``), which frees the GPU memory the model held.
+
+        ray.get(as_ray_task(export_for_eval, {"num_gpus": 1}).remote(final_dir, trial_dir))
+    """
+    import ray
+
+    opts = post_trial_options(resources, escape_placement_group)
+    return ray.remote(max_calls=1 if opts["num_gpus"] > 0 else 0)(fn).options(**opts)
+
+
 def submit_post_trial(
     final_dir: str | Path,
     trial_dir: str | Path,
@@ -232,14 +249,13 @@ def submit_post_trial(
     escape_placement_group: bool = True,
 ) -> Any:
     """Start :func:`merge_and_evaluate` as a Ray task; returns its ``ObjectRef``."""
-    import ray
-
-    opts = post_trial_options(resources, escape_placement_group)
     if device is None:
-        device = "cuda" if opts["num_gpus"] > 0 else "cpu"
+        device = "cuda" if float((resources or {}).get("num_gpus") or 0) > 0 else "cpu"
     cfg = dataclasses.asdict(as_eval_config(eval_cfg))
-    task = ray.remote(**opts)(merge_and_evaluate)  # max_calls is only accepted here, not in .options()
-    return task.remote(str(Path(final_dir).resolve()), str(Path(trial_dir).resolve()), cfg, keep_merged, device)
+    task = as_ray_task(merge_and_evaluate, resources, escape_placement_group)
+    return task.remote(
+        str(Path(final_dir).resolve()), str(Path(trial_dir).resolve()), cfg, keep_merged, device
+    )
 
 
 def run_post_trial(
@@ -260,7 +276,9 @@ def run_post_trial(
     """
     import ray
 
-    ref = submit_post_trial(final_dir, trial_dir, eval_cfg, keep_merged, resources, device, escape_placement_group)
+    ref = submit_post_trial(
+        final_dir, trial_dir, eval_cfg, keep_merged, resources, device, escape_placement_group
+    )
     try:
         return ray.get(ref, timeout=timeout_s)
     except Exception as err:  # RayTaskError, WorkerCrashedError, GetTimeoutError, OutOfMemoryError ...
@@ -285,7 +303,9 @@ def prune_merged(sweep_dir: str | Path, best_trial_id: str | None, policy: str =
     them all (adapters in ``final/`` always stay: a merge can be redone).
     """
     if policy not in PRUNE_POLICIES:
-        raise ValueError(f"keep-merged policy {policy!r} is invalid: expected one of {', '.join(PRUNE_POLICIES)}")
+        raise ValueError(
+            f"keep-merged policy {policy!r} is invalid: expected one of {', '.join(PRUNE_POLICIES)}"
+        )
     if policy == "none":
         return []
     deleted = []

@@ -199,7 +199,9 @@ def pareto_plot(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    points = [r for r in rows if _number(r.get(score_key)) is not None and _number(r.get(memory_key)) is not None]
+    points = [
+        r for r in rows if _number(r.get(score_key)) is not None and _number(r.get(memory_key)) is not None
+    ]
     front = pareto_front(points, score_key, memory_key)
     front_ids = {id(r) for r in front}
     mib = 1 / 2**20 if memory_key.endswith("bytes") else 1.0
@@ -241,11 +243,16 @@ def pareto_plot(
             )
         ax.legend(loc="lower right", fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no trial has both a score and a memory value yet", ha="center", transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no trial has both a score and a memory value yet", ha="center", transform=ax.transAxes
+        )
     missing = len(rows) - len(points)
     ax.set_xlabel(xlabel + " (lower is better)")
     ax.set_ylabel(score_key + " (higher is better)")
-    ax.set_title((title or "Accuracy vs memory") + (f" ({missing} trial(s) without values not shown)" if missing else ""))
+    ax.set_title(
+        (title or "Accuracy vs memory")
+        + (f" ({missing} trial(s) without values not shown)" if missing else "")
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -100,7 +100,15 @@ _SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 #: tokenizer settings that end in ``_token`` but are not secrets
-_NOT_SECRET_KEYS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+_NOT_SECRET_KEYS = {
+    "pad_token",
+    "eos_token",
+    "bos_token",
+    "unk_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+}
 _SECRET_VALUE = re.compile(
     r"hf_[A-Za-z0-9]{16,}"  # Hugging Face
     r"|(?:AKIA|ASIA)[A-Z0-9]{16}"  # AWS access key id
@@ -347,7 +355,9 @@ class SweepTracker:
 
     # pickling: strings only; client and experiment id are looked up again
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("tracking_uri", "experiment_name", "sweep_name", "parent_run_id")}
+        return {
+            k: getattr(self, k) for k in ("tracking_uri", "experiment_name", "sweep_name", "parent_run_id")
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -381,11 +391,33 @@ class SweepTracker:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 
+    def _matches(self, filter_string: str) -> list[Any]:
+        """Active runs matching the filter, oldest first (ties broken by run id: every process agrees)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=50)
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
     def _find(self, filter_string: str) -> Any:
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=filter_string, max_results=2, order_by=["attributes.start_time ASC"]
-        )
+        runs = self._matches(filter_string)
         return runs[0] if runs else None
+
+    def _get_or_create(self, filter_string: str, tags: dict[str, str], run_name: str) -> Any:
+        """The oldest run matching the filter, else a new one with ``tags``.
+
+        Two processes may both find nothing and create a run (e.g. the driver's live callback and the
+        trial itself): after creating, the loser deletes its own run and uses the oldest one.
+        """
+        run = self._find(filter_string)
+        if run is not None:
+            self._reopen(run)
+            return run
+        created = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
+        oldest = self._find(filter_string)
+        if oldest is not None and oldest.info.run_id != created.info.run_id:
+            log.info("run %s duplicated %s (created concurrently); deleting it", created.info.run_id, oldest)
+            self.client.delete_run(created.info.run_id)
+            self._reopen(oldest)
+            return oldest
+        return created
 
     def _reopen(self, run: Any) -> None:
         if run.info.status != "RUNNING":
@@ -396,16 +428,11 @@ class SweepTracker:
         import yaml
 
         sweep = _quote(self.sweep_name)
-        run = self._find(f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'sweep'")
-        if run is None:
-            run = self.client.create_run(
-                self.experiment_id,
-                tags={TAG_SWEEP: self.sweep_name, TAG_ROLE: "sweep"},
-                run_name=self.sweep_name,
-            )
-        else:
-            log.info("resuming MLflow parent run %s of sweep %r", run.info.run_id, self.sweep_name)
-            self._reopen(run)
+        run = self._get_or_create(
+            f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'sweep'",
+            {TAG_SWEEP: self.sweep_name, TAG_ROLE: "sweep"},
+            self.sweep_name,
+        )
         self.parent_run_id = run.info.run_id
         if spec:
             safe = redact(dict(spec))
@@ -413,25 +440,23 @@ class SweepTracker:
             _log_params(self.client, self.parent_run_id, safe)
         return self.parent_run_id
 
-    def trial_run(self, trial_id: str, params: Mapping[str, Any] | None = None, run_name: str | None = None) -> str:
+    def trial_run(
+        self, trial_id: str, params: Mapping[str, Any] | None = None, run_name: str | None = None
+    ) -> str:
         """Get-or-create the child run of ``trial_id`` under the parent; log its flattened config."""
         if self.parent_run_id is None:
             self.start_parent()
         tid = _quote(str(trial_id))
-        run = self._find(f"tags.`{TAG_TRIAL}` = '{tid}' and tags.`{TAG_PARENT}` = '{self.parent_run_id}'")
-        if run is None:
-            run = self.client.create_run(
-                self.experiment_id,
-                tags={
-                    TAG_PARENT: self.parent_run_id,
-                    TAG_SWEEP: self.sweep_name,
-                    TAG_ROLE: "trial",
-                    TAG_TRIAL: str(trial_id),
-                },
-                run_name=run_name or str(trial_id),
-            )
-        else:
-            self._reopen(run)
+        run = self._get_or_create(
+            f"tags.`{TAG_TRIAL}` = '{tid}' and tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
+            {
+                TAG_PARENT: self.parent_run_id,
+                TAG_SWEEP: self.sweep_name,
+                TAG_ROLE: "trial",
+                TAG_TRIAL: str(trial_id),
+            },
+            run_name or str(trial_id),
+        )
         if params:
             _log_params(self.client, run.info.run_id, params)
         return run.info.run_id
@@ -464,7 +489,9 @@ class SweepTracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         _log_artifact(self.client, run_id, path, artifact_path)
 
-    def log_artifacts(self, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+    def log_artifacts(
+        self, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None
+    ) -> None:
         for path in paths:
             _log_artifact(self.client, run_id, path, artifact_path)
 
@@ -494,7 +521,9 @@ class SweepTracker:
         paths = {
             "csv": report.write_csv(rows, out_dir / "results.csv"),
             "json": report.write_json(rows, out_dir / "results.json"),
-            "pareto": report.pareto_plot(rows, out_dir / "pareto.png", score_key=score_key, memory_key=memory_key),
+            "pareto": report.pareto_plot(
+                rows, out_dir / "pareto.png", score_key=score_key, memory_key=memory_key
+            ),
         }
         if self.parent_run_id is None:
             return paths
@@ -550,7 +579,8 @@ def compare_url(host_port: str, run_ids: list[str], experiment_id: str | list[st
     """The MLflow UI's compare view, e.g. ``http://127.0.0.1:5000/#/compare-runs?runs=[...]&experiments=[...]``."""
     experiments = [experiment_id] if isinstance(experiment_id, str) else list(experiment_id)
     query = urllib.parse.urlencode(
-        {"runs": json.dumps(list(run_ids)), "experiments": json.dumps(experiments)}, quote_via=urllib.parse.quote
+        {"runs": json.dumps(list(run_ids)), "experiments": json.dumps(experiments)},
+        quote_via=urllib.parse.quote,
     )
     return f"{_base_url(host_port)}/#/compare-runs?{query}"
 

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,27 +357,25 @@ def import_deepspeed():
     return deepspeed
 
 
-def _worker_setup(loop_config: dict[str, Any], cfg_dicts: list[dict[str, Any]]):
+def _worker_setup(loop_config: dict[str, Any], cfgs: list[RunConfig]):
+    """DeepSpeed imported (CPU accelerator unless GPU workers), the device; returns rank, world, device."""
     import ray.train
     import torch
 
     ctx = ray.train.get_context()
     if not loop_config["use_gpu"]:
         os.environ["DS_ACCELERATOR"] = "cpu"
-    cfgs = [RunConfig.from_dict(d) for d in cfg_dicts]
     if any(c.compute.zero_stage is not None for c in cfgs):
         import_deepspeed()
     device = torch.device("cuda", torch.cuda.current_device()) if loop_config["use_gpu"] else None
-    return ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), cfgs, device
+    return ctx.get_world_rank(), ctx.get_world_size(), device
 
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """What every Ray Train worker runs for :func:`run_train_job`."""
     import ray.train
 
-    from tokentune.train import train
-
-    rank, world, local_rank, (cfg,), device = _worker_setup(loop_config, [loop_config["config"]])
+    cfg = RunConfig.from_dict(loop_config["config"])
     out_dir = Path(cfg.train.output_dir)
     launch = loop_config["launch_id"]
     history_file = out_dir / HISTORY_FILE
@@ -387,9 +386,13 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         if resume_dir is not None and not loop_config["resume"] and _launch_of(resume_dir) != launch:
             resume_dir = None  # an earlier launch's checkpoint and resume=False: start over
         if resume_dir is not None and (resume_dir / "done.json").exists():
-            return _already_finished(resume_dir, cfg)
+            return _already_finished(resume_dir, cfg)  # before the heavy imports
+
+        from tokentune.train import train
+
+        rank, world, device = _worker_setup(loop_config, [cfg])
         start = _step_of(resume_dir) if resume_dir is not None else 0
-        if local_rank == 0:
+        if ray.train.get_context().get_local_rank() == 0:
             _clear_stale(out_dir, after_step=start)
         attempt = _next_attempt(history_file, launch) if rank == 0 else 0
         _barrier()
@@ -441,13 +444,14 @@ def train_batch_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """What every Ray Train worker runs for :func:`run_train_batch` (no Ray reports, no checkpoints)."""
     from tokentune.train import train
 
-    rank, world, _, cfgs, device = _worker_setup(loop_config, loop_config["configs"])
+    cfgs = [RunConfig.from_dict(d) for d in loop_config["configs"]]
+    rank, world, device = _worker_setup(loop_config, cfgs)
     out = []
     for i, cfg in enumerate(cfgs):
         history: list[dict[str, Any]] = []
 
         def report(metrics: dict[str, Any], checkpoint_dir: str | None = None, _h=history) -> None:
-            _h.append(_mean_loss_over_ranks(dict(metrics), world, device))
+            _h.append({**_mean_loss_over_ranks(dict(metrics), world, device), "report_time": time.time()})
 
         try:
             res = train(cfg, report, device=device, progress=loop_config["progress"])
@@ -483,7 +487,6 @@ def _already_finished(ckpt_dir: Path, cfg: RunConfig) -> dict[str, Any]:
             f"this run already finished at {done.get('max_steps')} steps (checkpoint {ckpt_dir}) and "
             f"train.max_steps is now {cfg.train.max_steps}: use a new name, or resume=False"
         )
-    done["final_dir"] = str(ckpt_dir / FINAL)
     done["history"] = [done.get("metrics", {})]
     return done
 

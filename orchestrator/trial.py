@@ -20,7 +20,7 @@ import math
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class TrialContext:
     experiment: str
     parent_run_id: str | None = None
     progress: bool = True
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 # ---- status files ----------------------------------------------------------------------------------
@@ -114,8 +113,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """The Tune trainable: train (Ray Train), merge + evaluate (a Ray task), record, report."""
     import ray.tune
 
-    for k, v in ctx.extra_env.items():
-        os.environ.setdefault(k, v)
     trial_id = ray.tune.get_context().get_trial_id()
     spec = parse_spec(ctx.spec)
     tdir = trial_dir(ctx.sweep_dir, trial_id)
@@ -138,6 +135,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         metrics = _train_and_evaluate(spec, cfg, trial_id, tdir, ctx)
         metrics["trial_wall_s"] = time.perf_counter() - t0
     except BaseException as err:
+        if _stop_requested():  # Tune stops this trial (ASHA, time limit, sweep shutdown): not a failure
+            log_event(tdir, "stopped by Tune")
+            if run_id is not None:
+                tracker.set_tags(run_id, {"tokentune.status": "stopped"})
+                tracker.end_trial(run_id, "KILLED", "stopped by Ray Tune (early stopping or time limit)")
+            raise
         msg = _error_text(err)
         detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))[-20000:]
         write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, config=_jsonable(config))
@@ -249,6 +252,17 @@ def _artifacts(tracker, run_id: str, tdir: Path) -> None:
                 tracker.log_artifact(run_id, p)
             except Exception:  # noqa: BLE001 - artifacts are a convenience; the run's status matters
                 pass
+
+
+def _stop_requested() -> bool:
+    """True once Tune asked this trial to stop (its Train run then dies with the trial's resources)."""
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        return bool(session is not None and session.stop_event.is_set())
+    except Exception:  # noqa: BLE001 - an internal API; without it a stop reads as a failure
+        return False
 
 
 def _error_text(err: BaseException) -> str:

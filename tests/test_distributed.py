@@ -143,7 +143,7 @@ def run_dict(ws, methods, out_dir, *, stage=2, workers=2, data=None, **train) ->
     d = {
         "model": dict(ws["model"]),
         # every token labelled, so TokenTune's selected tokens always carry loss
-        "data": {**ws["data"], "max_length": 64, "train_on_inputs": True, **(data or {})},
+        "data": {**ws["data"], "max_length": 64, "train_on_inputs": True, "max_examples": 64, **(data or {})},
         "methods": list(methods),
         "train": {
             "max_steps": MATRIX_STEPS,

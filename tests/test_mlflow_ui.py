@@ -3,7 +3,8 @@
 
 Screenshots go to ``tests/artifacts/mlflow_ui/`` (or ``$TOKENTUNE_TEST_ARTIFACTS``); their paths are
 printed (``pytest -s``). Needs the Debian packages ``chromium`` (+ ``chromium-driver`` for selenium);
-skipped when Chromium is missing. Uses selenium when installed, else plain ``chromium --headless``.
+skipped when Chromium is missing. Uses selenium when installed, else plain ``chromium --headless``
+(``TOKENTUNE_UI_TEST_BROWSER=cli`` forces the latter).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium is not installed (apt-get install -y chromium chromium-driver)"
 )
-ARTIFACTS = Path(os.environ.get("TOKENTUNE_TEST_ARTIFACTS", Path(__file__).parent / "artifacts")) / "mlflow_ui"
+ARTIFACTS = (
+    Path(os.environ.get("TOKENTUNE_TEST_ARTIFACTS", Path(__file__).parent / "artifacts")) / "mlflow_ui"
+)
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -79,9 +82,11 @@ def mlflow_server(tmp_path_factory):
     ]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = (root / "server.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240  # ~25 s on an idle machine
+    deadline = time.monotonic() + 300  # ~25 s on an idle machine
     while not _healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -90,7 +95,7 @@ def mlflow_server(tmp_path_factory):
     yield url
     os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn workers (our own session)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
@@ -143,6 +148,18 @@ def _wait_for(driver, texts: list[str], timeout: float = 90) -> bool:
         return False
 
 
+def _wait_for_element(driver, css: str, timeout: float) -> bool:
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+        return True
+    except TimeoutException:
+        return False
+
+
 def _chromium_cli(url: str, screenshot: Path) -> str:
     """Plain headless Chromium: the DOM after 15 s of virtual time, and a screenshot."""
     base = [CHROMIUM, *CHROMIUM_FLAGS, "--virtual-time-budget=15000"]
@@ -163,6 +180,8 @@ def _chromium_cli(url: str, screenshot: Path) -> str:
 
 
 def _selenium_available() -> bool:
+    if os.environ.get("TOKENTUNE_UI_TEST_BROWSER") == "cli":  # force the plain-Chromium path
+        return False
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -186,7 +205,9 @@ def test_mlflow_ui_shows_sweep_runs(sweep, mlflow_server):
             driver.get(runs_url)
             assert _wait_for(driver, [name]), f"the runs table never showed the parent run {name!r}"
             # the trials are nested under the parent row: expand it (the "+" in the run-name cell)
-            for button in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"):
+            for button in driver.find_elements(
+                By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"
+            ):
                 button.click()
             nested_shown = _wait_for(driver, list(children), timeout=30)
             time.sleep(1)
@@ -196,7 +217,8 @@ def test_mlflow_ui_shows_sweep_runs(sweep, mlflow_server):
             driver.get(compare)
             want = ["Comparing 2 Runs", "lora.rank", *children]
             assert _wait_for(driver, want), "the compare view never showed both trial runs"
-            time.sleep(2)  # let the plots settle for the screenshot
+            _wait_for_element(driver, "svg.main-svg", timeout=30)  # the parallel-coordinates plot
+            time.sleep(1)
             driver.save_screenshot(str(shots["compare"]))
         finally:
             driver.quit()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli_eval import add_eval_parser, main as eval_main
+from orchestrator.cli_eval import add_eval_parser
+from orchestrator.cli_eval import main as eval_main
 from orchestrator.post_trial import PostTrialError, merge_and_evaluate, prune_merged, run_post_trial
 from tokentune.assets import SHIPPED_TASK_FAMILIES, default_model_path
 
@@ -30,7 +31,13 @@ def adapter(tmp_path_factory) -> Path:
             "methods": ["lora"],
             "lora": {"rank": 4},
             "data": {"max_examples": 32, "max_length": 64},
-            "train": {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "output_dir": str(out)},
+            "train": {
+                "max_steps": 3,
+                "batch_size": 4,
+                "warmup_steps": 0,
+                "log_every": 1,
+                "output_dir": str(out),
+            },
         }
     )
     result = train(cfg)
@@ -84,14 +91,20 @@ def test_run_post_trial_as_a_ray_task(adapter, tmp_path):
     ray.init(
         num_cpus=2,
         include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}},
+        runtime_env={
+            "env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        },
     )
     try:
-        out = run_post_trial(adapter, tmp_path / "ray", {"tasks": ["tt_next"], "limit": 4}, resources={"num_cpus": 1})
+        out = run_post_trial(
+            adapter, tmp_path / "ray", {"tasks": ["tt_next"], "limit": 4}, resources={"num_cpus": 1}
+        )
         assert out["error"] is None, out["error"]
         assert (tmp_path / "ray" / "merged" / "config.json").is_file()
         assert out["metrics"]["eval/score"] == out["metrics"]["eval/tt_next/acc"]
-        bad = run_post_trial(adapter, tmp_path / "ray", {"tasks": ["no_such_task_xyz"]}, resources={"num_cpus": 1})
+        bad = run_post_trial(
+            adapter, tmp_path / "ray", {"tasks": ["no_such_task_xyz"]}, resources={"num_cpus": 1}
+        )
         assert "no_such_task_xyz" in bad["error"]
         deadline = time.monotonic() + 30  # the task's CPU comes back (resource view updates lazily)
         while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
@@ -102,12 +115,14 @@ def test_run_post_trial_as_a_ray_task(adapter, tmp_path):
 
 
 def test_post_trial_options():
-    from orchestrator.post_trial import post_trial_options
+    from orchestrator.post_trial import as_ray_task, post_trial_options
 
     cpu = post_trial_options({"num_cpus": 2}, escape_placement_group=False)
-    assert cpu == {"num_cpus": 2.0, "num_gpus": 0.0, "max_retries": 0, "max_calls": 0}
+    assert cpu == {"num_cpus": 2.0, "num_gpus": 0.0, "max_retries": 0}  # valid for .options()
     gpu = post_trial_options({"num_gpus": 1, "memory": 10**9, "A100": 0.1}, escape_placement_group=False)
-    assert gpu["max_calls"] == 1 and gpu["num_gpus"] == 1.0 and gpu["resources"] == {"A100": 0.1}
+    assert gpu["num_gpus"] == 1.0 and gpu["memory"] == 10**9 and gpu["resources"] == {"A100": 0.1}
+    assert "max_calls" not in gpu  # only ray.remote(...) takes it; as_ray_task sets it on GPU
+    as_ray_task(prune_merged, {"num_gpus": 1}, escape_placement_group=False)  # max_calls=1 (no Ray needed)
 
 
 def test_prune_merged(tmp_path):
@@ -120,7 +135,9 @@ def test_prune_merged(tmp_path):
     assert prune_merged(tmp_path, "t2", "none") == []
     deleted = prune_merged(tmp_path, "t2", "best")
     assert sorted(p.parent.name for p in deleted) == ["t1", "t3"]
-    assert (tmp_path / "trials" / "t2" / "merged").is_dir() and (tmp_path / "trials" / "t1" / "final").is_dir()
+    assert (tmp_path / "trials" / "t2" / "merged").is_dir() and (
+        tmp_path / "trials" / "t1" / "final"
+    ).is_dir()
     make()
     assert len(prune_merged(tmp_path, "t2", "all")) == 3
     with pytest.raises(ValueError, match="none, best, all"):
@@ -134,7 +151,15 @@ def test_eval_cli_help_names_every_option(capsys):
     sub = argparse.ArgumentParser(prog="tokentune").add_subparsers()
     p = add_eval_parser(sub)
     text = p.format_help()
-    for option in ("CHECKPOINT", "--tasks", "--limit", "--num-fewshot", "--batch-size", "--output", "--device"):
+    for option in (
+        "CHECKPOINT",
+        "--tasks",
+        "--limit",
+        "--num-fewshot",
+        "--batch-size",
+        "--output",
+        "--device",
+    ):
         assert option in text
     assert all(a.help for a in p._actions)
     with pytest.raises(SystemExit):

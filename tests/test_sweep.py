@@ -261,48 +261,58 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    """Kill the sweep (SIGKILL, the whole process tree) while its second trial trains, after it saved a
+    checkpoint; ``--resume`` keeps the finished trial and resumes the other from its checkpoint."""
     spec_file = tmp_path / "resume.yaml"
-    d = small_spec(name="resume", search={"lora.rank": {"grid": [2, 4, 8]}})
-    d["base"]["train"].update({"max_steps": 12, "save_every": 4, "log_every": 4})
-    d["tune"] = {"max_concurrent": 1}  # one at a time: kill while the second trial trains
+    d = small_spec(name="resume", search={"lora.rank": {"grid": [2, 4]}})
+    d["base"]["train"].update({"max_steps": 16, "save_every": 4, "log_every": 4})
+    d["tune"] = {"max_concurrent": 1}  # one at a time: the kill hits the second trial mid-training
+    d["after_trial"] = {"merge": False, "evaluate": False}  # objective: val_loss (keeps the test short)
     spec_file.write_text(yaml.safe_dump(d))
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_file), "--set", f"storage={tmp_path}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    trials_dir = tmp_path / "resume" / "trials"
+    sweep_dir = tmp_path / "resume"
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    first = None
+    first = second = None
     try:
-        deadline = time.time() + 420
+        deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
-            done = [p.parent for p in trials_dir.glob("*/status.json")]
-            started = [p for p in trials_dir.glob("*") if p.is_dir() and p not in done]
-            if done and started:
-                first = done[0]
+            done = [p.parent for p in sweep_dir.glob("trials/*/status.json")]
+            others = [p for p in sweep_dir.glob("trials/*") if p.is_dir() and p not in done]
+            if done and others and list(sweep_dir.glob(f"train/{others[0].name}/checkpoint-*")):
+                first, second = done[0], others[0]
+                time.sleep(3)  # let Ray Train finish persisting the checkpoint it just reported
                 break
-            time.sleep(1)
+            time.sleep(0.5)
     finally:
         _kill_tree(proc)
-    assert first is not None, "no trial finished before the deadline"
-    first_final = first / "final" / "adapter_model.safetensors"
-    mtime = first_final.stat().st_mtime
+    assert first is not None, "the second trial never saved a checkpoint before the deadline"
+    assert not (second / "status.json").exists()
+    final = first / "final" / "adapter_model.safetensors"
+    mtime = final.stat().st_mtime
 
     out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
-    trial_dirs = sorted(p for p in trials_dir.glob("*") if p.is_dir())
-    assert len(trial_dirs) == 3
-    for tdir in trial_dirs:
+    for tdir in (first, second):
         assert json.loads((tdir / "status.json").read_text())["status"] == "finished", tdir.name
+    assert sorted(p.name for p in sweep_dir.glob("trials/*")) == sorted([first.name, second.name])
     assert _events(first).count("train started") == 1  # the finished trial did not train again
-    assert first_final.stat().st_mtime == mtime
-    rows = _csv_rows(tmp_path / "resume" / "results.csv")
-    assert len(rows) == 3 and all(r["status"] == "finished" for r in rows)
+    assert final.stat().st_mtime == mtime
+    assert _events(second).count("train started") == 2
+    reports = [json.loads(line) for line in (second / "ray_reports.jsonl").read_text().splitlines()]
+    launches = list(dict.fromkeys(r["launch"] for r in reports))
+    assert len(launches) == 2
+    resumed = [r["step"] for r in reports if r["launch"] == launches[1]]
+    assert min(resumed) > 4, resumed  # the second launch continued after the saved checkpoint
+    rows = _csv_rows(sweep_dir / "results.csv")
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
     from orchestrator.tracking import default_tracking_uri
 
-    parents, children = _mlflow_runs(default_tracking_uri(tmp_path / "resume"), "resume")
+    parents, children = _mlflow_runs(default_tracking_uri(sweep_dir), "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [c.data.tags["tokentune.trial_id"] for c in children]
-    assert sorted(ids) == sorted(p.name for p in trial_dirs)  # one run per trial: no duplicates
+    assert sorted(ids) == sorted([first.name, second.name])  # one run per trial: no duplicates
     assert all(c.info.status == "FINISHED" for c in children)

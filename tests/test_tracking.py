@@ -105,7 +105,9 @@ def test_redact_masks_secret_keys_and_values():
 
 
 def test_to_params_flattens_stringifies_truncates():
-    p = to_params({"lora": {"rank": 8}, "methods": ["lora", "ist"], "x": None, "long": "a" * 7000, "bad key!": 1})
+    p = to_params(
+        {"lora": {"rank": 8}, "methods": ["lora", "ist"], "x": None, "long": "a" * 7000, "bad key!": 1}
+    )
     assert p["lora.rank"] == "8"
     assert json.loads(p["methods"]) == ["lora", "ist"]
     assert p["x"] == "null"
@@ -153,7 +155,9 @@ def test_parent_and_trials_nest_and_resume_without_duplicates(store):
     again = pickle.loads(pickle.dumps(SweepTracker(uri, "exp-nesting", "s1")))
     assert again.start_parent(_spec()) == parent
     assert again.trial_run("t_0001", {"lora": {"rank": 4}, "train": {"lr": 1e-3}}) == t1  # same params: fine
-    assert again.trial_run("t_0002", {"lora": {"rank": 8}, "train": {"lr": 2e-3}}) == t2  # changed: kept as tag
+    assert (
+        again.trial_run("t_0002", {"lora": {"rank": 8}, "train": {"lr": 2e-3}}) == t2
+    )  # changed: kept as tag
     assert again.trial_run("t_0003", {"lora": {"rank": 16}}) not in (t1, t2)
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 4  # 1 parent + 3 trials, no duplicates
@@ -163,6 +167,27 @@ def test_parent_and_trials_nest_and_resume_without_duplicates(store):
     # another sweep in the same experiment gets its own parent
     assert SweepTracker(uri, "exp-nesting", "s2").start_parent({}) != parent
     assert {r.info.run_id for r in again.trial_runs()} == {t1, t2, again.trial_run("t_0003")}
+
+
+def test_concurrent_create_keeps_one_run(store, monkeypatch):
+    """Driver callback and trial both create the child run at once: the later one is deleted."""
+    uri, _ = store
+    tracker = SweepTracker(uri, "exp-race", "s")
+    tracker.start_parent({})
+    first = tracker.trial_run("t_race")
+    other = SweepTracker(uri, "exp-race", "s", parent_run_id=tracker.parent_run_id)
+    real_find = other._find
+    calls = []
+
+    def blind_once(filter_string):  # the first lookup misses the run created "at the same time"
+        calls.append(filter_string)
+        return None if len(calls) == 1 else real_find(filter_string)
+
+    monkeypatch.setattr(other, "_find", blind_once)
+    assert other.trial_run("t_race", {"lora": {"rank": 4}}) == first
+    children = [r for r in other.trial_runs() if r.data.tags.get(TAG_TRIAL) == "t_race"]
+    assert [r.info.run_id for r in children] == [first]  # the duplicate was deleted
+    assert _client(uri).get_run(first).data.params["lora.rank"] == "4"
 
 
 def test_log_metrics_skips_non_numeric_and_batches(store):
@@ -252,7 +277,15 @@ def test_results_table_and_pareto_front():
     assert rows[1]["methods"] == "lora,tokentune"
     assert rows[1]["eval/score"] == pytest.approx(0.7) and rows[0]["eval/score"] == pytest.approx(0.55)
     assert rows[5]["eval/score"] is None and rows[5]["error"] == "RuntimeError: boom"
-    for key in ("eval/a/acc", "eval/b/acc", "peak_memory_bytes", "tokens_per_s", "wall_s", "val_loss", "error"):
+    for key in (
+        "eval/a/acc",
+        "eval/b/acc",
+        "peak_memory_bytes",
+        "tokens_per_s",
+        "wall_s",
+        "val_loss",
+        "error",
+    ):
         assert key in columns
 
     front = report.pareto_front(rows, "eval/score", "peak_memory_bytes")
@@ -311,7 +344,9 @@ def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
 
 def test_compare_url_format():
     url = compare_url("http://host:5000/", ["r1", "r2"], "3")
-    assert url == "http://host:5000/#/compare-runs?runs=%5B%22r1%22%2C%20%22r2%22%5D&experiments=%5B%223%22%5D"
+    assert (
+        url == "http://host:5000/#/compare-runs?runs=%5B%22r1%22%2C%20%22r2%22%5D&experiments=%5B%223%22%5D"
+    )
 
 
 def test_pareto_plot_without_points(tmp_path):

@@ -196,16 +196,62 @@ def _story_sentence(rng: random.Random) -> str:
     return rng.choice(forms)
 
 
+# Facts in plain prose: the knowledge the instruction tasks ask for, never in the task format.
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _category_fact(rng: random.Random) -> str:
+    cat = rng.choice(sorted(CATEGORIES))
+    x, y, z = rng.sample(CATEGORIES[cat], 3)
+    forms = [
+        f"{_article(x).capitalize()} {x} is {_article(cat)} {cat}.",
+        f"The {x} is a kind of {cat}.",
+        f"{_person(rng)} knows that {_article(x)} {x} is {_article(cat)} {cat}.",
+        f"Every {x} is {_article(cat)} {cat}, and so is every {y}.",
+        f"{cat}: {x}, {y}, {z}.",
+        f"The {x}, the {y} and the {z} are each {_article(cat)} {cat}.",
+    ]
+    return rng.choice(forms)
+
+
+def _antonym_fact(rng: random.Random) -> str:
+    a, b = rng.choice(ANTONYMS)
+    if rng.random() < 0.5:
+        a, b = b, a
+    forms = [
+        f"The opposite of {a} is {b}.",
+        f"{a} is the opposite of {b}.",
+        f"{a.capitalize()} and {b} are opposites.",
+        f"If it is not {a}, it may be {b}.",
+    ]
+    return rng.choice(forms)
+
+
+def _successor_fact(rng: random.Random) -> str:
+    symbols = rng.choice([NUMBERS, NUMBERS, list(LETTERS)])
+    i = rng.randrange(len(symbols) - 1)
+    a, b = symbols[i], symbols[i + 1]
+    return rng.choice([f"After {a} comes {b}.", f"{b} comes after {a}.", f"{a} is followed by {b}."])
+
+
+def _largest_fact(rng: random.Random) -> str:
+    nums = rng.sample(NUMBERS[1:], rng.choice([2, 3, 3, 5]))  # never 4: the task uses 4 numbers
+    top = max(nums, key=int)
+    listed = ", ".join(nums[:-1]) + " and " + nums[-1]
+    return rng.choice([f"The largest of {listed} is {top}.", f"{top} is the largest of {listed}."])
+
+
 def _word_list_line(rng: random.Random) -> str:
     # Lines that start with a bare word or number, so the no-leading-space tokens that answers use
     # (e.g. "cold", "17") get trained embeddings too.
-    pool = rng.choice([ADJECTIVES, NOUNS, ITEMS, NUMBERS])
-    return ", ".join(rng.sample(pool, rng.randint(3, 6))) + "."
+    pool = rng.choice([ADJECTIVES, NOUNS, ITEMS, NUMBERS, sorted(CATEGORIES), list(LETTERS)])
+    return ", ".join(rng.sample(pool, rng.randint(3, min(6, len(pool))))) + "."
 
 
 def _phrase(rng: random.Random) -> str:
     """A short phrase without final punctuation, for the auxiliary instruction examples."""
-    sentence = rng.choice([_category_sentence, _adjective_sentence, _story_sentence])(rng)
+    sentence = rng.choice([_category_sentence, _category_fact, _adjective_sentence, _story_sentence])(rng)
     words = sentence.rstrip(".").replace(",", "").split()
     start = rng.randrange(0, max(1, len(words) - 3))
     return " ".join(words[start : start + rng.randint(3, 6)])
@@ -240,11 +286,15 @@ def _aux_example(rng: random.Random) -> tuple[str, str, str]:
 
 
 SENTENCE_MAKERS = [  # (maker, weight)
-    (_category_sentence, 4),
-    (_adjective_sentence, 4),
+    (_category_sentence, 3),
+    (_category_fact, 3),
+    (_adjective_sentence, 2),
+    (_antonym_fact, 3),
     (_counting_sentence, 3),
-    (_quantity_sentence, 2),
-    (_story_sentence, 2),
+    (_successor_fact, 2),
+    (_quantity_sentence, 1),
+    (_largest_fact, 2),
+    (_story_sentence, 1),
 ]
 
 
@@ -638,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     out: Path = args.out.resolve()
     print(f"[1/5] generating text (seed {SEED}) -> {out}")
     rng = random.Random(SEED)
-    docs = make_pretrain_corpus(6000, random.Random(SEED + 1))
+    docs = make_pretrain_corpus(8000, random.Random(SEED + 1))
     splits = make_task_splits(rng, args.n_train, args.n_val, args.n_test)
     for name, rows in splits.items():
         balance_test_labels(rows["test"], random.Random(f"{SEED}-{name}"))
