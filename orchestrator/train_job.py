@@ -367,7 +367,12 @@ def _worker_setup(loop_config: dict[str, Any], cfgs: list[RunConfig]):
         os.environ["DS_ACCELERATOR"] = "cpu"
     if any(c.compute.zero_stage is not None for c in cfgs):
         import_deepspeed()
-    device = torch.device("cuda", torch.cuda.current_device()) if loop_config["use_gpu"] else None
+    device = None
+    if loop_config["use_gpu"]:
+        from ray.train.torch import get_device
+
+        device = get_device()  # this worker's GPU (Ray sets CUDA_VISIBLE_DEVICES)
+        torch.cuda.set_device(device)  # DeepSpeed places the engine on the current device
     return ctx.get_world_rank(), ctx.get_world_size(), device
 
 

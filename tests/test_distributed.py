@@ -124,10 +124,12 @@ def test_each_rank_uploads_only_its_own_checkpoint_files(tmp_path):
 def cluster():
     import ray
 
+    started_here = not ray.is_initialized()
     # the dashboard (on 127.0.0.1) serves the state API that Train V2's placement-group cleaner polls
     resources = init_ray(num_cpus=4)
     yield resources
-    ray.shutdown()
+    if started_here:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

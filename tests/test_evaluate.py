@@ -62,3 +62,11 @@ def test_empty_task_list_is_a_value_error(base):
     model, tok = base
     with pytest.raises(ValueError, match="no evaluation tasks"):
         evaluate(model, tok, tasks=" , ")
+
+
+@pytest.mark.slow
+def test_builtin_task_without_offline_dataset_is_a_clear_error(base):
+    """Indexes lm-eval's built-in tasks (~15 s); offline, an uncached dataset must fail fast."""
+    model, tok = base
+    with pytest.raises(RuntimeError, match="arc_easy"):
+        evaluate(model, tok, tasks=["arc_easy:5"], limit=2)

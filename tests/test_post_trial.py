@@ -36,6 +36,7 @@ def adapter(tmp_path_factory) -> Path:
                 "batch_size": 4,
                 "warmup_steps": 0,
                 "log_every": 1,
+                "eval_batches": 1,
                 "output_dir": str(out),
             },
         }

@@ -308,30 +308,37 @@ def _window(attn: nn.Module) -> int | None:
     return getattr(attn.config, "sliding_window", None)  # Mistral: every layer; Llama/Gemma: none
 
 
-def _masks(sel: _Stream, rest: _Stream | None, window: int | None, cache: dict) -> tuple:
-    """(R-query mask or None, S-query mask) over keys ordered [R, S]; built once per window size."""
-    if window not in cache:
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> additive float mask (0 / -inf) in the queries' dtype.
+
+    SDPA converts a boolean mask to this form inside every call (and saves the copy for backward);
+    building it once per forward lets all layers share one saved tensor.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _masks(sel: _Stream, rest: _Stream | None, window: int | None, dtype: torch.dtype, cache: dict) -> tuple:
+    """(R-query mask or None, S-query mask) over keys ordered [R, S]; built once per window and dtype."""
+    key = (window, dtype)
+    if key not in cache:
         with torch.no_grad():
             if rest is None:
-                cache[window] = (
-                    None,
-                    attention_mask_for(sel.pos, sel.valid, sel.pos, sel.valid, True, window),
-                )
+                mask_s = attention_mask_for(sel.pos, sel.valid, sel.pos, sel.valid, True, window)
+                cache[key] = (None, additive(mask_s, dtype))
             else:
                 pos_k, valid_k = torch.cat([rest.pos, sel.pos], 1), torch.cat([rest.valid, sel.valid], 1)
-                cache[window] = (
-                    attention_mask_for(rest.pos, rest.valid, pos_k, valid_k, True, window),
-                    attention_mask_for(sel.pos, sel.valid, pos_k, valid_k, True, window),
-                )
-    return cache[window]
+                mask_r = attention_mask_for(rest.pos, rest.valid, pos_k, valid_k, True, window)
+                mask_s = attention_mask_for(sel.pos, sel.valid, pos_k, valid_k, True, window)
+                cache[key] = (additive(mask_r, dtype), additive(mask_s, dtype))
+    return cache[key]
 
 
 def _decoder_layer(layer: nn.Module, sel: _Stream, rest: _Stream | None, rope: Callable, cache: dict) -> None:
     """One decoder layer on the S stream (with grad) and the R stream (no grad), in place."""
     attn = layer.self_attn
     dropout = attn.attention_dropout if attn.training else 0.0
-    mask_r, mask_s = _masks(sel, rest, _window(attn), cache)
     q_s, k_s, v_s = _qkv(attn, layer.input_layernorm(sel.x), sel, rope)
+    mask_r, mask_s = _masks(sel, rest, _window(attn), q_s.dtype, cache)
     if rest is None:
         keys, values = k_s, v_s
     else:
@@ -375,7 +382,7 @@ def decoder_hidden(
         with torch.no_grad():
             x_r = inner.embed_tokens(gather_rows(input_ids, idx_r)).detach()
         rest = _Stream(x_r, idx_r, valid_r, cos[0][idx_r], sin[0][idx_r])
-    masks: dict = {}  # window size -> the two attention masks, shared by the layers
+    masks: dict = {}  # (window, dtype) -> the two attention masks, shared by the layers
     for layer in inner.layers[: base.config.num_hidden_layers]:
         _decoder_layer(layer, sel, rest, rope, masks)
     return inner.norm(sel.x), idx_s, valid_s

@@ -18,6 +18,7 @@ from torch import nn
 
 from tokentune.methods.token_select import (
     _Stream,
+    additive,
     first_last_real,
     gather_rows,
     pack,
@@ -38,29 +39,42 @@ def _qkv(attn: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [proj(x).view(shape).transpose(1, 2) for proj in (attn.query, attn.key, attn.value)]
 
 
-def _mask(q: _Stream, pos_k: torch.Tensor, valid_k: torch.Tensor) -> torch.Tensor:
-    # bidirectional: every real key; packing slots of the queries may attend anywhere (never used)
-    return (valid_k[:, None, :] | ~q.valid[:, :, None])[:, None]
+def _masks(sel: _Stream, rest: _Stream | None, dtype: torch.dtype, cache: dict) -> tuple:
+    """Bidirectional (R-query or None, S-query) masks over keys [R, S], built once per dtype.
+
+    Every real key is allowed; packing slots of the queries may attend anywhere (never used).
+    """
+    if dtype not in cache:
+        with torch.no_grad():
+            valid_k = sel.valid if rest is None else torch.cat([rest.valid, sel.valid], 1)
+
+            def mask(q: _Stream | None) -> torch.Tensor | None:
+                return (
+                    None
+                    if q is None
+                    else additive((valid_k[:, None, :] | ~q.valid[:, :, None])[:, None], dtype)
+                )
+
+            cache[dtype] = (mask(rest), mask(sel))
+    return cache[dtype]
 
 
-def _encoder_layer(layer: nn.Module, sel: _Stream, rest: _Stream | None) -> None:
+def _encoder_layer(layer: nn.Module, sel: _Stream, rest: _Stream | None, cache: dict) -> None:
     attn = layer.attention.self
     dropout = attn.dropout.p if attn.training else 0.0
     q_s, k_s, v_s = _qkv(attn, sel.x)
+    mask_r, mask_s = _masks(sel, rest, q_s.dtype, cache)
     if rest is None:
-        keys, values, pos_k, valid_k = k_s, v_s, sel.pos, sel.valid
+        keys, values = k_s, v_s
     else:
         with torch.no_grad():
             q_r, k_r, v_r = _qkv(attn, rest.x)
-        keys, values = torch.cat([k_r, k_s], 2), torch.cat([v_r, v_s], 2)
-        pos_k, valid_k = torch.cat([rest.pos, sel.pos], 1), torch.cat([rest.valid, sel.valid], 1)
+        keys, values = torch.cat([k_r, k_s], 2), torch.cat([v_r, v_s], 2)  # R part carries no grad
         with torch.no_grad():
-            out = sdpa(
-                q_r, keys.detach(), values.detach(), _mask(rest, pos_k, valid_k), 1, dropout, attn.scaling
-            )
+            out = sdpa(q_r, keys.detach(), values.detach(), mask_r, 1, dropout, attn.scaling)
             a = layer.attention.output(out, rest.x)
             rest.x = layer.output(layer.intermediate(a), a)
-    out = sdpa(q_s, keys, values, _mask(sel, pos_k, valid_k), 1, dropout, attn.scaling)
+    out = sdpa(q_s, keys, values, mask_s, 1, dropout, attn.scaling)
     a = layer.attention.output(out, sel.x)
     sel.x = layer.output(layer.intermediate(a), a)
 
@@ -107,8 +121,9 @@ def encoder_hidden(
     if idx_r.shape[1]:
         with torch.no_grad():
             rest = _Stream(embed(idx_r).detach(), idx_r, valid_r, None, None)
+    masks: dict = {}
     for layer in enc.encoder.layer:
-        _encoder_layer(layer, sel, rest)
+        _encoder_layer(layer, sel, rest, masks)
     return sel.x, idx_s, valid_s
 
 
