@@ -586,8 +586,9 @@ def compare_url(host_port: str, run_ids: list[str], experiment_id: str | list[st
 
 
 def experiment_url(host_port: str, experiment_id: str) -> str:
-    """The MLflow UI page of one experiment (its runs table)."""
-    return f"{_base_url(host_port)}/#/experiments/{experiment_id}"
+    """The MLflow UI's runs table of one experiment (MLflow 3's plain experiment page is a GenAI
+    overview without runs); the sweep's trials are nested under its parent row."""
+    return f"{_base_url(host_port)}/#/experiments/{experiment_id}/runs"
 
 
 def run_url(host_port: str, experiment_id: str, run_id: str) -> str:

@@ -192,7 +192,8 @@ def _selenium_available() -> bool:
 def test_mlflow_ui_shows_sweep_runs(sweep, mlflow_server):
     tracker, name, parent, children = sweep
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    runs_url = experiment_url(mlflow_server, tracker.experiment_id) + "/runs"
+    runs_url = experiment_url(mlflow_server, tracker.experiment_id)
+    assert runs_url.endswith(f"/#/experiments/{tracker.experiment_id}/runs")
     compare = tracker.compare_url(mlflow_server)
     assert all(run_id in compare for run_id in children.values())
     shots = {"runs": ARTIFACTS / "experiment_runs.png", "compare": ARTIFACTS / "compare_runs.png"}
