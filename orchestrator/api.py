@@ -75,7 +75,9 @@ def run_sweep(
     t0 = time.perf_counter()
     sweep = load_spec(spec, overrides)
     if name:
-        sweep.name = name
+        if "/" in name or not name.strip():
+            raise SpecError("name", f"{name!r} is invalid: expected a folder name without '/'")
+        sweep.name = name.strip()
     sweep_dir, storage_uri = sweep_location(sweep)
     if resume:
         sweep = _stored_spec(sweep, sweep_dir)

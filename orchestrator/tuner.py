@@ -1,15 +1,20 @@
 """Build, run and restore the Ray Tune experiment of a sweep; collect its trials.
 
     tuner = build_tuner(spec, ctx, cluster_resources, progress=True)       # a fresh sweep
-    tuner = restore_tuner(spec, ctx, progress=True)                          # --resume
+    tuner = restore_tuner(spec, ctx)                                         # --resume
     grid = tuner.fit()
     trials = collect_trials(grid, spec, sweep_dir)
 
 The trainable is ``orchestrator.trial.run_trial`` (a plain driver function that starts a Ray Train
-job). It reserves only a little memory for itself (``tune.driver_cpus`` CPUs, 0 by default): the
-Train workers reserve their CPUs/GPUs through the Train ``ScalingConfig``, and the number of trials
-in flight is bounded by ``max_concurrent_trials`` computed from the cluster (``space.py``), so a
-trial never starts only to wait for workers.
+job). It reserves only a little memory for itself (``tune.driver_cpus`` CPUs, 0 by default; Tune
+needs a non-empty bundle): the Train workers reserve their CPUs/GPUs through the Train
+``ScalingConfig`` in their own placement group, and the number of trials in flight is bounded from
+the cluster's resources (``space.max_concurrent_trials``), so a trial never starts only to wait for
+workers. The limit lives in the search algorithm (Tune ignores ``TuneConfig.max_concurrent_trials``
+for a search-generator instance).
+
+``TuneConfig`` gets no metric/mode: the objective goes to Optuna and ASHA its own metric (Tune
+refuses both at once), and the best trial is picked from ``status.json`` results here.
 """
 
 from __future__ import annotations

@@ -267,14 +267,17 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     d = small_spec(name="resume", search={"lora.rank": {"grid": [2, 4]}})
     d["base"]["train"].update({"max_steps": 16, "save_every": 4, "log_every": 4})
     d["tune"] = {"max_concurrent": 1}  # one at a time: the kill hits the second trial mid-training
-    d["after_trial"] = {"merge": False, "evaluate": False}  # objective: val_loss (keeps the test short)
+    d["after_trial"] = {"merge": False, "evaluate": False}  # keeps the test short
+    d["objective"] = {"metric": "val_loss", "mode": "min"}
     spec_file.write_text(yaml.safe_dump(d))
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_file), "--set", f"storage={tmp_path}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     sweep_dir = tmp_path / "resume"
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = open(tmp_path / "first_run.log", "w")  # closed after the kill
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
+    )
     first = second = None
     try:
         deadline = time.time() + 600
@@ -288,7 +291,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
             time.sleep(0.5)
     finally:
         _kill_tree(proc)
-    assert first is not None, "the second trial never saved a checkpoint before the deadline"
+        log.close()
+    tail = (tmp_path / "first_run.log").read_text()[-3000:]
+    assert first is not None, f"the second trial never saved a checkpoint before the deadline:\n{tail}"
     assert not (second / "status.json").exists()
     final = first / "final" / "adapter_model.safetensors"
     mtime = final.stat().st_mtime
