@@ -9,10 +9,10 @@ over the configurations so that a busy machine slows all of them alike.
 
 - saved_bytes_mean / _peak: bytes autograd saved for backward during one step's forward (mean and
   max over steps), deduplicated by storage, model parameters excluded (they cost no extra memory).
-- step_s: median training-step time plus the probe time amortised over the steps (IST), i.e. the
+- step_s: median training-step time plus the mean probe round / ``update_every`` (IST), i.e. the
   wall time per optimizer step including probing; step_s_train is the median without it.
-- probe_share: the share of wall time spent probing from ``start_step`` on (the steady state: one
-  probe round per ``update_every`` steps).
+- probe_share: the share of wall time spent probing in the steady state (one probe round per
+  ``update_every`` steps): amortised probe time / step_s.
 - step_cpu_s / probe_share_cpu: the same on the process-CPU clock. On a shared machine wall time is
   dominated by waiting for a core; with ``--threads 1`` CPU time measures the work itself.
 """
@@ -38,6 +38,7 @@ from tokentune.methods.ist import IST, RST, ISTSettings, RSTSettings  # noqa: E4
 from tokentune.methods.lora import LoRA, LoraSettings  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+UPDATE_EVERY, START_STEP = 10, 10  # IST paper: probe every 10 steps from step 10
 
 
 def build_model(args) -> torch.nn.Module:
@@ -109,7 +110,15 @@ def make_run(method: str, budget: float | None, args) -> Run:
     methods: list = [LoRA(LoraSettings(rank=8, alpha=16, target_modules=TARGETS))]
     if method == "ist":
         methods.append(
-            IST(ISTSettings(budget=budget, update_every=10, start_step=10, probe_sets=3, probe_batch_size=16))
+            IST(
+                ISTSettings(
+                    budget=budget,
+                    update_every=UPDATE_EVERY,
+                    start_step=START_STEP,
+                    probe_sets=3,
+                    probe_batch_size=16,
+                )
+            )
         )
     elif method == "rst":
         methods.append(RST(RSTSettings(budget=budget)))
@@ -150,17 +159,21 @@ def train_step(run: Run, step: int, args) -> None:
     run.probe_cpu.append(c2 - c1 if run.probe_s[-1] > 0 else 0.0)
 
 
-def _clock(steps: list[float], probes: list[float], start_step: int) -> tuple[float, float, float]:
-    """(median train-step time, step time with probing amortised, probe share from start_step)."""
+def _clock(steps: list[float], probes: list[float], every: int) -> tuple[float, float, float]:
+    """(median training step, step with probing amortised, probe share of the steady state).
+
+    One probe round runs every ``every`` steps, so a step costs the median training step plus the
+    mean probe round / ``every``; the probe share is that amortised part over the total.
+    """
     train = statistics.median(s - p for s, p in zip(steps, probes))
-    probe_total, wall_total = sum(probes[start_step:]), sum(steps[start_step:])
-    amortised = train + probe_total / max(1, len(steps) - start_step)
-    return train, amortised, probe_total / wall_total if wall_total else 0.0
+    rounds = [p for p in probes if p > 0]
+    per_step = statistics.mean(rounds) / every if rounds else 0.0
+    return train, train + per_step, per_step / (train + per_step)
 
 
-def summarise(run: Run, start_step: int) -> dict:
-    train, step, share = _clock(run.step_s, run.probe_s, start_step)
-    train_cpu, step_cpu, share_cpu = _clock(run.step_cpu, run.probe_cpu, start_step)
+def summarise(run: Run, every: int = UPDATE_EVERY) -> dict:
+    train, step, share = _clock(run.step_s, run.probe_s, every)
+    train_cpu, step_cpu, share_cpu = _clock(run.step_cpu, run.probe_cpu, every)
     return {
         "method": run.method,
         "budget": run.budget,
@@ -190,8 +203,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps <= 10:
-        print("note: IST probes from step 10; use --steps > 10 to include probing", file=sys.stderr)
+    if args.steps <= START_STEP:
+        print(
+            f"note: IST probes from step {START_STEP}; use --steps > {START_STEP} to include probing",
+            file=sys.stderr,
+        )
 
     runs = [make_run("lora", None, args)]
     runs += [make_run(m, b, args) for m in ("ist", "rst") for b in args.budgets]
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for run in runs:
             train_step(run, step, args)
         print(f"step {step + 1}/{args.steps} done", file=sys.stderr, flush=True)
-    rows = [summarise(r, start_step=min(10, args.steps - 1)) for r in runs]
+    rows = [summarise(r) for r in runs]
     base = rows[0]
     for r in rows:
         r["step_vs_lora"] = r["step_s"] / base["step_s"]
@@ -230,8 +246,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     print(
         "saved: bytes saved for backward per step (mean, peak), storages deduplicated, parameters excluded; "
-        "s: time per optimizer step incl. amortised probing (median training step + probe time / steps); "
-        "probe%: share of time spent probing from step 10 on (wall and process-CPU clocks)"
+        "s: time per optimizer step incl. amortised probing (median training step + probe round / 10); "
+        "probe%: steady-state share of time spent probing (wall and process-CPU clocks)"
     )
     return rows
 

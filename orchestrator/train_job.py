@@ -14,7 +14,7 @@ checkpoint_dir)`` to ``ray.train.report``:
   across nodes) and Ray merges them into one folder that every rank resumes from.
 - After training, rank 0 reports one more checkpoint named ``final``: ``final/`` (the adapter or
   model gathered on rank 0, readable without DeepSpeed) and ``done.json``. Re-running a finished run
-  under the same ``(storage_path, name)`` returns it without training again.
+  under the same ``(storage_path, name)`` returns it without starting any worker.
 
 Re-running with the same ``name`` and ``storage_path`` resumes from the latest checkpoint (Ray Train
 V2 restores a run from that folder); ``resume=False`` starts from scratch under the same name. Inside a
@@ -201,6 +201,10 @@ def run_train_job(
     comes back in ``TrainJobResult.error`` (after ``max_failures`` restarts from the last checkpoint).
     """
     cfg, storage, use_gpu = _prepare([cfg], storage_path)
+    if resume:
+        finished = _finished_run(storage, name, cfg[0])
+        if finished is not None:
+            return finished  # nothing to train: no worker is started
     launch = uuid.uuid4().hex
     loop_config = {
         "config": cfg[0].to_dict(),
@@ -249,6 +253,36 @@ def run_train_batch(
             )
         )
     return out
+
+
+def _finished_run(storage: str, name: str, cfg: RunConfig) -> TrainJobResult | None:
+    """The result of a run under ``(storage, name)`` that already finished ``cfg``'s steps, else None."""
+    import ray.train
+
+    path = f"{storage.rstrip('/')}/{name}"
+    if "://" not in storage and not Path(path).is_dir():
+        return None
+    try:
+        result = ray.train.Result.from_path(path)
+    except Exception:  # noqa: BLE001 - no (complete) run there: train
+        return None
+    ckpt = result.checkpoint
+    if ckpt is None or Path(ckpt.path).name != FINAL:
+        return None
+    with ckpt.as_directory() as d:
+        done_file = Path(d) / "done.json"
+        done = json.loads(done_file.read_text()) if done_file.exists() else None
+    if not done or done.get("max_steps") != cfg.train.max_steps:
+        return None  # the workers resume it, or say why they cannot
+    local = "://" not in storage and Path(ckpt.path, FINAL).is_dir()
+    return TrainJobResult(
+        metrics={**(result.metrics or {}), **done.get("metrics", {})},
+        history=[done.get("metrics", {})],
+        final_dir=str(Path(ckpt.path, FINAL)) if local else done.get("final_dir"),
+        checkpoint=ckpt.path,
+        path=path,
+        rank_digests=list(done.get("rank_digests") or []),
+    )
 
 
 def _prepare(cfgs: list[RunConfig], storage_path: str) -> tuple[list[RunConfig], str, bool]:

@@ -5,7 +5,8 @@ Slow tests share three Ray Train jobs (start-up dominates on 2 cores, so configs
   check run as one ``run_train_batch`` job;
 - the 1-worker parity reference is one ``run_train_job``;
 - the fault-tolerance run (rank 1 exits mid-run, Ray restarts the group from the last checkpoint) is
-  one ``run_train_job``, re-run under the same name to check that a finished run is not retrained.
+  one ``run_train_job``; re-running it under the same name returns the finished run from storage.
+A fresh process checks the engine's ZeRO-3 fix (no stale gradients for parameters unused in a step).
 Uses the shipped tiny model and data (``tokentune/assets``), or a tiny workspace built on the fly.
 """
 
@@ -117,6 +118,65 @@ def test_each_rank_uploads_only_its_own_checkpoint_files(tmp_path):
     assert staged[2] == []
     assert staged[12] == [files[6]]
     assert sorted(sum(staged.values(), [])) == sorted(files)  # a partition: nothing lost, nothing twice
+
+
+# ---- the engine: ZeRO-3 must not reuse a gradient from an earlier step --------------------------------
+def _stale_gradient_check() -> None:  # runs in a fresh process (DeepSpeed's global state stays out of pytest)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
+    import torch.distributed as dist
+
+    from orchestrator.train_job import import_deepspeed
+    from tokentune.engine import DeepSpeedEngine
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x, use_b: bool):
+            y = self.a(x).sum()
+            return y + self.b(x).sum() if use_b else y
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    import_deepspeed()
+    model = Two()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: only the gradients matter here
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    engine = DeepSpeedEngine(model, opt, sched, 1, None, 3, 1, False)
+    x = torch.ones(1, 4)
+    norms = []
+    for use_b in (True, False):  # step 2: b gets no gradient (an IST layer inactive for the step)
+        engine.backward(model(x, use_b))
+        norms.append(engine.step())
+    print(json.dumps(norms))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero3_parameters_without_gradient_contribute_zero():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = "import tests.test_distributed as t; t._stale_gradient_check()"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    n1, n2 = json.loads(out.stdout.strip().splitlines()[-1])
+    # d sum(Wx + c) / dW = 1 everywhere for x = 1: each Linear(4, 4) has a gradient norm of sqrt(20)
+    assert n1 == pytest.approx(math.sqrt(40))
+    assert n2 == pytest.approx(math.sqrt(20))  # ZeRO-3 alone would still count b's step-1 gradient
 
 
 # ---- shared fixtures ------------------------------------------------------------------------------------
@@ -390,8 +450,12 @@ def test_final_adapter_loads_without_deepspeed(fault_run):
 
 @pytest.mark.slow
 def test_rerunning_a_finished_run_returns_it_without_training(fault_run):
+    import time
+
     res = fault_run["res"]
+    t0 = time.perf_counter()
     again = run_train_job(fault_run["cfg"], name="fault", storage_path=fault_run["storage"], progress=False)
+    assert time.perf_counter() - t0 < 30  # read from storage: no worker is started
     assert again.error is None, again.error
     assert again.final_dir == res.final_dir
     assert again.rank_digests == res.rank_digests
