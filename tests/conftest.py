@@ -155,7 +155,7 @@ def tiny_workspace(tmp_path_factory):
 
 # Slow tests whose authors had not reported them green on a quiet machine when session 1 ended. They run
 # with TOKENTUNE_RUN_UNVERIFIED=1; CI skips them (visibly, with this reason) until a session verifies them.
-UNVERIFIED_SLOW = ("test_cluster.py", "test_ist.py")
+UNVERIFIED_SLOW = ("test_ist.py",)
 
 
 def pytest_collection_modifyitems(config, items):
