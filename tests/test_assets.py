@@ -70,7 +70,7 @@ def test_tokenizer_special_tokens_and_template(tokenizer):
     prompt = format_prompt("What kind of thing is named in the sentence?", "I saw a dog.")
     ids = tokenizer(prompt)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id
-    assert len(ids) <= 32  # template pieces are single tokens
+    assert len(ids) <= 40  # the template pieces are single tokens
     assert tokenizer.decode(ids, skip_special_tokens=True) == prompt
     # Prompt tokens are a prefix of prompt+answer tokens (prompt masking and lm-eval both rely on it),
     # also when the trailing "\n" is cut off as lm-eval does before splitting context/continuation.

@@ -244,7 +244,9 @@ def _load_model_and_tokenizer(model: Any, tokenizer: Any, device: str) -> tuple[
     model = model.to(device)
 
     if tokenizer is None:
-        source = source or getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+        source = (
+            source or getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+        )
         if not source:
             raise ValueError("evaluate(): pass `tokenizer` (the model has no folder to load one from)")
         tokenizer = source
