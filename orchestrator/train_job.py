@@ -114,6 +114,7 @@ def init_ray(
         return dict(ray.cluster_resources())
     env = dict(runtime_env or {})
     env["env_vars"] = {**worker_env(), **env.get("env_vars", {})}
+    env = without_job_conflicts(env)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, runtime_env=env, **kwargs)
@@ -127,6 +128,29 @@ def init_ray(
             **kwargs,
         )
     return dict(ray.cluster_resources())
+
+
+def without_job_conflicts(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """Drop the fields and env vars a submitting job already set in its ``runtime_env``.
+
+    Inside ``ray job submit`` Ray merges the job's runtime_env with ``ray.init``'s and refuses any
+    overlap (a ValueError). The job's values are the user's explicit choice, so they win.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return runtime_env
+    try:
+        job_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return runtime_env
+    job_vars = job_env.get("env_vars") or {}
+    out = {k: v for k, v in runtime_env.items() if k == "env_vars" or k not in job_env}
+    env_vars = {k: v for k, v in (runtime_env.get("env_vars") or {}).items() if k not in job_vars}
+    if env_vars:
+        out["env_vars"] = env_vars
+    else:
+        out.pop("env_vars", None)
+    return out
 
 
 def resolve_use_gpu(cfg: RunConfig, resources: dict[str, float]) -> bool:

@@ -118,13 +118,14 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tdir = trial_dir(ctx.sweep_dir, trial_id)
     tdir.mkdir(parents=True, exist_ok=True)
 
+    tracker = _tracker(ctx, spec)
     done = read_status(tdir)
     if done and done.get("status") == "finished" and done.get("metrics"):
         log_event(tdir, "skipped (finished before)")
+        close_open_run(tracker, tdir, done)
         ray.tune.report({**done["metrics"], FINAL_FLAG: 1})
         return
 
-    tracker = _tracker(ctx, spec)
     run_id = None
     t0 = time.perf_counter()
     try:
@@ -155,11 +156,25 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     write_status(
         tdir, "finished", trial_id=trial_id, metrics=metrics, config=_jsonable(config), run_id=run_id
     )
-    tracker.log_metrics(run_id, metrics, step=cfg.train.max_steps)
+    _close_finished_run(tracker, run_id, tdir, metrics, cfg.train.max_steps)
+    ray.tune.report({**metrics, FINAL_FLAG: 1})
+
+
+def close_open_run(tracker, tdir: Path, done: dict[str, Any]) -> bool:
+    """status.json is a trial's commit point; a crash right after writing it can leave the trial's MLflow
+    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed."""
+    run_id = done.get("run_id")
+    if not run_id or tracker.client.get_run(run_id).info.status == "FINISHED":
+        return False
+    _close_finished_run(tracker, run_id, tdir, done["metrics"], done["metrics"].get("step"))
+    return True
+
+
+def _close_finished_run(tracker, run_id: str, tdir: Path, metrics: dict[str, Any], step: Any) -> None:
+    tracker.log_metrics(run_id, metrics, step=int(step) if _is_number(step) else None)
     _artifacts(tracker, run_id, tdir)
     tracker.set_tags(run_id, {"tokentune.status": "finished"})
     tracker.end_trial(run_id, "FINISHED")
-    ray.tune.report({**metrics, FINAL_FLAG: 1})
 
 
 def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: TrialContext) -> dict[str, Any]:

@@ -75,6 +75,25 @@ def test_every_cluster_file_is_covered():
     assert set(RAY_UP_FILES) | {"kuberay-rayjob.yaml"} == set(ALL_FILES)
 
 
+def test_init_ray_yields_to_a_submitted_jobs_runtime_env(monkeypatch):
+    """Inside ``ray job submit`` Ray refuses a ray.init runtime_env overlapping the job's: ours yields."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from orchestrator.train_job import without_job_conflicts
+
+    ours = {"env_vars": {"PYTHONPATH": "/x", "HF_HUB_OFFLINE": "1"}, "working_dir": "/ours"}
+    assert without_job_conflicts(ours) == ours  # not inside a job: unchanged
+    job = {"runtime_env": {"working_dir": "/job", "env_vars": {"HF_HUB_OFFLINE": "0"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert _merge_runtime_env(job["runtime_env"], ours) is None  # what Ray would refuse
+    kept = without_job_conflicts(ours)
+    assert kept == {"env_vars": {"PYTHONPATH": "/x"}}
+    merged = _merge_runtime_env(job["runtime_env"], kept)
+    assert (
+        merged["env_vars"] == {"HF_HUB_OFFLINE": "0", "PYTHONPATH": "/x"} and merged["working_dir"] == "/job"
+    )
+
+
 @pytest.mark.parametrize("name", RAY_UP_FILES)
 def test_ray_up_file_passes_rays_own_validation(name):
     """prepare_config (provider defaults, merged setup commands, min/max workers) + validate_config

@@ -204,32 +204,72 @@ def test_quickstart_sweep_end_to_end(tmp_path):
 
     history = MlflowClient(res.tracking_uri).get_metric_history(children[0].info.run_id, "loss")
     assert len(history) >= 2  # a curve, not one point
+    _stock_lm_eval_matches(res.best, spec, tmp_path)
     per_trial = {t.trial_id: round(t.metrics.get("trial_wall_s", 0), 1) for t in res.trials}
     print(f"\nquickstart: {wall:.0f}s wall, per-trial seconds {per_trial}")
     print(res.table_text)
 
 
+def _stock_lm_eval_matches(best, spec, tmp_path: Path) -> None:
+    """The best trial's merged checkpoint, evaluated by the stock ``lm_eval`` CLI on the shipped tasks
+    (run from the tasks folder: their ``data_files`` are relative), scores what the sweep recorded."""
+    from tokentune.assets import SHIPPED_TASK_FAMILIES, default_tasks_dir
+
+    merged = Path(best.trial_dir) / "merged"
+    out = tmp_path / "stock_lm_eval"
+    cmd = [
+        "lm_eval", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
+        "--tasks", "tokentune_mini", "--include_path", ".", "--device", "cpu", "--batch_size", "8",
+        "--limit", str(spec.base.eval.limit), "--output_path", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(cmd, cwd=default_tasks_dir(), env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads(max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    for name in SHIPPED_TASK_FAMILIES:
+        stock = results["results"][name]["acc,none"]
+        assert stock == pytest.approx(best.metrics[f"eval/{name}/acc"], abs=1e-6), name
+    stock_mean = sum(results["results"][n]["acc,none"] for n in SHIPPED_TASK_FAMILIES) / 4
+    assert stock_mean == pytest.approx(best.metrics["eval/score"], abs=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """Two ways to fail, crossed: missing training data (the Train job fails) and an unknown lm-eval
+    task (training finishes, evaluation fails). Each failed trial carries its error; the sweep ends."""
     from orchestrator import run_sweep
 
     bad = str(tmp_path / "no_such_data.jsonl")
-    d = small_spec(name="with_failure", search={"data.train": {"grid": [None, bad]}})
+    search = {
+        "data.train": {"grid": [None, bad]},
+        "eval.tasks": {"grid": [None, ["tt_next", "no_such_task_xyz"]]},
+    }
+    d = small_spec(name="with_failure", search=search)
     res = run_sweep(d, [f"storage={tmp_path}"], progress=False)
-    by_data = {t.config["data.train"]: t for t in res.trials}
-    ok, failed = by_data[None], by_data[bad]
+    by = {(t.config["data.train"], str(t.config["eval.tasks"])): t for t in res.trials}
+    assert len(by) == 4, list(by)
+    ok, bad_task = by[(None, "None")], by[(None, str(["tt_next", "no_such_task_xyz"]))]
     assert ok.status == "finished" and _finite(ok.metrics["eval/score"])
-    assert failed.status == "failed" and "no_such_data" in failed.error
-    assert json.loads((Path(failed.trial_dir) / "status.json").read_text())["status"] == "failed"
+    for (data, _), t in by.items():
+        if data == bad:
+            assert t.status == "failed" and "no_such_data" in t.error, t.error
+    assert bad_task.status == "failed" and "no_such_task_xyz" in bad_task.error, bad_task.error
+    assert _events(bad_task.trial_dir).count("post-trial started") == 1  # it trained, then eval failed
+    for t in res.trials:
+        status = json.loads((Path(t.trial_dir) / "status.json").read_text())
+        assert status["status"] == t.status
     assert res.best is not None and res.best.trial_id == ok.trial_id
-    rows = _csv_rows(res.results_csv)
-    assert len(rows) == 2 and "no_such_data" in {r["trial_id"]: r for r in rows}[failed.trial_id]["error"]
+    rows = {r["trial_id"]: r for r in _csv_rows(res.results_csv)}
+    assert len(rows) == 4 and "no_such_task_xyz" in rows[bad_task.trial_id]["error"]
     _, children = _mlflow_runs(res.tracking_uri, "with_failure")
-    status = {c.data.tags["tokentune.trial_id"]: c for c in children}
-    assert status[ok.trial_id].info.status == "FINISHED"
-    assert status[failed.trial_id].info.status == "FAILED"
-    assert "no_such_data" in status[failed.trial_id].data.tags.get("tokentune.error", "")
+    runs = {c.data.tags["tokentune.trial_id"]: c for c in children}
+    assert len(runs) == 4 and runs[ok.trial_id].info.status == "FINISHED"
+    for t in res.trials:
+        if t.status == "failed":
+            run = runs[t.trial_id]
+            needle = "no_such_task_xyz" if t is bad_task else "no_such_data"
+            assert run.info.status == "FAILED" and needle in run.data.tags["tokentune.error"], t.trial_id
     # an existing sweep is not silently restarted
     with pytest.raises(SpecError, match="already exists"):
         run_sweep(d, [f"storage={tmp_path}"], progress=False)

@@ -352,3 +352,27 @@ def test_compare_url_format():
 def test_pareto_plot_without_points(tmp_path):
     path = report.pareto_plot([{"trial_id": "x", "eval/score": None}], tmp_path / "p.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_closes_a_run_left_open_after_the_trial_committed(store, tmp_path):
+    """A crash between status.json (the commit point) and closing the MLflow run leaves it RUNNING; the
+    resumed trial skips training and closes the run FINISHED with the recorded metrics, exactly once."""
+    from orchestrator.trial import close_open_run, write_status
+
+    uri, _ = store
+    tracker = SweepTracker(uri, "exp-commit", "s1")
+    tracker.start_parent({})
+    run_id = tracker.trial_run("t_0001", {"lora": {"rank": 4}})
+    metrics = {"eval/score": 0.7, "loss": 1.2, "step": 20.0}
+    write_status(tmp_path, "finished", trial_id="t_0001", metrics=metrics, run_id=run_id)
+    done = json.loads((tmp_path / "status.json").read_text())
+    client = _client(uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # the crash window
+
+    assert close_open_run(tracker, tmp_path, done) is True
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["eval/score"] == 0.7
+    assert run.data.tags["tokentune.status"] == "finished"
+    assert "status.json" in [a.path for a in client.list_artifacts(run_id)]
+    assert close_open_run(tracker, tmp_path, done) is False  # already closed: nothing to do
+    assert len(client.get_metric_history(run_id, "eval/score")) == 1
