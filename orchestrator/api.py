@@ -8,7 +8,8 @@ Steps: load + validate the spec (no cluster resource is touched before this succ
 ``<storage>/<name>/`` with the resolved ``sweep.yaml`` -> Ray (local or ``address``) -> MLflow parent
 run (get-or-create) -> Ray Tune (a fresh Tuner, or ``Tuner.restore`` with ``resume=True``) -> results
 table (console, results.csv/.json, Pareto plot, logged on the parent) -> merged checkpoints pruned per
-``after_trial.keep_merged`` -> the parent run ended.
+``after_trial.keep_merged`` -> the parent run ended. With a URI ``storage`` the trial folders are synced
+through it (``orchestrator.storage_sync``; see ``sweep_location``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from orchestrator.spec import SpecError, SweepSpec, load_spec, value_label
+from orchestrator.storage_sync import download_trials, is_uri, read_text, upload_file
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def run_sweep(
         sweep.name = name.strip()
     sweep_dir, storage_uri = sweep_location(sweep)
     if resume:
-        sweep = _stored_spec(sweep, sweep_dir)
+        sweep = _stored_spec(sweep, sweep_dir, storage_uri)
     plan = sweep.plan_text()
     if dry_run:
         planned = [
@@ -94,20 +96,35 @@ def run_sweep(
 
 
 def sweep_location(spec: SweepSpec) -> tuple[Path, str]:
-    """(local sweep folder, storage root for Tune/Train). A URI storage keeps Tune and Train state
-    there and the trial folders, MLflow DB and results locally under ``./sweeps/<name>``."""
-    if "://" in spec.storage:
+    """(local sweep folder, storage root for Tune/Train).
+
+    A folder ``storage`` (local, or a shared file system mounted at the same path on every node) holds
+    everything at ``<storage>/<name>``. A URI ``storage`` (``s3://``, ``gs://``, ``file:///...``: any
+    pyarrow filesystem URI) keeps Tune and Train state at ``<uri>/<name>``, and a local sweep folder
+    ``./sweeps/<name>`` on every process that writes one: results, the pareto plot and (without a
+    tracking server) the MLflow DB on the driver, the trial folders on the node where each trial ran.
+    Each trial uploads its folder to ``<uri>/<name>/trials/<trial_id>`` (not ``merged/``: merged
+    checkpoints stay on the node that produced them), and the driver downloads the trials it lacks
+    before the results table and at ``--resume`` (``orchestrator.storage_sync``); ``sweep.yaml`` is
+    stored there too, so a sweep can be resumed from another machine.
+    """
+    if is_uri(spec.storage):
         return Path("sweeps", spec.name).resolve(), f"{spec.storage.rstrip('/')}/{spec.name}"
     local = Path(spec.storage, spec.name).expanduser().resolve()
     return local, str(local)
 
 
-def _stored_spec(fresh: SweepSpec, sweep_dir: Path) -> SweepSpec:
-    stored = sweep_dir / SPEC_FILE
-    if not stored.is_file():
+def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str) -> SweepSpec:
+    """The spec stored with the sweep (``sweep.yaml``: local, else at a URI storage), or ``fresh``."""
+    local = sweep_dir / SPEC_FILE
+    if local.is_file():
+        stored, text = str(local), local.read_text()
+    elif is_uri(storage_uri) and (text := read_text(storage_uri, SPEC_FILE)) is not None:
+        stored = f"{storage_uri}/{SPEC_FILE}"  # resumed on another machine
+    else:
         return fresh
-    spec = load_spec(yaml.safe_load(stored.read_text()))
-    spec.source = str(stored)
+    spec = load_spec(yaml.safe_load(text))
+    spec.source = stored
     if spec.to_dict() != fresh.to_dict():
         log.warning("resume: using the sweep's stored spec %s (the given spec or overrides differ)", stored)
     return spec
@@ -147,6 +164,7 @@ def _run(
 
     tracking_uri = default_tracking_uri(sweep_dir, spec.tracking.uri)
     experiment = spec.tracking.experiment or spec.name
+    remote = storage_uri if is_uri(storage_uri) else None  # None: every file is under sweep_dir
     ctx = TrialContext(
         spec=spec.to_dict(),
         sweep_dir=str(sweep_dir),
@@ -154,15 +172,24 @@ def _run(
         tracking_uri=tracking_uri,
         experiment=experiment,
         progress=progress,
+        storage_uri=remote,
     )
-    if not resume and (sweep_dir / SPEC_FILE).exists():
-        raise SpecError(
-            "name",
-            f"sweep {spec.name!r} already exists at {sweep_dir}: resume it (--resume / resume=True) or "
-            "give a new name (--name / name=...)",
-        )
+    if not resume:
+        where: Path | str | None = sweep_dir if (sweep_dir / SPEC_FILE).exists() else None
+        if where is None and remote and read_text(remote, SPEC_FILE) is not None:
+            where = remote
+        if where is not None:
+            raise SpecError(
+                "name",
+                f"sweep {spec.name!r} already exists at {where}: resume it (--resume / resume=True) or "
+                "give a new name (--name / name=...)",
+            )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SPEC_FILE).write_text(spec.to_yaml())
+    if remote:
+        upload_file(sweep_dir / SPEC_FILE, remote, SPEC_FILE)
+        if resume:  # trials that finished on other nodes (or machines) must not run again
+            download_trials(remote, sweep_dir)
     if progress:
         print(plan, flush=True)
 
@@ -178,6 +205,8 @@ def _run(
     try:
         tuner = restore_tuner(spec, ctx) if restoring else build_tuner(spec, ctx, cluster, progress=progress)
         grid = tuner.fit()
+        if remote:  # the trials that ran on other nodes
+            download_trials(remote, sweep_dir)
         trials = collect_trials(grid, spec, sweep_dir)
         best = pick_best(trials, spec.objective.metric, spec.objective.mode)
         rows = report.results_table([_row_input(t) for t in trials], search_keys=list(spec.search))

@@ -27,6 +27,7 @@ start-up, one import of torch/transformers/deepspeed): for tests and benchmarks 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from tokentune.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
 
 #: Environment variables the driver hands to every Ray worker (offline hub, DeepSpeed's accelerator
 #: and compiled-op cache, the import path of a checkout that is not pip-installed).
@@ -366,10 +369,64 @@ def _trainer(
 
 
 def _fit(trainer):
+    import threading
+
+    stop = threading.Event()
+    sweeper = threading.Thread(target=_sweep_orphans, args=(stop,), name="pg-orphan-sweeper", daemon=True)
+    sweeper.start()
     try:
         return trainer.fit(), None
     except Exception as e:  # noqa: BLE001 - a failed run is returned, not raised
         return None, e
+    finally:
+        stop.set()
+
+
+ORPHAN_SWEEP_S = 10.0
+
+
+def _sweep_orphans(stop) -> None:
+    while True:
+        try:
+            for pg in remove_orphaned_placement_groups():
+                log.warning("removed placement group %s: its creator died with a lost node", pg)
+        except Exception as e:  # noqa: BLE001 - best effort; never disturbs the run
+            log.debug("placement-group sweep failed: %s", e)
+        if stop.wait(ORPHAN_SWEEP_S):
+            return
+
+
+def remove_orphaned_placement_groups(job_id: str | None = "current") -> list[str]:
+    """Remove this job's placement groups whose creating actor is dead; returns their ids.
+
+    A Ray Train controller creates its workers' placement group. When the node running it dies (with
+    the Tune trial driver), Ray keeps the group for as long as the *job* lives and re-places its
+    bundles on the surviving nodes, where it holds their CPUs/GPUs forever: the retried trial's new
+    group then waits for resources that never free (a hang, seen when a node of a 2-node sweep was
+    killed). A group whose creator actor is dead can never be used or released by it, so removing it
+    is safe. Groups made by a driver or task (no creator actor) and detached ones are never touched.
+    ``job_id="current"``: the calling job's groups only; None: every job's.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if job_id == "current":
+        job_id = ray.get_runtime_context().get_job_id()
+    table = gcs_pb2.PlacementGroupTableData
+    removed = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        d = table.FromString(raw)
+        if d.state == table.REMOVED or d.is_detached or d.creator_job_dead or not d.creator_actor_dead:
+            continue
+        if set(d.creator_actor_id) <= {0xFF}:  # nil actor id: made by a driver or a task
+            continue
+        if job_id is not None and d.creator_job_id.hex() != job_id:
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(d.placement_group_id)))
+        removed.append(d.placement_group_id.hex())
+    return removed
 
 
 def _job_result(result, error, storage: str, name: str, out_dir: Path, launch: str) -> TrainJobResult:

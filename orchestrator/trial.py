@@ -9,6 +9,12 @@ folder says ``finished`` or ``failed``; a finished trial that Tune runs again (a
 Tune saved its state) reports its stored metrics instead of training again. ``events.jsonl`` records
 every start of training (``train started``), so a resume can be audited.
 
+With a URI ``storage`` (``ctx.storage_uri``: s3://, gs://, file://...) the trial folder is on the local
+disk of the node this trial runs on: once ``status.json`` is written the folder (without ``merged/``) is
+uploaded to ``<storage_uri>/trials/<trial_id>`` (``orchestrator.storage_sync``; a failed upload is only
+a warning), and the finished-before check also reads the stored ``status.json`` (the trial may have
+finished on another node) when the local one is missing or not ``finished``.
+
 A failure (training, merge or evaluation) is written to ``status.json`` and to the MLflow child run
 (status FAILED, the error as a tag) and re-raised, so Tune marks the trial ERROR and the sweep goes on.
 """
@@ -43,12 +49,13 @@ class TrialContext:
     """What every trial of a sweep needs besides its sampled config (plain strings: picklable)."""
 
     spec: dict[str, Any]  # the resolved sweep spec (``SweepSpec.to_dict()``)
-    sweep_dir: str  # local, absolute: trials/, mlflow.db, results.*
+    sweep_dir: str  # local, absolute: trials/, mlflow.db, results.* (on each node, for a URI storage)
     train_storage: str  # Ray Train storage: <sweep>/train (local path or URI)
     tracking_uri: str
     experiment: str
     parent_run_id: str | None = None
     progress: bool = True
+    storage_uri: str | None = None  # the sweep's URI storage (<uri>/<name>): trial folders sync there
 
 
 # ---- status files ----------------------------------------------------------------------------------
@@ -120,6 +127,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     tracker = _tracker(ctx, spec)
     done = read_status(tdir)
+    if ctx.storage_uri and (done is None or done.get("status") != "finished"):
+        from orchestrator.storage_sync import fetch_status, stored_wins
+
+        stored = fetch_status(ctx.storage_uri, trial_id)  # it may have finished on another node
+        if stored is not None and stored_wins(done, stored):
+            done = stored
     if done and done.get("status") == "finished" and done.get("metrics"):
         log_event(tdir, "skipped (finished before)")
         close_open_run(tracker, tdir, done)
@@ -145,6 +158,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         msg = _error_text(err)
         detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))[-20000:]
         write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, config=_jsonable(config))
+        _upload(ctx, tdir, trial_id)
         if run_id is not None:
             _artifacts(tracker, run_id, tdir)
             tracker.set_tags(run_id, {"tokentune.status": "failed"})
@@ -156,8 +170,17 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     write_status(
         tdir, "finished", trial_id=trial_id, metrics=metrics, config=_jsonable(config), run_id=run_id
     )
+    _upload(ctx, tdir, trial_id)
     _close_finished_run(tracker, run_id, tdir, metrics, cfg.train.max_steps)
     ray.tune.report({**metrics, FINAL_FLAG: 1})
+
+
+def _upload(ctx: TrialContext, tdir: Path, trial_id: str) -> None:
+    """With a URI storage, copy the trial folder there (not ``merged/``); never raises."""
+    if ctx.storage_uri:
+        from orchestrator.storage_sync import upload_trial
+
+        upload_trial(tdir, ctx.storage_uri, trial_id)
 
 
 def close_open_run(tracker, tdir: Path, done: dict[str, Any]) -> bool:

@@ -79,7 +79,12 @@ def run_config(spec: SweepSpec, ctx: TrialContext, progress: bool) -> Any:
         failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
         callbacks=[
             TrialTrackingCallback(
-                ctx.tracking_uri, ctx.experiment, spec.name, ctx.parent_run_id, ctx.sweep_dir
+                ctx.tracking_uri,
+                ctx.experiment,
+                spec.name,
+                ctx.parent_run_id,
+                ctx.sweep_dir,
+                storage_uri=ctx.storage_uri,
             )
         ],
         verbose=1 if progress else 0,
@@ -87,7 +92,8 @@ def run_config(spec: SweepSpec, ctx: TrialContext, progress: bool) -> Any:
 
 
 def storage_root(ctx: TrialContext) -> str:
-    """Where the Tune experiment lives: the sweep folder (local) or ``<uri>/<sweep>`` (cloud)."""
+    """Where the Tune experiment lives: the sweep folder (local) or ``<uri>/<sweep>`` (cloud; the trial
+    folders are synced there too, see ``orchestrator.storage_sync``)."""
     return ctx.train_storage.rsplit("/", 1)[0]
 
 
@@ -124,13 +130,21 @@ def _callback_base() -> type:
 class TrialTrackingCallback(_callback_base()):
     """Logs every intermediate Tune result (loss curves, tokens/s, memory) to the trial's MLflow run,
     and closes runs of trials that ended without a ``status.json`` (stopped early by ASHA or by the
-    time limit: KILLED; crashed driver: FAILED)."""
+    time limit: KILLED; crashed driver: FAILED). With a URI storage a trial that ran on another node
+    has its ``status.json`` there, not in the local sweep folder."""
 
     def __init__(
-        self, tracking_uri: str, experiment: str, sweep: str, parent_run_id: str | None, sweep_dir: str
+        self,
+        tracking_uri: str,
+        experiment: str,
+        sweep: str,
+        parent_run_id: str | None,
+        sweep_dir: str,
+        storage_uri: str | None = None,
     ):
         self.args = (tracking_uri, experiment, sweep, parent_run_id)
         self.sweep_dir = sweep_dir
+        self.storage_uri = storage_uri
         self._tracker = None
         self._runs: dict[str, str] = {}
 
@@ -176,6 +190,11 @@ class TrialTrackingCallback(_callback_base()):
     def _close_if_unfinished(self, trial, status: str, why: str) -> None:
         if read_status(trial_dir(self.sweep_dir, trial.trial_id)) is not None:
             return  # the trial recorded its own end
+        if self.storage_uri:
+            from orchestrator.storage_sync import fetch_status
+
+            if fetch_status(self.storage_uri, trial.trial_id) is not None:
+                return  # ... on another node
         run_id = self._runs.get(trial.trial_id)
         if run_id is None:
             return

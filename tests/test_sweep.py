@@ -235,9 +235,11 @@ def _stock_lm_eval_matches(best, spec, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     """Two ways to fail, crossed: missing training data (the Train job fails) and an unknown lm-eval
-    task (training finishes, evaluation fails). Each failed trial carries its error; the sweep ends."""
+    task (training finishes, evaluation fails). Each failed trial carries its error; the sweep ends.
+    The storage is a ``file://`` URI, as s3:// or gs:// would be: Tune and Train state live there, and
+    every trial folder is uploaded there (the local sweep folder is ``./sweeps/<name>``)."""
     from orchestrator import run_sweep
 
     bad = str(tmp_path / "no_such_data.jsonl")
@@ -246,7 +248,10 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
         "eval.tasks": {"grid": [None, ["tt_next", "no_such_task_xyz"]]},
     }
     d = small_spec(name="with_failure", search=search)
-    res = run_sweep(d, [f"storage={tmp_path}"], progress=False)
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "bucket"
+    res = run_sweep(d, [f"storage={store.as_uri()}"], progress=False)
+    assert Path(res.sweep_dir) == tmp_path / "sweeps" / "with_failure"
     by = {(t.config["data.train"], str(t.config["eval.tasks"])): t for t in res.trials}
     assert len(by) == 4, list(by)
     ok, bad_task = by[(None, "None")], by[(None, str(["tt_next", "no_such_task_xyz"]))]
@@ -270,9 +275,15 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
             run = runs[t.trial_id]
             needle = "no_such_task_xyz" if t is bad_task else "no_such_data"
             assert run.info.status == "FAILED" and needle in run.data.tags["tokentune.error"], t.trial_id
+    for t in res.trials:  # every trial folder reached the URI storage, with its final status
+        stored = store / "with_failure" / "trials" / t.trial_id
+        assert json.loads((stored / "status.json").read_text())["status"] == t.status, t.trial_id
+    assert (store / "with_failure" / "trials" / ok.trial_id / "final" / "adapter_config.json").is_file()
+    assert not (store / "with_failure" / "trials" / ok.trial_id / "merged").exists()  # merged stays local
+    assert (store / "with_failure" / "train").is_dir()  # Ray Train's checkpoints
     # an existing sweep is not silently restarted
     with pytest.raises(SpecError, match="already exists"):
-        run_sweep(d, [f"storage={tmp_path}"], progress=False)
+        run_sweep(d, [f"storage={store.as_uri()}"], progress=False)
 
 
 def _descendants(pid: int) -> list[int]:
