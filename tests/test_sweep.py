@@ -220,7 +220,7 @@ def _stock_lm_eval_matches(best, spec, tmp_path: Path) -> None:
     cmd = [
         "lm_eval", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
         "--tasks", "tokentune_mini", "--include_path", ".", "--device", "cpu", "--batch_size", "8",
-        "--limit", str(spec.base.eval.limit), "--output_path", str(out),
+        "--limit", str(spec.base["eval"]["limit"]), "--output_path", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = subprocess.run(cmd, cwd=default_tasks_dir(), env=env, capture_output=True, text=True, timeout=600)
