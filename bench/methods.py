@@ -5,9 +5,11 @@
     python bench/methods.py --device cuda --preset llama2-7b --modes lora,qlora
     python bench/methods.py --device cuda --preset llama2-7b --modes full --optim sgd   # AdamW state: > 80 GB
     python bench/methods.py --threads 1             # steadier CPU timings on a shared machine
+    python bench/methods.py --modes lora --variants stock,ist,rst   # IST/RST at budgets 25%, 50% vs LoRA
 
 A row is one (mode, variant, ratio): ``mode`` picks the trainer (lora, full, qlora = 4-bit base +
-LoRA), a variant adds methods on top (``stock``: none; ``tokentune``: TokenTune at each ratio).
+LoRA), a variant adds methods on top (``stock``: none; ``tokentune``: TokenTune at each ratio;
+``ist`` / ``rst``: a layer-update budget, the ``ratio`` column then being the budget).
 Every row builds a Llama-architecture model with random weights, prepares it with the registered
 methods (``tokentune.methods``, in hook order), and runs the loop of ``tokentune.train`` on one
 fixed micro-batch (batch 1, no padding, every token labelled). To add a row kind (e.g. IST/RST),
@@ -15,10 +17,11 @@ append a ``Variant`` to ``VARIANTS``: a name, a function giving the method names
 mode and ratio, and the ratios it sweeps.
 
 Figures (each row runs in a fresh subprocess unless ``--no-isolate``):
-- ``saved_bytes``: bytes autograd saves for backward during one training forward, counted with
+- ``saved_bytes``: bytes autograd saves for backward during a training step's forward, counted with
   ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage; ``saved_act_bytes``: the
   same without storages that belong to model parameters or buffers (weights saved to compute input
-  gradients), i.e. the activations. The table shows ``saved_act_bytes``.
+  gradients), i.e. the activations. The table shows ``saved_act_bytes``. IST/RST rows average 8
+  steps (``saved_act_peak_bytes``: the largest), since each step trains different layers.
 - ``peak_bytes``: peak memory while training steps run, above the memory held just before the
   first step (model weights, inputs). On CUDA: ``max_memory_allocated`` minus ``memory_allocated``
   before the steps (``peak_total_bytes``: ``max_memory_allocated`` itself). On CPU: the process's
@@ -29,7 +32,11 @@ Figures (each row runs in a fresh subprocess unless ``--no-isolate``):
   the saved activations.
 - ``step_s``: median wall time of ``--steps`` optimizer steps (forward + backward + optimizer step)
   after ``--warmup`` steps; ``step_cpu_s``: the median CPU time of this process (all its threads)
-  over the same steps, which other load on a shared machine disturbs less than wall time.
+  over the same steps, which other load on a shared machine disturbs less than wall time. IST rows
+  measure 10 steps holding one probe round (the paper's schedule: every 10 steps, K=3 sets, a probe
+  batch the size of the training batch): ``step_s`` is the median training step plus the round's
+  time spread over the 10 steps, ``probe_share`` that spread part over ``step_s`` (``step_cpu_s``
+  leaves probing out). ``bench/ist_bench.py`` measures the same at the IST paper's batch sizes.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class Variant:
     name: str
     methods: Callable[[argparse.Namespace, str, float | None], tuple[list[str], dict[str, Any]]]
     ratios: Callable[[argparse.Namespace], list[float | None]] = field(default=lambda args: [None])
+    modes: tuple[str, ...] | None = None  # the trainer modes it applies to (None: all)
 
 
 def trainer_configs(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -96,10 +104,34 @@ def tokentune_methods(args, mode, ratio):
     return [*MODE_METHODS[mode], "tokentune"], {**trainer_configs(args, mode), "tokentune": {"ratio": ratio}}
 
 
+#: IST probes every ``IST_UPDATE_EVERY`` steps, from the first measured step: the measured window of an
+#: IST row is that many steps, so it holds exactly one probe round (the paper's schedule, amortised).
+IST_UPDATE_EVERY = 10
+
+
+def layer_budget_methods(name: str):
+    """IST or RST on top of the mode's trainer; the row's ``ratio`` is the layer budget (a fraction)."""
+
+    def methods(args, mode, budget):
+        cfg: dict[str, Any] = {"budget": budget, "seed": 0}
+        if name == "ist":
+            cfg.update(update_every=IST_UPDATE_EVERY, start_step=args.warmup, probe_batch_size=args.batch)
+        return [*MODE_METHODS[mode], name], {**trainer_configs(args, mode), name: cfg}
+
+    return methods
+
+
 VARIANTS: list[Variant] = [
     Variant("stock", stock_methods),
     Variant("tokentune", tokentune_methods, ratios=lambda args: list(args.ratios)),
+    Variant(
+        "ist", layer_budget_methods("ist"), ratios=lambda args: list(args.budgets), modes=("lora", "qlora")
+    ),
+    Variant(
+        "rst", layer_budget_methods("rst"), ratios=lambda args: list(args.budgets), modes=("lora", "qlora")
+    ),
 ]
+DEFAULT_VARIANTS = ["stock", "tokentune"]
 
 
 # ---- building a row ----------------------------------------------------------------------------
@@ -157,6 +189,7 @@ class Trial:
     model: torch.nn.Module
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     step: Callable[[dict[str, torch.Tensor]], float]
+    methods: list[Any] = field(default_factory=list)
 
 
 def build_trial(args: argparse.Namespace, names: list[str], configs: dict[str, Any]) -> Trial:
@@ -170,25 +203,35 @@ def build_trial(args: argparse.Namespace, names: list[str], configs: dict[str, A
     for m in methods:
         model = m.prepare(model)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = next((g for g in (m.param_groups(model) for m in methods) if g is not None), None)
+    groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]  # IST: one per layer
     opt = (
-        torch.optim.AdamW(params, lr=1e-5)
+        torch.optim.AdamW(groups, lr=1e-5)
         if args.optim == "adamw"
-        else torch.optim.SGD(params, lr=1e-5)  # no optimizer state: full fine-tuning of 7B on one GPU
+        else torch.optim.SGD(groups, lr=1e-5)  # no optimizer state: full fine-tuning of 7B on one GPU
     )
     device = torch.device(args.device)
     counter = [0]
+
+    def probe_batch(size: int | None = None) -> dict[str, torch.Tensor]:  # IST's probe data
+        return make_batch(args, size=size, seed=1000 + counter[0])
 
     def forward(batch):
         ctx = StepContext(step=counter[0], model=model, optimizer=opt, batch=batch, device=device)
         loss = next((x for x in (m.compute_loss(model, batch, ctx) for m in methods) if x is not None), None)
         return model(**batch).loss if loss is None else loss
 
-    def step(batch):
-        ctx = StepContext(step=counter[0], model=model, optimizer=opt, batch=batch, device=device)
+    def step(batch, pack=None):
+        ctx = StepContext(
+            step=counter[0], model=model, optimizer=opt, batch=batch, probe_batch=probe_batch, device=device
+        )
         for m in methods:
             m.on_step_start(ctx)
-        loss = forward(batch)
+        if pack is None:
+            loss = forward(batch)
+        else:  # count what this training forward saves for backward
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = forward(batch)
         loss.backward()
         for m in methods:
             m.on_before_step(ctx)
@@ -199,12 +242,13 @@ def build_trial(args: argparse.Namespace, names: list[str], configs: dict[str, A
         counter[0] += 1
         return float(loss.detach())
 
-    return Trial(model, forward, step)
+    return Trial(model, forward, step, methods)
 
 
 # ---- measurement harness -------------------------------------------------------------------------
 def count_saved(trial: Trial, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(all bytes, activation bytes) saved for backward by one training forward, deduplicated by storage."""
+    """(all bytes, activation bytes) saved for backward by one training step's forward (after the
+    methods' step-start hooks: IST/RST pick the step's layers there), deduplicated by storage."""
     weights = {t.untyped_storage().data_ptr() for t in (*trial.model.parameters(), *trial.model.buffers())}
     seen: dict[int, int] = {}
 
@@ -216,9 +260,7 @@ def count_saved(trial: Trial, batch: dict[str, torch.Tensor]) -> tuple[int, int]
             pass
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trial.forward(batch)
-    del loss
+    trial.step(batch, pack)
     total = sum(seen.values())
     return total, total - sum(n for ptr, n in seen.items() if ptr in weights)
 
@@ -261,9 +303,9 @@ class PeakMemory:
         return peak - self.base, peak
 
 
-def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g)
+def make_batch(args: argparse.Namespace, size: int | None = None, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, args.vocab, (size or args.batch, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     return {k: v.to(args.device) for k, v in batch.items()}
 
@@ -272,19 +314,28 @@ def measure(args: argparse.Namespace, mode: str, variant: Variant, ratio: float 
     names, configs = variant.methods(args, mode, ratio)
     trial = build_trial(args, names, configs)
     batch = make_batch(args)
-    saved, saved_act = count_saved(trial, batch)
+    # layer-budget rows save a different amount each step (the lowest active layer moves): average
+    counts = [count_saved(trial, batch) for _ in range(8 if any(n in names for n in ("ist", "rst")) else 1)]
+    saved, saved_act = (round(statistics.mean(c[i] for c in counts)) for i in (0, 1))
+    saved_act_peak = max(c[1] for c in counts)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     peak = PeakMemory(args.device)
     peak.start()
-    times, cpu_times, losses = [], [], []
-    for _ in range(args.warmup + args.steps):
+    times, cpu_times, losses, probes = [], [], [], []
+    steps = max(args.steps, IST_UPDATE_EVERY) if "ist" in names else args.steps
+    for _ in range(args.warmup + steps):
         sync()
         t, c = time.perf_counter(), time.process_time()
         losses.append(trial.step(batch))
         sync()
         times.append(time.perf_counter() - t)
         cpu_times.append(time.process_time() - c)
+        probes.append(sum(getattr(m, "probe_s", 0.0) for m in trial.methods))
     peak_bytes, peak_total = peak.stop()
+    # a step = the median training step + the window's probing spread over its steps (IST; else 0)
+    probe = probes[args.warmup :]
+    train_only = [t - p for t, p in zip(times[args.warmup :], probe)]
+    step_s = statistics.median(train_only) + sum(probe) / len(probe)
     return {
         "method": variant.name,
         "mode": mode,
@@ -299,10 +350,12 @@ def measure(args: argparse.Namespace, mode: str, variant: Variant, ratio: float 
         "device": args.device,
         "saved_bytes": saved,
         "saved_act_bytes": saved_act,
+        "saved_act_peak_bytes": saved_act_peak,
         "peak_bytes": peak_bytes,
         "peak_total_bytes": peak_total,
         "peak_method": peak.method,
-        "step_s": statistics.median(times[args.warmup :]),
+        "step_s": step_s,
+        "probe_share": (sum(probe) / len(probe)) / step_s,
         "step_cpu_s": statistics.median(cpu_times[args.warmup :]),
         "threads": torch.get_num_threads(),
         "loss": losses[-1],
@@ -312,8 +365,14 @@ def measure(args: argparse.Namespace, mode: str, variant: Variant, ratio: float 
 # ---- driver --------------------------------------------------------------------------------------
 def rows(args: argparse.Namespace) -> list[tuple[str, Variant, float | None]]:
     by_name = {v.name: v for v in VARIANTS}
-    chosen = [by_name[n] for n in args.variants] if args.variants else VARIANTS
-    return [(mode, v, r) for mode in args.modes for v in chosen for r in v.ratios(args)]
+    chosen = [by_name[n] for n in (args.variants or DEFAULT_VARIANTS)]
+    return [
+        (mode, v, r)
+        for mode in args.modes
+        for v in chosen
+        if v.modes is None or mode in v.modes
+        for r in v.ratios(args)
+    ]
 
 
 def run_isolated(argv: list[str], mode: str, variant: Variant, ratio: float | None) -> dict[str, Any]:
@@ -330,7 +389,7 @@ def table(results: list[dict[str, Any]]) -> str:
     mb = 2**20
     head = (
         f"{'mode':<6} {'method':<10} {'ratio':>5} | {'saved act MB':>12} {'x stock':>7} | "
-        f"{'saved all MB':>12} {'x stock':>7} | {'peak MB':>8} {'x stock':>7} | {'step s':>7} {'x stock':>7} | {'cpu s':>7} {'x stock':>7}"
+        f"{'saved all MB':>12} {'x stock':>7} | {'peak MB':>8} {'x stock':>7} | {'step s':>7} {'x stock':>7} | {'cpu s':>7} {'x stock':>7} | probe"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -343,7 +402,8 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['mode']:<6} {r['method']:<10} {ratio:>5} | {r['saved_act_bytes'] / mb:12.1f} {rel('saved_act_bytes')} | "
             f"{r['saved_bytes'] / mb:12.1f} {rel('saved_bytes')} | {r['peak_bytes'] / mb:8.1f} {rel('peak_bytes')} | "
-            f"{r['step_s']:7.3f} {rel('step_s')} | {r['step_cpu_s']:7.3f} {rel('step_cpu_s')}"
+            f"{r['step_s']:7.3f} {rel('step_s')} | {r['step_cpu_s']:7.3f} {rel('step_cpu_s')} | "
+            f"{100 * r.get('probe_share', 0.0):4.1f}%"
         )
     return "\n".join(lines)
 
@@ -363,7 +423,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5, 1.0])
     p.add_argument("--modes", type=lambda s: s.split(","), default=["lora", "full"])
     p.add_argument(
-        "--variants", type=lambda s: s.split(","), default=None, help="default: all (stock,tokentune)"
+        "--variants",
+        type=lambda s: s.split(","),
+        default=None,
+        help="rows to run: stock, tokentune (at --ratios), ist, rst (at --budgets; lora/qlora modes only); "
+        "default: stock,tokentune",
+    )
+    p.add_argument(
+        "--budgets",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.25, 0.5],
+        help="IST/RST layer budgets, fractions of the layers (default: 0.25,0.5)",
     )
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

@@ -1,0 +1,44 @@
+"""The benchmark scripts run and report what their issues ask for (tiny sizes; no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+TINY = ["--seq", "64", "--hidden", "64", "--heads", "4", "--layers", "4", "--vocab", "500", "--steps", "2"]
+
+
+def test_methods_bench_rows_and_memory_ordering(capsys):
+    import methods as bench
+
+    bench.main([*TINY, "--modes", "lora", "--variants", "stock,tokentune,ist,rst", "--ratios", "0.3,1.0",
+                "--json", "--no-isolate"])  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["method"], r["ratio"]) for r in rows] == [
+        ("stock", None), ("tokentune", 0.3), ("tokentune", 1.0), ("ist", 0.25), ("ist", 0.5),
+        ("rst", 0.25), ("rst", 0.5),
+    ]  # fmt: skip
+    for r in rows:
+        assert {"method", "ratio", "seq_len", "saved_bytes", "peak_bytes", "step_s", "probe_share"} <= set(r)
+        assert r["saved_act_bytes"] > 0 and r["step_s"] > 0
+    act = {(r["method"], r["ratio"]): r["saved_act_bytes"] for r in rows}
+    stock = act[("stock", None)]
+    assert act[("tokentune", 0.3)] < 0.6 * stock  # a token subset saves a fraction of the activations
+    assert abs(act[("tokentune", 1.0)] - stock) <= 0.05 * stock  # every token: what stock saves
+    assert act[("ist", 0.25)] < act[("ist", 0.5)] < stock  # fewer layers, fewer activations
+    assert act[("rst", 0.25)] < stock
+    probes = {r["method"]: r["probe_share"] for r in rows if r["ratio"] == 0.25}
+    assert probes["ist"] > 0 and probes["rst"] == 0  # IST's measured window holds a probe round
+
+
+def test_methods_bench_rejects_unknown_variant(capsys):
+    import methods as bench
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--variants", "stock,lisa"])
+    assert "--variants: unknown ['lisa']" in capsys.readouterr().err
