@@ -55,6 +55,15 @@ def make_tiny_causal_lm(
     return model.to(dtype)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (Ray, MLflow and torch.distributed rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_causal_lm()

@@ -47,6 +47,7 @@ from orchestrator.cluster_check import (
     validate_cluster_yaml,
     validate_rayjob,
 )
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -227,12 +228,6 @@ def test_readme_walks_through_launch_submit_follow_resume_teardown():
 
 
 # ==== a real local cluster (slow) ===========================================================================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _loopback_usable(ip: str) -> bool:
     try:
         with socket.socket() as s:
@@ -251,7 +246,7 @@ class LocalRayCluster:
         self.token_path = root / "auth_token"
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
-        self.gcs_port, self.dash_port = _free_port(), _free_port()
+        self.gcs_port, self.dash_port = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         self.gcs = f"{HEAD_IP}:{self.gcs_port}"
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
@@ -319,7 +314,7 @@ class LocalRayCluster:
                     *args,
                     f"--temp-dir={self.root / node}",
                     "--disable-usage-stats",
-                    f"--dashboard-agent-listen-port={_free_port()}",
+                    f"--dashboard-agent-listen-port={free_port()}",
                     env=self.node_env(node),
                 )
                 return
@@ -339,7 +334,7 @@ class LocalRayCluster:
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dash_port}",
-                f"--ray-client-server-port={_free_port()}",
+                f"--ray-client-server-port={free_port()}",
                 f"--num-cpus={num_cpus}",
                 "--num-gpus=0",
                 "--object-store-memory=300000000",

@@ -29,7 +29,7 @@ from orchestrator.train_job import (
     run_train_job,
     stage_rank_files,
 )
-from tests.conftest import build_tiny_workspace
+from tests.conftest import build_tiny_workspace, free_port
 from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import REGISTRY
 
@@ -122,11 +122,7 @@ def test_each_rank_uploads_only_its_own_checkpoint_files(tmp_path):
 
 # ---- the engine: ZeRO-3 must not reuse a gradient from an earlier step --------------------------------
 def _stale_gradient_check() -> None:  # runs in a fresh process (DeepSpeed's global state stays out of pytest)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(
         RANK="0",
         WORLD_SIZE="1",

@@ -23,7 +23,7 @@ if __name__ == "__main__":  # DeepSpeed worker mode (see test_deepspeed_*): make
 import pytest
 import torch
 
-from tests.conftest import make_tiny_causal_lm
+from tests.conftest import free_port, make_tiny_causal_lm
 from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import REGISTRY, StepContext, validate_methods
 from tokentune.methods.full import Full, FullSettings
@@ -677,11 +677,7 @@ def _run_deepspeed_subprocess(stage: int, dora: bool, tmp_path) -> None:
         import deepspeed  # noqa: F401
     except Exception as e:  # pragma: no cover - environment without deepspeed
         pytest.skip(f"deepspeed import failed: {e}")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = Path(__file__).resolve().parents[1]
     env = dict(
         os.environ,
