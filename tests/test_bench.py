@@ -42,3 +42,36 @@ def test_methods_bench_rejects_unknown_variant(capsys):
     with pytest.raises(SystemExit):
         bench.main([*TINY, "--variants", "stock,lisa"])
     assert "--variants: unknown ['lisa']" in capsys.readouterr().err
+
+
+def test_quality_bench_runs_each_variant_and_ratio_one_equals_lora(tmp_path, capsys):
+    """bench/quality.py trains and evaluates each (variant, setting, seed); TokenTune at ratio 1.0
+    must reproduce the LoRA run of the same seed (METHODS.md), so their rows agree."""
+    import quality
+
+    table = quality.main(["--variants", "lora,tokentune", "--ratios", "0.3,1.0", "--steps", "4", "--seeds", "0",
+                          "--limit", "12", "--json", "--out", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["variant"], r["setting"]) for r in rows] == [
+        ("lora", None),
+        ("tokentune", 0.3),
+        ("tokentune", 1.0),
+    ]
+    assert rows[1]["methods"] == ["lora", "tokentune"]
+    for r in rows:
+        assert set(r["acc"]) == {"tokentune_mini", "tt_category", "tt_antonym", "tt_next", "tt_largest"}
+        assert r["val_loss"] > 0 and r["steps"] == 4
+    lora, full_ratio = rows[0], rows[2]
+    assert abs(lora["val_loss"] - full_ratio["val_loss"]) < 1e-4, (lora["val_loss"], full_ratio["val_loss"])
+    assert lora["acc"] == full_ratio["acc"]
+    assert [t["acc_sd"] for t in table] == [0.0, 0.0, 0.0] and "acc (mean ± sd)" in out
+
+
+def test_quality_bench_rejects_unknown_variant(capsys):
+    import pytest
+    import quality
+
+    with pytest.raises(SystemExit):
+        quality.main(["--variants", "lora,lisa"])
+    assert "--variants: unknown ['lisa']" in capsys.readouterr().err
