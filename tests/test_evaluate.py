@@ -94,3 +94,65 @@ def test_lora_fine_tune_raises_shipped_task_accuracy_clearly_above_base(base, tm
     print(f"base {base_mean:.3f} -> fine-tuned {tuned_mean:.3f}; per-task gain {gain}")
     assert tuned_mean >= base_mean + 0.25, (base_mean, tuned_mean)
     assert sum(g > 0.1 for g in gain.values()) >= 3, gain
+
+
+def _answer_selection_probability(cfg, ratio: float) -> float:
+    """Mean chance, over the shipped training rows, that TokenTune at ``ratio`` selects the position
+    that predicts the (one-token) answer: k - 2 of the n - 2 positions other than the first and last
+    real token are drawn uniformly (METHODS.md), and that position is neither first nor last."""
+    import torch
+
+    from tokentune.data import load_splits
+    from tokentune.methods.token_select import num_selected
+    from tokentune.models import load_tokenizer
+
+    train_set, _ = load_splits(cfg.data, load_tokenizer(cfg.model))
+    n = torch.tensor([len(ids) for ids in train_set.input_ids])
+    k = num_selected(n, ratio=ratio)
+    return float(((k - 2) / (n - 2)).mean())
+
+
+def test_lora_tokentune_learns_like_lora_per_supervised_answer_token(base, tmp_path):
+    """Issue 3's quality check on the tiny default. The shipped answers are one token in a sequence
+    of about 20, so at r=0.3 a step trains on the answer of only ~1/4 of its examples (computed
+    here from the shipped data, not assumed). Given the same number of answer-token gradients as
+    200 LoRA steps (200 / p steps), [lora, tokentune] must lower validation loss, beat base clearly
+    and score like LoRA. bench/quality.py measured 0.730 ± 0.012 against 0.712 ± 0.018 over 3 seeds
+    at 800 vs 200 steps, and 0.57 against 0.71 at equal steps (the expected shortfall)."""
+    from pathlib import Path
+
+    from tokentune.config import load_config
+    from tokentune.train import train
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_lora.yaml"
+    lora_cfg = load_config(example, [f"train.output_dir={tmp_path / 'lora'}"])
+    p = _answer_selection_probability(lora_cfg, 0.3)
+    assert 0.15 < p < 0.35, p  # shipped rows are 17-24 tokens long
+    steps = round(lora_cfg.train.max_steps / p)
+    tt_cfg = load_config(
+        example,
+        [
+            f"train.output_dir={tmp_path / 'tokentune'}",
+            "methods=[lora,tokentune]",
+            "tokentune.ratio=0.3",
+            f"train.max_steps={steps}",
+            f"train.eval_every={steps // 2}",
+        ],
+    )
+    lora_run, tt_run = train(lora_cfg), train(tt_cfg)
+    val = [h["val_loss"] for h in tt_run.history if "val_loss" in h]
+    assert len(val) >= 2 and val[-1] < val[0], val
+    fracs = [h["tokentune/selected_frac"] for h in tt_run.history if "tokentune/selected_frac" in h]
+    assert fracs and all(0.25 < f < 0.45 for f in fracs), fracs  # ceil(0.3 n) of n real tokens
+
+    model, tok = base
+    base_acc = evaluate(model, tok, limit=60, batch_size=32)["metrics"]["eval/tokentune_mini/acc"]
+    # every shipped document (600): a binomial standard error of ~0.018 per score
+    lora_acc = evaluate(lora_run.final_dir, batch_size=32)["metrics"]["eval/tokentune_mini/acc"]
+    tt_acc = evaluate(tt_run.final_dir, batch_size=32)["metrics"]["eval/tokentune_mini/acc"]
+    print(f"p={p:.3f} steps={steps}: base {base_acc:.3f}, lora {lora_acc:.3f}, lora+tokentune {tt_acc:.3f}")
+    assert tt_acc >= base_acc + 0.25, (base_acc, tt_acc)
+    # One run's score moves by up to ~0.04 with its seed or step count (bench/quality.py: sd 0.012 to
+    # 0.018 over 3 seeds; 800 vs 811 TokenTune steps gave 0.727 vs 0.768), so "like LoRA" is within
+    # 0.08, well inside the 0.14 gap that equal steps show.
+    assert abs(tt_acc - lora_acc) <= 0.08, (lora_acc, tt_acc)
