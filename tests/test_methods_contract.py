@@ -108,3 +108,29 @@ def test_method_contract(methods, tiny_workspace, tmp_path, inspector):
     r_losses = [h["loss"] for h in resumed.history if "loss" in h]
     assert [h["step"] for h in resumed.history if "loss" in h] == [3, 4]
     assert r_losses == pytest.approx(losses[2:], abs=RESUME_TOL)
+
+
+def test_qlora_training_keeps_one_4bit_kernel_after_an_eval_pass(tiny_workspace):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel on the first eval-mode no-grad
+    forward (on AVX512-BF16 CPUs); QLoRA.prepare turns that off, so an IST probe or in-loop
+    validation leaves training's numerics (and exact resume) unchanged."""
+    import bitsandbytes as bnb
+
+    from tokentune.config import ModelConfig
+    from tokentune.methods.qlora import QLoRA, QLoraSettings
+    from tokentune.models import load_model
+
+    q = QLoRA(QLoraSettings(compute_dtype="float32"))
+    model = q.prepare(load_model(ModelConfig(name_or_path=tiny_workspace["model"]), q.load_kwargs()))
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and not any(m.support_avx512bf16_for_cpu for m in linears)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    before = model(input_ids=ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    after = model(input_ids=ids).logits.detach()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linears)
+    assert torch.equal(before, after)
