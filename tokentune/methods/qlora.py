@@ -56,18 +56,15 @@ class QLoRA(Method):
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def keep_one_cpu_kernel(model: torch.nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the count.
+def keep_one_cpu_kernel(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
 
-    On a CPU with AVX512-BF16, bitsandbytes (>= 0.49) converts a ``Linear4bit``'s weight to a packed
+    On a CPU with AVX512-BF16, bitsandbytes (seen with 0.50.2) converts a ``Linear4bit``'s weight to a packed
     layout the first time the module runs in eval mode without grad (an IST probe, in-loop
     validation), and every later forward, training included, then runs another kernel with slightly
     different rounding. Training would change numerics mid-run, and a run resumed from a checkpoint
     (saved unpacked) would not repeat the uninterrupted one. Training keeps the one kernel instead.
     """
-    n = 0
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
