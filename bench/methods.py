@@ -193,9 +193,9 @@ class Trial:
 
 
 def build_trial(args: argparse.Namespace, names: list[str], configs: dict[str, Any]) -> Trial:
-    from tokentune.methods import StepContext, build_methods, validate_methods
+    from tokentune.methods import MethodStack, StepContext
 
-    methods = build_methods(names, validate_methods(names, configs))
+    methods = MethodStack.build(names, configs).methods
     load_kwargs: dict[str, Any] = {}
     for m in methods:
         load_kwargs.update(m.load_kwargs())

@@ -137,7 +137,7 @@ def trial_demand(spec: SweepSpec, cluster: dict[str, float] | None = None) -> di
     train_cpus, train_gpus = 0.0, 0.0
     for p in spec.dry_run_trials(64):
         c = p.config.compute
-        use_gpu = c.use_gpu in (True, "true") or (c.use_gpu == "auto" and cluster.get("GPU", 0) > 0)
+        use_gpu = c.wants_gpu(cluster.get("GPU", 0) > 0)
         train_cpus = max(train_cpus, c.workers * c.cpus_per_worker)
         train_gpus = max(train_gpus, c.workers * c.gpus_per_worker if use_gpu else 0.0)
     a = spec.after_trial

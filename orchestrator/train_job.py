@@ -158,14 +158,7 @@ def without_job_conflicts(runtime_env: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_use_gpu(cfg: RunConfig, resources: dict[str, float]) -> bool:
     """``compute.use_gpu``: true/false as given; auto = the cluster has a GPU."""
-    want = cfg.compute.use_gpu
-    if isinstance(want, str):
-        want = want.lower()
-    if want in (True, "true"):
-        return True
-    if want in (False, "false"):
-        return False
-    return resources.get("GPU", 0) > 0
+    return cfg.compute.wants_gpu(resources.get("GPU", 0) > 0)
 
 
 def check_launch(cfg: RunConfig, resources: dict[str, float] | None = None) -> bool:

@@ -605,7 +605,7 @@ def test_composes_with_tokentune():
     if "tokentune" not in REGISTRY:
         pytest.skip("tokentune.methods.token_select is not in this checkout")
     tt_cls = REGISTRY["tokentune"]
-    tt = tt_cls(tt_cls.config_cls(), None)
+    tt = tt_cls(tt_cls.config_cls())
     ist = IST(ISTSettings(budget=1, start_step=1, update_every=1))
     _, _, records = run_loop(adapted_model(3), [tt, ist], steps=3)
     for r in records:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.conftest import make_tiny_causal_lm
 from tokentune.config import ConfigError, RunConfig
-from tokentune.methods import REGISTRY, StepContext, build_methods, validate_methods
+from tokentune.methods import REGISTRY, MethodStack, StepContext
 from tokentune.methods.token_select import (
     SUPPORTED,
     TokenTune,
@@ -206,7 +206,7 @@ def test_padding_never_produces_loss(family):
 # ---- invariant 5: trainers, quantization, gradient accumulation ---------------------------------
 def train(model, names, configs, batch, steps=3, accum=2, lr=1e-2):
     """The loop of tokentune.train in miniature: hooks, micro-batches, accumulation, optimizer."""
-    methods = build_methods(names, validate_methods(names, configs))
+    methods = MethodStack.build(names, configs).methods
     for m in methods:
         model = m.prepare(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -8,22 +8,21 @@ what would be accepted. Dotted overrides (``train.lr=1e-4``) use the same names 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tokentune.errors import ConfigError
+from tokentune.errors import check as _check
+from tokentune.methods import REGISTRY, validate_methods
+from tokentune.settings import build_section
 
-class ConfigError(ValueError):
-    """A user-facing configuration error; the message names the key and the accepted values."""
-
-
-def _check(cond: bool, key: str, value: Any, accepted: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {accepted}")
+__all__ = ["ConfigError", "RunConfig", "build_section", "load_config"]
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -137,6 +136,15 @@ class ComputeConfig:
             self.backend in ("auto", "gloo", "nccl"), "compute.backend", self.backend, "auto, gloo or nccl"
         )
         _check(self.cpus_per_worker > 0, "compute.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        want = self.use_gpu.lower() if isinstance(self.use_gpu, str) else self.use_gpu
+        want = {"true": True, "false": False}.get(want, want) if isinstance(want, str) else want
+        _check(want in (True, False, "auto"), "compute.use_gpu", self.use_gpu, "true, false or auto")
+        self.use_gpu = want
+
+    def wants_gpu(self, gpu_available: bool) -> bool:
+        """``compute.use_gpu`` decided: true/false as given; auto = when a GPU is available (CUDA on this
+        machine for a local run, a GPU in the Ray cluster for a job). The one place it is interpreted."""
+        return gpu_available if self.use_gpu == "auto" else bool(self.use_gpu)
 
 
 @dataclass
@@ -178,15 +186,35 @@ class RunConfig:
     method_configs: dict[str, Any] = field(default_factory=dict)  # name -> that method's dataclass
 
     def __post_init__(self) -> None:
-        from tokentune.methods import validate_methods
-
         self.method_configs = validate_methods(self.methods, self.method_configs)
+
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.lora``, ``cfg.tokentune``, ...: a registered method's settings section.
+
+        A method that is registered but has no section yet gets its defaults (kept, so that
+        ``cfg.ist.budget = 2`` sticks), as in YAML, where an omitted section means the defaults.
+        """
+        if name.startswith("__") or name == "method_configs":
+            raise AttributeError(name)
+        configs = self.__dict__.get("method_configs")
+        if configs is None:
+            raise AttributeError(name)
+        if name not in configs:
+            if name not in REGISTRY:
+                raise AttributeError(
+                    f"RunConfig has no section {name!r}; sections: {', '.join(SECTIONS)}, methods, and one "
+                    f"per registered method ({', '.join(sorted(REGISTRY))})"
+                )
+            configs[name] = REGISTRY[name].config_cls()
+        return configs[name]
+
+    def copy(self) -> RunConfig:
+        """An independent copy (e.g. to give a trial its own ``train.output_dir``)."""
+        return copy.deepcopy(self)
 
     # ---- (de)serialisation -------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RunConfig:
-        from tokentune.methods import REGISTRY
-
         d = dict(d or {})
         known = set(SECTIONS) | {"methods"} | set(REGISTRY)
         unknown = sorted(set(d) - known)
@@ -217,26 +245,6 @@ class RunConfig:
             out[name] = dataclasses.asdict(mc)
         out["train"]["betas"] = list(out["train"]["betas"])
         return out
-
-
-def build_section(name: str, cls: type, value: Any) -> Any:
-    """Build one section dataclass from a mapping, naming unknown keys."""
-    if value is None:
-        return cls()
-    if dataclasses.is_dataclass(value):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{name}.{unknown[0]}'; accepted keys in {name}: {', '.join(sorted(names))}"
-        )
-    try:
-        return cls(**value)
-    except TypeError as e:  # wrong types that slipped through (e.g. a string where a number goes)
-        raise ConfigError(f"{name}: {e}") from e
 
 
 # ---- overrides ---------------------------------------------------------------------------------
@@ -271,8 +279,6 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    import copy
-
     d = copy.deepcopy(d)
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for k, v in items:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from tokentune.config import ConfigError, DataConfig
+from tokentune.config import DataConfig
+from tokentune.errors import ConfigError
 
 IGNORE_INDEX = -100
 

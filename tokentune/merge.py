@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tokentune.config import ConfigError
+from tokentune.errors import ConfigError
 
 
 def adapter_base(adapter_dir: str | Path) -> str | None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from tokentune.config import ConfigError, ModelConfig
+from tokentune.config import ModelConfig
+from tokentune.errors import ConfigError
 
 
 class ModelLoadError(ConfigError):

@@ -27,7 +27,7 @@ from tokentune.config import RunConfig
 from tokentune.data import StepSampler, collate, load_splits
 from tokentune.engine import DeepSpeedEngine, PlainEngine, dist_info
 from tokentune.memory import Throughput, peak_memory_bytes, reset_peak
-from tokentune.methods import StepContext, build_methods
+from tokentune.methods import MethodStack, StepContext
 from tokentune.models import load_model, load_tokenizer
 
 Report = Callable[..., None]
@@ -62,11 +62,10 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 def pick_device(cfg: RunConfig) -> torch.device:
-    want = cfg.compute.use_gpu
-    if want in (True, "true", "auto") and torch.cuda.is_available():
+    if cfg.compute.wants_gpu(torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("compute.use_gpu=true but no CUDA device is visible")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    if want in (True, "true"):
-        raise RuntimeError("compute.use_gpu=true but no CUDA device is visible")
     return torch.device("cpu")
 
 
@@ -77,10 +76,6 @@ def autocast_factory(cfg: RunConfig, device: torch.device) -> Callable[[], Any]:
     if not on:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def default_param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
 
 def trainable_state(model: torch.nn.Module, zero_stage: int | None = None) -> dict[str, torch.Tensor]:
@@ -189,14 +184,9 @@ def train(
     report = report or (lambda metrics, checkpoint_dir=None: None)
 
     # ---- model + methods ---------------------------------------------------------------------
-    methods = build_methods(cfg.methods, cfg.method_configs, cfg)
+    methods = MethodStack.of(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    load_kwargs: dict[str, Any] = {}
-    for m in methods:
-        load_kwargs.update(m.load_kwargs())
-    model = load_model(cfg.model, load_kwargs, device=device)
-    for m in methods:
-        model = m.prepare(model)
+    model = methods.prepare(load_model(cfg.model, methods.load_kwargs(), device=device))
     model.train()
 
     # ---- data --------------------------------------------------------------------------------
@@ -228,8 +218,7 @@ def train(
     ]
 
     # ---- optimizer, schedule, engine -----------------------------------------------------------
-    groups = next((g for g in (m.param_groups(model) for m in methods) if g is not None), None)
-    groups = groups or default_param_groups(model)
+    groups = methods.param_groups(model)
     if not any(len(g["params"]) for g in groups):
         raise RuntimeError(f"methods={cfg.methods}: no parameter is trainable")
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
@@ -269,26 +258,14 @@ def train(
             step=step, model=model, optimizer=engine.optimizer, probe_batch=probe_batch, device=device,
             autocast=autocast, world_size=world, rank=rank,
         )  # fmt: skip
-        for m in methods:
-            m.on_step_start(ctx)
-        step_loss = 0.0
-        for k in range(tc.grad_accum):
-            batch = micro_batch(step * tc.grad_accum + k)
-            ctx.batch = batch
-            with autocast():
-                loss = next(
-                    (x for x in (m.compute_loss(model, batch, ctx) for m in methods) if x is not None), None
-                )
-                if loss is None:
-                    loss = model(**batch).loss
-            engine.backward(loss)
-            step_loss += float(loss.detach()) / tc.grad_accum
-            speed.add(int(batch["attention_mask"].sum()))
-        for m in methods:
-            m.on_before_step(ctx)
-        grad_norm = engine.step()
-        for m in methods:
-            m.on_step_end(ctx)
+        step_loss, grad_norm = methods.step(
+            ctx,
+            (micro_batch(step * tc.grad_accum + k) for k in range(tc.grad_accum)),
+            backward=engine.backward,
+            optimizer_step=engine.step,
+            forward_context=autocast,
+            on_micro_batch=lambda batch, _loss: speed.add(int(batch["attention_mask"].sum())),
+        )
         losses.append(step_loss)
         if not math.isfinite(step_loss):
             raise FloatingPointError(
@@ -311,8 +288,7 @@ def train(
                 "epoch": done * tc.grad_accum * tc.batch_size * world / len(train_ds),
             }
             losses = []
-            for m in methods:
-                metrics.update(m.metrics())
+            metrics.update(methods.metrics())
         if val_loss is not None and (tc.eval_every and done % tc.eval_every == 0 or is_last):
             metrics = metrics or {"step": done}
             metrics["val_loss"] = val_loss
@@ -366,7 +342,7 @@ def save_checkpoint(out_dir: Path, step: int, model, engine, methods, zero, rank
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         torch.save(state, path / "trainable.pt")
-        torch.save({m.name: m.state_dict() for m in methods}, path / "methods.pt")
+        torch.save(methods.state_dict(), path / "methods.pt")
         torch.save({"torch": torch.get_rng_state()}, path / "rng.pt")
     _barrier()
     engine.save(path)
@@ -391,10 +367,7 @@ def load_checkpoint(path: Path, model, engine, methods, zero) -> int:
     if zero is None:  # DeepSpeed restores the module itself
         load_trainable_state(model, torch.load(path / "trainable.pt", weights_only=True))
     engine.load(path)
-    states = torch.load(path / "methods.pt", weights_only=False)
-    for m in methods:
-        if m.name in states:
-            m.load_state_dict(states[m.name])
+    methods.load_state_dict(torch.load(path / "methods.pt", weights_only=False))
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=False)["torch"])
     return int(json.loads((path / "state.json").read_text())["step"])
 

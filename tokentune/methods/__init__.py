@@ -6,18 +6,18 @@ from tokentune.methods.base import (
     Method,
     NoConfig,
     StepContext,
-    build_methods,
     known_methods,
     register,
     validate_methods,
 )
+from tokentune.methods.stack import MethodStack
 
 __all__ = [
     "REGISTRY",
     "Method",
+    "MethodStack",
     "NoConfig",
     "StepContext",
-    "build_methods",
     "known_methods",
     "register",
     "validate_methods",

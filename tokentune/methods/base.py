@@ -18,6 +18,14 @@ Hooks (all optional, called by ``tokentune.train``):
 - ``state_dict()`` / ``load_state_dict(state)``: method state saved with checkpoints
 - ``train_mode_only``: methods only touch training; eval, generation and merge use the stock forward.
 
+What a method knows without a model (class methods, called by validation and the memory estimate):
+- ``check_shape(settings, shape, section)``: raise ``ConfigError`` if the settings cannot work on a
+  model of this ``ModelShape`` (IST/RST: a layer budget above the decoder's layer count).
+- ``memory_terms(settings, terms)``: adjust the estimate's ``MemoryTerms`` (``tokentune.estimate``).
+
+``MethodStack`` (``tokentune.methods.stack``) runs these hooks in order; the training loop, the
+benchmarks and the tests all drive it.
+
 Capability flags the loop and validators read:
 - ``kind``: 'trainer' (decides which weights train: full, lora, dora; exactly one per run),
   'quantizer' (qlora), 'modifier' (tokentune, ist, rst).
@@ -31,13 +39,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from tokentune.errors import ConfigError
+from tokentune.settings import build_section
 
-class MethodError(ValueError):
-    """Invalid method list or method configuration (a ConfigError subtype is raised to users)."""
+if TYPE_CHECKING:
+    from tokentune.estimate import MemoryTerms
+    from tokentune.shape import ModelShape
 
 
 @dataclass
@@ -69,9 +80,19 @@ class Method:
     conflicts: ClassVar[tuple[str, ...]] = ()
     overrides_loss: ClassVar[bool] = False
 
-    def __init__(self, config: Any, run_config: Any = None) -> None:
+    def __init__(self, config: Any) -> None:
         self.config = config
-        self.run_config = run_config
+
+    # ---- what the method knows without a model ---------------------------------------------------
+    @classmethod
+    def check_shape(cls, settings: Any, shape: ModelShape, section: str) -> None:
+        """Raise ``ConfigError`` (naming ``section.<key>``) if ``settings`` cannot work on ``shape``."""
+        return None
+
+    @classmethod
+    def memory_terms(cls, settings: Any, terms: MemoryTerms) -> None:
+        """Adjust the memory estimate's terms for this method (see ``tokentune.estimate``)."""
+        return None
 
     # ---- hooks (defaults do nothing) -----------------------------------------------------------
     def load_kwargs(self) -> dict[str, Any]:
@@ -128,8 +149,6 @@ def validate_methods(names: list[str], configs: dict[str, Any] | None = None) ->
 
     Raises ``ConfigError`` naming the method and what would be accepted.
     """
-    from tokentune.config import ConfigError, build_section
-
     configs = dict(configs or {})
     if not isinstance(names, list) or not names:
         raise ConfigError(f"methods={names!r} is invalid: expected a non-empty list, e.g. [lora, tokentune]")
@@ -167,9 +186,3 @@ def validate_methods(names: list[str], configs: dict[str, Any] | None = None) ->
             n, cfg if dataclasses.is_dataclass(cfg) else build_section(n, REGISTRY[n].config_cls, cfg)
         )
     return out
-
-
-def build_methods(names: list[str], configs: dict[str, Any], run_config: Any = None) -> list[Method]:
-    """Instantiate the listed methods, sorted by hook order (stable for equal orders)."""
-    methods = [REGISTRY[n](configs[n], run_config) for n in names]
-    return sorted(methods, key=lambda m: m.order)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokentune.config import ConfigError
+from tokentune.errors import ConfigError
 from tokentune.methods.base import Method, register
 
 
@@ -37,6 +37,13 @@ class Full(Method):
     kind = "trainer"
     order = 20
     conflicts = ("lora", "dora", "qlora")
+
+    @classmethod
+    def memory_terms(cls, settings: FullSettings, terms) -> None:
+        h = terms.shape.hidden
+        terms.trainable_per_layer = terms.linear_params_per_layer + 2 * h  # linears + two norms
+        terms.trainable_outside = terms.embedding_params + h  # embeddings (+ head) + final norm
+        terms.trainable_bytes = terms.weight_bytes
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         freeze_matching(model, self.config.freeze)

@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokentune.config import ConfigError
+from tokentune.errors import ConfigError
 from tokentune.methods.base import Method, StepContext, register
 
 GROUP_KEY = "ist_layer"  # optimizer param-group key: the decoder layer index the group belongs to
@@ -392,8 +392,18 @@ class _SparseLayerTuning(Method):
     uniform: ClassVar[bool] = False
     probes: ClassVar[bool] = False
 
-    def __init__(self, config: Any, run_config: Any = None) -> None:
-        super().__init__(config, run_config)
+    @classmethod
+    def check_shape(cls, settings: Any, shape: Any, section: str) -> None:
+        if _is_int(settings.budget):
+            resolve_budget(settings.budget, shape.layers, f"{section}.budget")
+
+    @classmethod
+    def memory_terms(cls, settings: Any, terms: Any) -> None:
+        layers, b = terms.shape.layers, settings.budget
+        terms.active_layers = resolve_budget(min(b, layers) if _is_int(b) else b, layers)
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
         self.generator = torch.Generator().manual_seed(int(config.seed))
         self.layer_index: list[int] = []  # model layer index of each candidate (layers with trainable params)
         self._leaves: list[list[nn.Module]] = []

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokentune.config import ConfigError
+from tokentune.errors import ConfigError
 from tokentune.methods.base import Method, register
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,12 +84,23 @@ def wrap_with_adapter(model: torch.nn.Module, settings: LoraSettings, use_dora: 
     return get_peft_model(model, peft_config(settings, use_dora, task))
 
 
+def adapter_params_per_layer(settings: LoraSettings, dims: dict[str, tuple[int, int]], dora: bool) -> int:
+    """Adapter parameters in one decoder layer: ``rank * (in + out)`` per targeted module (DoRA: + out)."""
+    targets = [t for t in settings.target_modules if t in dims]
+    return sum(settings.rank * (dims[t][0] + dims[t][1]) + (dims[t][1] if dora else 0) for t in targets)
+
+
 @register
 class LoRA(Method):
     name = "lora"
     config_cls = LoraSettings
     kind = "trainer"
     order = 20
+
+    @classmethod
+    def memory_terms(cls, settings: LoraSettings, terms) -> None:
+        terms.trainable_per_layer = adapter_params_per_layer(settings, terms.shape.linear_dims(), dora=False)
+        terms.trainable_bytes = 4  # adapters train in fp32
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return wrap_with_adapter(model, self.config, use_dora=False)
@@ -103,6 +114,11 @@ class DoRA(Method):
     config_cls = DoraSettings
     kind = "trainer"
     order = 20
+
+    @classmethod
+    def memory_terms(cls, settings: DoraSettings, terms) -> None:
+        terms.trainable_per_layer = adapter_params_per_layer(settings, terms.shape.linear_dims(), dora=True)
+        terms.trainable_bytes = 4
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return wrap_with_adapter(model, self.config, use_dora=True)

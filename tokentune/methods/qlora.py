@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tokentune.config import ConfigError
+from tokentune.errors import ConfigError
 from tokentune.methods.base import Method, register
 
 
@@ -45,6 +45,10 @@ class QLoRA(Method):
     order = 10
     requires_any = ("lora", "dora")
     conflicts = ("full",)
+
+    @classmethod
+    def memory_terms(cls, settings: QLoraSettings, terms) -> None:
+        terms.linear_weight_bytes = 0.56  # 4-bit weights plus (double-quantized) block scales: ~4.5 bits
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"quantization_config": bnb_config(self.config)}

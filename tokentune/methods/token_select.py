@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokentune.config import ConfigError
+from tokentune.errors import ConfigError
 from tokentune.methods.base import Method, StepContext, register
 
 DECODERS = (
@@ -453,8 +453,15 @@ class TokenTune(Method):
     overrides_loss = True
     config_cls = TokenTuneSettings
 
-    def __init__(self, config: TokenTuneSettings, run_config: Any = None) -> None:
-        super().__init__(config, run_config)
+    @classmethod
+    def memory_terms(cls, settings: TokenTuneSettings, terms) -> None:
+        max_length = terms.cfg.data.max_length
+        terms.token_share = (
+            min(1.0, settings.count / max_length) if settings.count is not None else float(settings.ratio)
+        )
+
+    def __init__(self, config: TokenTuneSettings) -> None:
+        super().__init__(config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self._selected = self._real = 0
 

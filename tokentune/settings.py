@@ -1,0 +1,66 @@
+"""Settings dataclasses: each field carries its help text; sections are built from mappings.
+
+    @dataclass
+    class LoraSettings:
+        rank: int = setting(8, "adapter rank r")
+
+``describe(cls)`` lists a section's fields with defaults and help (``tokentune methods`` prints it, and
+a test checks the README's config tables against it); ``build_section`` turns a YAML mapping into the
+dataclass, naming unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tokentune.errors import ConfigError
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:  # noqa: A002
+    """A dataclass field with its help text (``factory`` for mutable defaults)."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    key: str  # ``section.field``
+    default: Any
+    help: str
+
+
+def describe(cls: type, section: str) -> list[SettingDoc]:
+    """One ``SettingDoc`` per field of a settings dataclass, in declaration order."""
+    out = []
+    for f in fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        out.append(SettingDoc(f"{section}.{f.name}", default, str(f.metadata.get("help", ""))))
+    return out
+
+
+def build_section(name: str, cls: type, value: Any) -> Any:
+    """Build one section dataclass from a mapping (or pass a built one through), naming unknown keys."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{name}.{unknown[0]}'; accepted keys in {name}: {', '.join(sorted(names))}"
+        )
+    try:
+        return cls(**value)
+    except TypeError as e:  # wrong types that slipped through (e.g. a string where a number goes)
+        raise ConfigError(f"{name}: {e}") from e
