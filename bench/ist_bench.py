@@ -3,7 +3,7 @@
     python bench/ist_bench.py [--layers 8] [--hidden 512] [--seq 256] [--steps 20] [--batch 16] [--json]
 
 Every configuration trains its own copy of the same random model with LoRA (r=8, alpha=16 on
-q,k,v,up,down as in the IST paper) through a loop shaped like ``tokentune.train``; IST uses the paper's
+q,k,v,up,down as in the IST paper) through a ``MethodStack`` (the hook sequence of ``tokentune.train``); IST uses the paper's
 probing (every 10 steps from step 10, K=3 suppression sets, 16 probe examples). Steps run round-robin
 over the configurations so that a busy machine slows all of them alike.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from tokentune.methods.base import StepContext  # noqa: E402
+from tokentune.methods import MethodStack, StepContext  # noqa: E402
 from tokentune.methods.ist import IST, RST, ISTSettings, RSTSettings  # noqa: E402
 from tokentune.methods.lora import LoRA, LoraSettings  # noqa: E402
 
@@ -97,7 +97,7 @@ class Run:
     method: str
     budget: float | None
     model: torch.nn.Module
-    methods: list
+    methods: MethodStack
     optimizer: torch.optim.Optimizer
     saved: list[int] = field(default_factory=list)
     step_s: list[float] = field(default_factory=list)  # wall
@@ -122,13 +122,11 @@ def make_run(method: str, budget: float | None, args) -> Run:
         )
     elif method == "rst":
         methods.append(RST(RSTSettings(budget=budget)))
-    model = build_model(args)
-    for m in methods:
-        model = m.prepare(model)
+    stack = MethodStack(methods)
+    model = stack.prepare(build_model(args))
     model.train()
-    groups = next((g for g in (m.param_groups(model) for m in methods) if g is not None), None)
-    groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    return Run(method, budget, model, methods, torch.optim.AdamW(groups, lr=2e-4, weight_decay=0.0))
+    optimizer = torch.optim.AdamW(stack.param_groups(model), lr=2e-4, weight_decay=0.0)
+    return Run(method, budget, model, stack, optimizer)
 
 
 def train_step(run: Run, step: int, args) -> None:
@@ -139,24 +137,30 @@ def train_step(run: Run, step: int, args) -> None:
         optimizer=run.optimizer,
         probe_batch=lambda size: make_batch(-1 - step, size, args),
     )
+    saved = SavedBytes(model)
+    clock: dict[str, float] = {}
+
+    def optimizer_step() -> float:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        clock["trained"] = time.process_time()  # what follows is IST's probe (on_step_end)
+        return float(norm)
+
     t0, c0 = time.perf_counter(), time.process_time()
-    for m in run.methods:
-        m.on_step_start(ctx)
-    with SavedBytes(model) as saved:
-        loss = model(**make_batch(step, args.batch, args)).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    c1 = time.process_time()
-    for m in run.methods:
-        m.on_step_end(ctx)
+    run.methods.step(
+        ctx,
+        [make_batch(step, args.batch, args)],
+        backward=lambda loss: loss.backward(),
+        optimizer_step=optimizer_step,
+        forward_context=lambda: saved,
+    )
     c2 = time.process_time()
     run.step_s.append(time.perf_counter() - t0)
     run.step_cpu.append(c2 - c0)
     run.saved.append(saved.total)
     run.probe_s.append(sum(getattr(m, "probe_s", 0.0) for m in run.methods))
-    run.probe_cpu.append(c2 - c1 if run.probe_s[-1] > 0 else 0.0)
+    run.probe_cpu.append(c2 - clock["trained"] if run.probe_s[-1] > 0 else 0.0)
 
 
 def _clock(steps: list[float], probes: list[float], every: int) -> tuple[float, float, float]:

@@ -10,9 +10,9 @@
 A row is one (mode, variant, ratio): ``mode`` picks the trainer (lora, full, qlora = 4-bit base +
 LoRA), a variant adds methods on top (``stock``: none; ``tokentune``: TokenTune at each ratio;
 ``ist`` / ``rst``: a layer-update budget, the ``ratio`` column then being the budget).
-Every row builds a Llama-architecture model with random weights, prepares it with the registered
-methods (``tokentune.methods``, in hook order), and runs the loop of ``tokentune.train`` on one
-fixed micro-batch (batch 1, no padding, every token labelled). To add a row kind (e.g. IST/RST),
+Every row builds a Llama-architecture model with random weights and trains it through a
+``MethodStack`` of the registered methods (the object that runs ``tokentune.train``'s hook sequence)
+on one fixed micro-batch (batch 1, no padding, every token labelled). To add a row kind,
 append a ``Variant`` to ``VARIANTS``: a name, a function giving the method names and configs for a
 mode and ratio, and the ratios it sweeps.
 
@@ -42,6 +42,7 @@ Figures (each row runs in a fresh subprocess unless ``--no-isolate``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,13 +53,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    from tokentune.methods import MethodStack
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Llama-2-7B's architecture (random weights), bf16, the paper's max length
@@ -184,27 +188,21 @@ def build_model(args: argparse.Namespace, load_kwargs: dict[str, Any]):
 
 @dataclass
 class Trial:
-    """A prepared row: the model, one training forward (-> loss) and one optimizer step."""
+    """A prepared row: the model, its methods and one optimizer step (``step(batch, pack=None)`` -> loss;
+    ``pack`` is a saved-tensor hook that sees what the step's forward saves for backward)."""
 
     model: torch.nn.Module
-    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
-    step: Callable[[dict[str, torch.Tensor]], float]
-    methods: list[Any] = field(default_factory=list)
+    step: Callable[..., float]
+    methods: MethodStack
 
 
 def build_trial(args: argparse.Namespace, names: list[str], configs: dict[str, Any]) -> Trial:
     from tokentune.methods import MethodStack, StepContext
 
-    methods = MethodStack.build(names, configs).methods
-    load_kwargs: dict[str, Any] = {}
-    for m in methods:
-        load_kwargs.update(m.load_kwargs())
-    model = build_model(args, load_kwargs)
-    for m in methods:
-        model = m.prepare(model)
+    stack = MethodStack.build(names, configs)
+    model = stack.prepare(build_model(args, stack.load_kwargs()))
     model.train()
-    groups = next((g for g in (m.param_groups(model) for m in methods) if g is not None), None)
-    groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]  # IST: one per layer
+    groups = stack.param_groups(model)  # IST/RST: one group per layer
     opt = (
         torch.optim.AdamW(groups, lr=1e-5)
         if args.optim == "adamw"
@@ -216,33 +214,29 @@ def build_trial(args: argparse.Namespace, names: list[str], configs: dict[str, A
     def probe_batch(size: int | None = None) -> dict[str, torch.Tensor]:  # IST's probe data
         return make_batch(args, size=size, seed=1000 + counter[0])
 
-    def forward(batch):
-        ctx = StepContext(step=counter[0], model=model, optimizer=opt, batch=batch, device=device)
-        loss = next((x for x in (m.compute_loss(model, batch, ctx) for m in methods) if x is not None), None)
-        return model(**batch).loss if loss is None else loss
-
-    def step(batch, pack=None):
-        ctx = StepContext(
-            step=counter[0], model=model, optimizer=opt, batch=batch, probe_batch=probe_batch, device=device
-        )
-        for m in methods:
-            m.on_step_start(ctx)
-        if pack is None:
-            loss = forward(batch)
-        else:  # count what this training forward saves for backward
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = forward(batch)
-        loss.backward()
-        for m in methods:
-            m.on_before_step(ctx)
+    def optimizer_step() -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
-        for m in methods:
-            m.on_step_end(ctx)
-        counter[0] += 1
-        return float(loss.detach())
+        return 0.0
 
-    return Trial(model, forward, step, methods)
+    def step(batch, pack=None) -> float:
+        ctx = StepContext(step=counter[0], model=model, optimizer=opt, probe_batch=probe_batch, device=device)
+        saved_tensors = (  # count what this training forward saves for backward
+            contextlib.nullcontext
+            if pack is None
+            else lambda: torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        )
+        loss, _ = stack.step(
+            ctx,
+            [batch],
+            backward=lambda loss: loss.backward(),
+            optimizer_step=optimizer_step,
+            forward_context=saved_tensors,
+        )
+        counter[0] += 1
+        return loss
+
+    return Trial(model, step, stack)
 
 
 # ---- measurement harness -------------------------------------------------------------------------

@@ -65,6 +65,15 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine they lose 10-30x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_llama():
     return make_tiny_causal_lm()
 

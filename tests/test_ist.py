@@ -1,8 +1,7 @@
 """IST / RST: the math, the per-step freezing mechanism and the invariants of METHODS.md.
 
-Tiny random Llama models with peft LoRA/DoRA, a plain training loop mirroring ``tokentune.train``
-(prepare -> param_groups -> AdamW + LambdaLR -> on_step_start / backward / clip / step / on_step_end),
-and, marked slow, the same bit-identity checks under DeepSpeed ZeRO-2 and ZeRO-3 (one subprocess each,
+Tiny random Llama models with peft LoRA/DoRA, trained through ``MethodStack`` (the object that runs
+the hook sequence of ``tokentune.train``) with AdamW + LambdaLR and gradient clipping, and, marked slow, the same bit-identity checks under DeepSpeed ZeRO-2 and ZeRO-3 (one subprocess each,
 so no process group leaks into other tests).
 """
 
@@ -25,35 +24,27 @@ import torch
 
 from tests.conftest import free_port, make_tiny_causal_lm
 from tokentune.config import ConfigError, RunConfig
-from tokentune.methods import REGISTRY, StepContext, validate_methods
+from tokentune.methods import REGISTRY, MethodStack, StepContext, validate_methods
 from tokentune.methods.full import Full, FullSettings
-from tokentune.methods.ist import (
-    GROUP_KEY,
-    IST,
-    RST,
-    ISTSettings,
-    RSTSettings,
-    adapter_output_modules,
+from tokentune.methods.ist import IST, RST, ISTSettings, RSTSettings, resolve_budget
+from tokentune.methods.layer_sampling import (
     centred_rewards,
-    find_decoder_layers,
-    resolve_budget,
     sample_layers,
     sample_suppression_sets,
-    scaled_outputs,
     update_scores,
 )
 from tokentune.methods.lora import DoRA, DoraSettings, LoRA, LoraSettings
+from tokentune.methods.sparse_layers import (
+    GROUP_KEY,
+    adapter_output_modules,
+    find_decoder_layers,
+    scaled_outputs,
+)
 
 NO_PROBE = 10**9  # start_step that is never reached
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine they lose 10-30x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -100,55 +91,54 @@ def lr_lambda(steps: int):
     return lambda s: min(1.0, (s + 1) / 2) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
 
-def run_loop(model, methods, steps: int, lr=1e-2, wd=0.1, scheduler=True, probe_size=8, schedule_steps=None):
-    """The training loop of tokentune.train, reduced to what methods see; returns per-step records."""
-    methods = sorted(methods, key=lambda m: m.order)
-    for m in methods:
-        model = m.prepare(model)
-    groups = next((g for g in (m.param_groups(model) for m in methods) if g is not None), None)
-    groups = groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule_steps or steps)) if scheduler else None
-    records = []
-    for step in range(steps):
-        ctx = StepContext(
-            step=step,
-            model=model,
-            optimizer=opt,
-            probe_batch=lambda step=step: make_batch(500 + step, batch=probe_size),
-        )
-        before = trainable(model)
-        state_before = opt_state(opt)
-        for m in methods:
-            m.on_step_start(ctx)
-        active = None
-        for m in methods:
-            if isinstance(m, (IST, RST)):
-                active = [m.layer_index[j] for j in m.active.tolist()]
-        batch = make_batch(step)
-        loss = next((x for x in (m.compute_loss(model, batch, ctx) for m in methods) if x is not None), None)
-        if loss is None:
-            loss = model(**batch).loss
-        loss.backward()
-        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+def clipped_step(model, opt, sched=None):
+    """The optimizer step of the loop's engine: clip to norm 1, step, schedule, zero the gradients."""
+
+    def step() -> float:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         opt.step()
         if sched is not None:
             sched.step()
         opt.zero_grad(set_to_none=True)
-        for m in methods:
-            m.on_step_end(ctx)
-        records.append(
-            {
-                "loss": loss.item(),
-                "active": active,
-                "before": before,
-                "after": trainable(model),
-                "with_grad": with_grad,
-                "state_before": state_before,
-                "state_after": opt_state(opt),
-            }
-        )
+        return float(norm)
+
+    return step
+
+
+def train_step(stack: MethodStack, model, opt, sched, step: int, probe_size: int = 8) -> dict:
+    """One optimizer step through ``stack`` on ``make_batch(step)``; returns what the invariants check."""
+    ctx = StepContext(
+        step=step,
+        model=model,
+        optimizer=opt,
+        probe_batch=lambda step=step: make_batch(500 + step, batch=probe_size),
+    )
+    record = {"before": trainable(model), "state_before": opt_state(opt), "active": None}
+
+    def seen(batch, loss) -> None:  # after the micro-batch's backward, before the optimizer step
+        for m in stack:
+            if isinstance(m, (IST, RST)):
+                record["active"] = [m.layer_index[j] for j in m.active.tolist()]
+        record["with_grad"] = {n for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, _ = stack.step(
+        ctx,
+        [make_batch(step)],
+        backward=lambda loss: loss.backward(),
+        optimizer_step=clipped_step(model, opt, sched),
+        on_micro_batch=seen,
+    )
+    record.update(loss=loss, after=trainable(model), state_after=opt_state(opt))
+    return record
+
+
+def run_loop(model, methods, steps: int, lr=1e-2, wd=0.1, scheduler=True, probe_size=8, schedule_steps=None):
+    """The training loop of tokentune.train, reduced to what methods see; returns per-step records."""
+    stack = MethodStack(methods)
+    model = stack.prepare(model)
+    opt = torch.optim.AdamW(stack.param_groups(model), lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule_steps or steps)) if scheduler else None
+    records = [train_step(stack, model, opt, sched, step, probe_size) for step in range(steps)]
     return model, opt, records
 
 
@@ -579,31 +569,20 @@ def test_state_dict_resume_continues_identically():
     model, opt, part = run_loop(adapted_model(4), [first], steps=3, schedule_steps=6)
     resumed = IST(settings)
     resumed.load_state_dict(first.state_dict())  # before prepare: applied in prepare
-    resumed.prepare(model)
+    stack = MethodStack([resumed])
+    stack.prepare(model)
     assert torch.equal(resumed.scores, first.scores) and resumed.step == 3
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(6))
     for _ in range(3):
         sched.step()
     for step in range(3, 6):
-        ctx = StepContext(
-            step=step, model=model, optimizer=opt, probe_batch=lambda step=step: make_batch(500 + step, 8)
-        )
-        resumed.on_step_start(ctx)
-        assert [resumed.layer_index[j] for j in resumed.active.tolist()] == records[step]["active"]
-        loss = model(**make_batch(step)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        resumed.on_step_end(ctx)
-        assert abs(loss.item() - records[step]["loss"]) < 1e-6
+        r = train_step(stack, model, opt, sched, step)
+        assert r["active"] == records[step]["active"]
+        assert abs(r["loss"] - records[step]["loss"]) < 1e-6
     assert torch.allclose(resumed.scores, ist.scores, atol=1e-9)
 
 
 def test_composes_with_tokentune():
-    if "tokentune" not in REGISTRY:
-        pytest.skip("tokentune.methods.token_select is not in this checkout")
     tt_cls = REGISTRY["tokentune"]
     tt = tt_cls(tt_cls.config_cls())
     ist = IST(ISTSettings(budget=1, start_step=1, update_every=1))
@@ -623,8 +602,9 @@ def _deepspeed_check(stage: int, dora: bool) -> None:
 
     model = adapted_model(4, dora=dora)
     ist = IST(ISTSettings(budget=1, start_step=1, update_every=2))
-    model = ist.prepare(model)
-    opt = torch.optim.AdamW(ist.param_groups(model), lr=1e-2, weight_decay=0.1)
+    stack = MethodStack([ist])
+    model = stack.prepare(model)
+    opt = torch.optim.AdamW(stack.param_groups(model), lr=1e-2, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(6))
     cfg = {
         "train_batch_size": 4,
@@ -646,18 +626,18 @@ def _deepspeed_check(stage: int, dora: bool) -> None:
         with gather:
             return {n: p.detach().clone() for n, p in named}
 
+    def ds_step() -> float:  # as tokentune.engine.DeepSpeedEngine: the engine steps (and clips) itself
+        engine.step()
+        return float(engine.get_global_grad_norm() or 0.0)
+
     if stage == 3:
         assert all(p.numel() == 0 for _, p in named), "ZeRO-3 should have partitioned the adapters"
     moved = set()
     for step in range(6):
         ctx = StepContext(step=step, model=module, optimizer=ds_opt, probe_batch=lambda: make_batch(77, 8))
         before = snapshot()
-        ist.on_step_start(ctx)
+        loss, _ = stack.step(ctx, [make_batch(step)], backward=engine.backward, optimizer_step=ds_step)
         active = {ist.layer_index[j] for j in ist.active.tolist()}
-        loss = engine(**make_batch(step)).loss
-        engine.backward(loss)
-        engine.step()
-        ist.on_step_end(ctx)
         after = snapshot()
         for n, b in before.items():
             if layer_of(n) in active and not torch.equal(b, after[n]):
@@ -666,7 +646,7 @@ def _deepspeed_check(stage: int, dora: bool) -> None:
                 assert torch.equal(b, after[n]), f"stage {stage} step {step}: inactive {n} changed"
         for g in ds_opt.param_groups:
             assert type(g["lr"]) is float and g["weight_decay"] == 0.1
-        assert math.isfinite(loss.item())
+        assert math.isfinite(loss)
     assert moved, "no active layer trained"
     assert ist.probe_losses and ist.scores.abs().sum() > 0
     print(f"OK stage={stage} dora={dora} moved={sorted(moved)} scores={ist.scores.tolist()}")

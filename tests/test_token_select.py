@@ -11,29 +11,23 @@ import torch.nn.functional as F
 from tests.conftest import make_tiny_causal_lm
 from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import REGISTRY, MethodStack, StepContext
+from tokentune.methods.split_forward import validate_mask
 from tokentune.methods.token_select import (
     SUPPORTED,
     TokenTune,
     TokenTuneSettings,
     num_selected,
     select_tokens,
-    selected_logits,
     tokentune_loss,
-    validate_mask,
 )
+from tokentune.methods.token_select_decoder import selected_logits
 from tokentune.methods.token_select_encoder import encoder_hidden, tokentune_encoder_forward
 
 VOCAB = 128
 LENGTHS = (14, 9, 5)  # right padding to 14
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(lengths=LENGTHS, vocab=VOCAB, prompt=2, seed=0, pad_id=0):
@@ -205,34 +199,43 @@ def test_padding_never_produces_loss(family):
 
 # ---- invariant 5: trainers, quantization, gradient accumulation ---------------------------------
 def train(model, names, configs, batch, steps=3, accum=2, lr=1e-2):
-    """The loop of tokentune.train in miniature: hooks, micro-batches, accumulation, optimizer."""
-    methods = MethodStack.build(names, configs).methods
-    for m in methods:
-        model = m.prepare(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    """The loop of tokentune.train in miniature: ``MethodStack`` hooks, micro-batches, accumulation."""
+    stack = MethodStack.build(names, configs)
+    model = stack.prepare(model)
+    opt = torch.optim.AdamW(stack.param_groups(model), lr=lr)
     model.eval()
     with torch.no_grad():
         before = model(**batch).loss
         all_tokens = tokentune_loss(model, batch, batch["attention_mask"].bool())
     torch.testing.assert_close(all_tokens.float(), before.float(), atol=1e-5, rtol=1e-5)
-    assert all(m.compute_loss(model, batch, None) is None for m in methods)  # eval: stock forward
+    assert all(m.compute_loss(model, batch, None) is None for m in stack)  # eval: stock forward
     model.train()
     rows = batch["input_ids"].shape[0]
-    for step in range(steps):
-        ctx = StepContext(step=step, model=model, optimizer=opt)
-        for m in methods:
-            m.on_step_start(ctx)
-        for start in range(0, rows, -(-rows // accum)):
-            micro = {k: v[start : start + -(-rows // accum)] for k, v in batch.items()}
-            ctx.batch = micro
-            loss = next(x for x in (m.compute_loss(model, micro, ctx) for m in methods) if x is not None)
-            assert torch.isfinite(loss)
-            (loss / accum).backward()
+    size = -(-rows // accum)
+
+    def optimizer_step() -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
-        for m in methods:
-            m.on_step_end(ctx)
-    metrics = {k: v for m in methods for k, v in m.metrics().items()}
+        return 0.0
+
+    selected = [0]
+
+    def check_micro_batch(_batch, loss) -> None:  # TokenTune computed this micro-batch's loss
+        assert torch.isfinite(loss)
+        now = stack.metrics()["tokentune/selected_tokens"]
+        assert now > selected[0]
+        selected[0] = now
+
+    for step in range(steps):
+        selected[0] = 0
+        stack.step(
+            StepContext(step=step, model=model, optimizer=opt),
+            [{k: v[start : start + size] for k, v in batch.items()} for start in range(0, rows, size)],
+            backward=lambda loss: (loss / accum).backward(),
+            optimizer_step=optimizer_step,
+            on_micro_batch=check_micro_batch,
+        )
+    metrics = stack.metrics()
     assert 0 < metrics["tokentune/selected_frac"] < 1
     model.eval()
     with torch.no_grad():

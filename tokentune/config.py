@@ -10,37 +10,38 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tokentune.errors import ConfigError
-from tokentune.errors import check as _check
+from tokentune.errors import ConfigError, check, is_int, is_number
 from tokentune.methods import REGISTRY, validate_methods
-from tokentune.settings import build_section
+from tokentune.settings import build_section, setting
 
 __all__ = ["ConfigError", "RunConfig", "build_section", "load_config"]
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
 class ModelConfig:
-    """Which base model to load. ``name_or_path`` None means the shipped tiny Llama."""
+    """Which base model to load (section ``model``)."""
 
-    name_or_path: str | None = None
-    tokenizer: str | None = None  # defaults to name_or_path
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | float64
-    attn_implementation: str = "sdpa"  # sdpa | eager (TokenTune and its baseline share one kernel)
-    trust_remote_code: bool = False
+    name_or_path: str | None = setting(None, "hub name or local dir; null = the shipped tiny Llama")
+    tokenizer: str | None = setting(None, "tokenizer hub name or dir; null = the model's")
+    dtype: str = setting("float32", "weights dtype: float32, bfloat16, float16 or float64")
+    attn_implementation: str = setting(
+        "sdpa", "sdpa or eager (TokenTune and its baseline use the same kernel: sdpa)"
+    )
+    trust_remote_code: bool = setting(False, "let transformers run the model repository's own code")
 
     def __post_init__(self) -> None:
-        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
-        _check(
+        check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        check(
             self.attn_implementation in ("sdpa", "eager"),
             "model.attn_implementation",
             self.attn_implementation,
@@ -50,95 +51,122 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Instruction data (Alpaca-style JSON/JSONL with instruction/input/output, or an HF dataset)."""
+    """Instruction data (section ``data``): Alpaca-style JSON/JSONL rows or an HF dataset."""
 
-    train: str | None = None  # path or HF dataset name; None = shipped instruction data
-    val: str | None = None  # path or HF dataset name; None = shipped (or split from train)
-    val_fraction: float = 0.05  # used when val is None and train is not the shipped data
-    template: str = "alpaca"  # 'alpaca' or a JSON file with prompt_input / prompt_no_input keys
-    max_length: int = 128
-    train_on_inputs: bool = False
-    max_examples: int | None = None  # cap on training rows (quick runs)
+    train: str | None = setting(
+        None, ".json/.jsonl Alpaca rows or an HF dataset name; null = the shipped instruction data"
+    )
+    val: str | None = setting(
+        None, "validation rows, as data.train; null = shipped (or split off data.train)"
+    )
+    val_fraction: float = setting(0.05, "validation share split off data.train when data.val is unset")
+    template: str = setting("alpaca", "alpaca, or a JSON file with prompt_input and prompt_no_input keys")
+    max_length: int = setting(128, "truncation length in tokens (>= 8)")
+    train_on_inputs: bool = setting(False, "also train on prompt tokens (else they are masked with -100)")
+    max_examples: int | None = setting(None, "cap on training rows (quick runs); null = all")
 
     def __post_init__(self) -> None:
-        _check(self.max_length >= 8, "data.max_length", self.max_length, "an integer >= 8")
-        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number in (0, 1)")
+        check(
+            is_int(self.max_length) and self.max_length >= 8,
+            "data.max_length",
+            self.max_length,
+            "an integer >= 8",
+        )
+        check(
+            is_number(self.val_fraction) and 0 < self.val_fraction < 1,
+            "data.val_fraction",
+            self.val_fraction,
+            "a number in (0, 1)",
+        )
         if self.max_examples is not None:
-            _check(self.max_examples >= 1, "data.max_examples", self.max_examples, "an integer >= 1")
-
-
-SCHEDULES = ("cosine", "linear", "constant")
+            check(
+                is_int(self.max_examples) and self.max_examples >= 1,
+                "data.max_examples",
+                self.max_examples,
+                "an integer >= 1",
+            )
 
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop."""
+    """The optimisation loop (section ``train``)."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_steps: int = 10
-    max_steps: int = 200  # optimizer steps
-    batch_size: int = 16  # micro-batch per worker
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0
-    bf16: str = "auto"  # auto (CUDA with bf16 support) | true | false: autocast for the forward
-    seed: int = 0
-    log_every: int = 10  # report(metrics) every N optimizer steps
-    eval_every: int = 0  # validation loss every N steps (0: only at the end)
-    eval_batches: int = 8  # validation micro-batches per evaluation (0: the whole split)
-    save_every: int = 0  # full checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2
-    output_dir: str = "runs/train"
+    lr: float = setting(1e-3, "AdamW learning rate, in (0, 1)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas")
+    schedule: str = setting("cosine", "learning-rate schedule after warmup: cosine, linear or constant")
+    warmup_steps: int = setting(10, "linear warmup steps")
+    max_steps: int = setting(200, "optimizer steps")
+    batch_size: int = setting(16, "micro-batch per worker")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    max_grad_norm: float | None = setting(1.0, "gradient clipping norm; null = off")
+    bf16: str = setting("auto", "bf16 autocast of the forward: auto (CUDA with bf16 support), true or false")
+    seed: int = setting(
+        0, "seeds torch (model init, dropout) and the data order; methods have their own seeds"
+    )
+    log_every: int = setting(10, "report metrics every N optimizer steps")
+    eval_every: int = setting(0, "validation loss every N steps (0: only at the end)")
+    eval_batches: int = setting(8, "validation micro-batches per evaluation (0: the whole split)")
+    save_every: int = setting(0, "checkpoint every N steps (0: only the final artifact)")
+    keep_checkpoints: int = setting(2, "checkpoints kept (the newest)")
+    output_dir: str = setting(
+        "runs/train", "where checkpoint-NNNNNN/, final/ (adapter or model) and result.json go"
+    )
 
     def __post_init__(self) -> None:
-        _check(
-            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr < 1,
-            "train.lr",
-            self.lr,
-            "a number in (0, 1), e.g. 1e-4",
+        check(is_number(self.lr) and 0 < self.lr < 1, "train.lr", self.lr, "a number in (0, 1), e.g. 1e-4")
+        check(
+            is_number(self.weight_decay) and self.weight_decay >= 0,
+            "train.weight_decay",
+            self.weight_decay,
+            "a number >= 0",
         )
-        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.schedule in SCHEDULES, "train.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
-        for key in ("max_steps", "batch_size", "grad_accum"):
+        check(self.schedule in SCHEDULES, "train.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+        for key in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints"):
             v = getattr(self, key)
-            _check(isinstance(v, int) and v >= 1, f"train.{key}", v, "an integer >= 1")
+            check(is_int(v) and v >= 1, f"train.{key}", v, "an integer >= 1")
         for key in ("warmup_steps", "log_every", "eval_every", "save_every", "eval_batches"):
             v = getattr(self, key)
-            _check(isinstance(v, int) and v >= 0, f"train.{key}", v, "an integer >= 0")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+            check(is_int(v) and v >= 0, f"train.{key}", v, "an integer >= 0")
         if self.max_grad_norm is not None:
-            _check(self.max_grad_norm > 0, "train.max_grad_norm", self.max_grad_norm, "a number > 0 or null")
+            check(
+                is_number(self.max_grad_norm) and self.max_grad_norm > 0,
+                "train.max_grad_norm",
+                self.max_grad_norm,
+                "a number > 0 or null",
+            )
         self.bf16 = str(self.bf16).lower()
-        _check(self.bf16 in ("auto", "true", "false"), "train.bf16", self.bf16, "auto, true or false")
+        check(self.bf16 in ("auto", "true", "false"), "train.bf16", self.bf16, "auto, true or false")
         self.betas = tuple(self.betas)  # YAML gives a list
 
 
 @dataclass
 class ComputeConfig:
-    """Resources of one run (a Ray Train job when workers > 1 or under a sweep)."""
+    """Resources of one run (section ``compute``; a Ray Train job when workers > 1 or under a sweep)."""
 
-    workers: int = 1
-    use_gpu: bool | str = "auto"  # auto: when CUDA is visible
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 1
-    zero_stage: int | None = None  # None: no DeepSpeed; 0-3: DeepSpeed ZeRO stage
-    backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    workers: int = setting(1, "training workers (> 1: a Ray Train job)")
+    use_gpu: bool | str = setting("auto", "auto (when a GPU is available), true or false")
+    cpus_per_worker: float = setting(1, "CPUs per worker")
+    gpus_per_worker: float = setting(1, "GPUs per worker (when GPUs are used)")
+    zero_stage: int | None = setting(None, "DeepSpeed ZeRO stage 0-3; null = no DeepSpeed")
+    backend: str = setting("auto", "process group: auto (nccl on GPU, gloo on CPU), gloo or nccl")
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.workers, int) and self.workers >= 1, "compute.workers", self.workers, ">= 1")
+        check(is_int(self.workers) and self.workers >= 1, "compute.workers", self.workers, ">= 1")
         if self.zero_stage is not None:
-            _check(
+            check(
                 self.zero_stage in (0, 1, 2, 3), "compute.zero_stage", self.zero_stage, "0, 1, 2, 3 or null"
             )
-        _check(
-            self.backend in ("auto", "gloo", "nccl"), "compute.backend", self.backend, "auto, gloo or nccl"
+        check(self.backend in ("auto", "gloo", "nccl"), "compute.backend", self.backend, "auto, gloo or nccl")
+        check(
+            is_number(self.cpus_per_worker) and self.cpus_per_worker > 0,
+            "compute.cpus_per_worker",
+            self.cpus_per_worker,
+            "a number > 0",
         )
-        _check(self.cpus_per_worker > 0, "compute.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         want = self.use_gpu.lower() if isinstance(self.use_gpu, str) else self.use_gpu
         want = {"true": True, "false": False}.get(want, want) if isinstance(want, str) else want
-        _check(want in (True, False, "auto"), "compute.use_gpu", self.use_gpu, "true, false or auto")
+        check(want in (True, False, "auto"), "compute.use_gpu", self.use_gpu, "true, false or auto")
         self.use_gpu = want
 
     def wants_gpu(self, gpu_available: bool) -> bool:
@@ -149,16 +177,20 @@ class ComputeConfig:
 
 @dataclass
 class EvalConfig:
-    """lm-eval after training: shipped task names, any lm-eval task, or 'name:fewshot'."""
+    """lm-eval after training (section ``eval``)."""
 
-    tasks: list[str] | None = None  # None = the shipped tasks
-    num_fewshot: int | None = None
-    limit: int | None = None
-    batch_size: int = 16
+    tasks: list[str] | None = setting(
+        None, "lm-eval tasks (name or name:fewshot: shipped or any lm-eval task); null = the shipped tasks"
+    )
+    num_fewshot: int | None = setting(
+        None, "shots for tasks named without a :fewshot suffix; null = the task's default"
+    )
+    limit: int | None = setting(None, "documents per task (quick checks); null = all")
+    batch_size: int = setting(16, "lm-eval batch size")
 
     def __post_init__(self) -> None:
         if self.tasks is not None:
-            _check(
+            check(
                 isinstance(self.tasks, list) and all(isinstance(t, str) and t for t in self.tasks),
                 "eval.tasks",
                 self.tasks,
@@ -226,17 +258,16 @@ class RunConfig:
             name: build_section(name, sec, d.get(name)) for name, sec in SECTIONS.items()
         }
         methods = d.get("methods", ["lora"])
-        if isinstance(methods, str):
-            methods = [methods]
-        if not isinstance(methods, list) or not methods:
-            raise ConfigError(
-                f"methods={methods!r} is invalid: expected a non-empty list, e.g. [lora, tokentune]"
-            )
+        methods = [methods] if isinstance(methods, str) else methods  # validated in __post_init__
         method_cfgs = {}
         for name in REGISTRY:
             if name in d:
                 method_cfgs[name] = build_section(name, REGISTRY[name].config_cls, d[name])
-        return cls(methods=list(methods), method_configs=method_cfgs, **kwargs)
+        return cls(
+            methods=list(methods) if isinstance(methods, list) else methods,
+            method_configs=method_cfgs,
+            **kwargs,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

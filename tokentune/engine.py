@@ -1,6 +1,7 @@
 """How gradients become updates: plain PyTorch (optionally all-reducing across ranks) or DeepSpeed.
 
-Both expose the same three calls the loop uses: ``backward(loss)`` per micro-batch, ``step()`` per
+``dist_info()`` and ``barrier()`` are the process-group helpers the loop and the checkpoints use.
+Both engines expose the same three calls the loop uses: ``backward(loss)`` per micro-batch, ``step()`` per
 optimizer step (returns the gradient norm), and ``save``/``load`` of the optimizer-side state.
 """
 
@@ -15,9 +16,16 @@ import torch.distributed as dist
 
 
 def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) when none is initialised."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank of the process group; a no-op when none is initialised (one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 class PlainEngine:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tokentune.methods import MethodStack
 from tokentune.shape import ModelShape, model_shape
 
 if TYPE_CHECKING:
@@ -69,8 +70,6 @@ def fmt_gb(x: float) -> str:
 
 def memory_terms(cfg: RunConfig, shape: ModelShape) -> MemoryTerms:
     """The dense starting point, then every listed method's adjustments (in hook order)."""
-    from tokentune.methods import MethodStack
-
     wbytes = DTYPE_BYTES.get(cfg.model.dtype, 4)
     terms = MemoryTerms(
         shape=shape, cfg=cfg, weight_bytes=wbytes, linear_weight_bytes=wbytes, active_layers=shape.layers

@@ -3,6 +3,12 @@
     result = evaluate("runs/t1/merged")                       # shipped ``tokentune_mini`` group
     result = evaluate(model, tokenizer, tasks=["tt_category", "arc_challenge:25"], limit=50)
     result["metrics"]  # {"eval/tt_category/acc": 0.91, ...}
+    result = evaluate_checkpoint("runs/t1/final", tasks="tt_next")  # an adapter: merged first
+    result["score"]    # the mean task accuracy, also result["metrics"]["eval/score"]
+
+``evaluate_checkpoint`` (merge an adapter with ``prepare_checkpoint``, evaluate, score) is the one
+merge-then-evaluate path: ``tokentune eval`` calls it, and the sweep's after-trial step
+(``orchestrator.post_trial``) runs the same two steps as a Ray task.
 
 A task is a shipped name (see ``shipped_tasks()``), any lm-eval task/group/tag name, or
 ``name:fewshot``. Only when a non-shipped name is asked for does lm-eval index its ~14k built-in
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,7 @@ from tokentune.assets import DEFAULT_TASKS, default_tasks_dir
 
 log = logging.getLogger(__name__)
 
+SCORE_KEY = "eval/score"
 _FEWSHOT_SUFFIX = re.compile(r"^(?P<name>.+):(?P<shots>\d+)$")
 _NOT_METRICS = {"alias", "sample_len", "samples"}  # per-task bookkeeping in lm-eval's results
 
@@ -138,7 +147,109 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     return {"results": results, "metrics": metrics, "raw": serialisable}
 
 
+def score_of(summary: dict[str, Any]) -> float | None:
+    """Mean ``acc`` over the evaluated tasks (group rows left out: they are means themselves)."""
+    raw = summary.get("raw") or {}
+    groups = set(raw.get("groups") or {}) | {
+        g for g, subs in (raw.get("group_subtasks") or {}).items() if subs
+    }
+    results = summary.get("results") or {}
+    accs = [m["acc"] for task, m in results.items() if task not in groups and "acc" in m]
+    if not accs:  # only groups reported accuracy
+        accs = [m["acc"] for m in results.values() if "acc" in m]
+    return sum(accs) / len(accs) if accs else None
+
+
+def metrics_table(results: dict[str, dict[str, float]], score: float | None = None) -> str:
+    """``task  metric  value`` lines, fixed width, with the mean accuracy last."""
+    rows = [(task, metric, f"{value:.4f}") for task, ms in results.items() for metric, value in ms.items()]
+    if score is not None:
+        rows.append(("(mean acc)", SCORE_KEY, f"{score:.4f}"))
+    if not rows:
+        return "(no metrics)"
+    header = ("task", "metric", "value")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ a checkpoint folder
+def is_adapter(checkpoint: str | Path) -> bool:
+    """A peft adapter folder (``adapter_config.json``), as opposed to a full HF checkpoint."""
+    return (Path(checkpoint) / "adapter_config.json").is_file()
+
+
+def prepare_checkpoint(
+    checkpoint: str | Path, merged_dir: str | Path | None, base: str | None = None
+) -> tuple[Path, bool]:
+    """The HF checkpoint folder to evaluate, and whether it is a merge made for it.
+
+    A full checkpoint (``config.json``) is evaluated where it is. A peft adapter is merged into its base
+    (``base``, default: the one recorded in the adapter) at ``merged_dir``: written to ``<merged_dir>.tmp``
+    and renamed, so a killed merge never looks complete; a complete merge newer than the adapter is
+    reused (a resumed after-trial step).
+    """
+    ckpt = Path(checkpoint)
+    if not is_adapter(ckpt):
+        if not (ckpt / "config.json").is_file():
+            raise FileNotFoundError(
+                f"checkpoint {str(ckpt)!r} has neither config.json (HF model) nor adapter_config.json "
+                "(peft adapter)"
+            )
+        return ckpt, False
+    if merged_dir is None:
+        raise ValueError(f"checkpoint {str(ckpt)!r} is an adapter: give a folder to merge it into")
+    from tokentune.merge import merge_adapter
+
+    merged = Path(merged_dir)
+    adapter_mtime = max(p.stat().st_mtime for p in ckpt.iterdir())
+    if _is_complete(merged) and (merged / "config.json").stat().st_mtime >= adapter_mtime:
+        return merged, True
+    tmp = merged.with_name(merged.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge_adapter(ckpt, tmp, base=base)
+    shutil.rmtree(merged, ignore_errors=True)
+    os.replace(tmp, merged)
+    return merged, True
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    tasks: list[str] | str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    base: str | None = None,
+    merged_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` a checkpoint folder and score it: a full checkpoint in place, an adapter merged
+    first (into ``merged_dir``, else a temporary folder deleted afterwards; see :func:`prepare_checkpoint`).
+
+    Returns :func:`evaluate`'s summary plus ``"score"`` (:func:`score_of`, also in
+    ``metrics["eval/score"]`` when there is one).
+    """
+    if merged_dir is None and is_adapter(checkpoint):
+        with tempfile.TemporaryDirectory(prefix="tokentune-merged-") as tmp:
+            return evaluate_checkpoint(
+                checkpoint, tasks, num_fewshot, limit, batch_size, device, base, Path(tmp) / "merged"
+            )
+    target, _ = prepare_checkpoint(checkpoint, merged_dir, base)
+    summary = evaluate(
+        str(target), tasks=tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device
+    )
+    summary["score"] = score_of(summary)
+    if summary["score"] is not None:
+        summary["metrics"][SCORE_KEY] = summary["score"]
+    return summary
+
+
 # ----------------------------------------------------------------------------------------- helpers
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+
+
 def _as_list(tasks: list[str] | str | None) -> list[str]:
     if tasks is None:
         return list(DEFAULT_TASKS)

@@ -1,8 +1,7 @@
-"""Memory and throughput accounting: peak memory, bytes saved for backward, tokens/s."""
+"""Memory and throughput accounting of a training run: peak memory and tokens/s."""
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import sys
 import time
@@ -25,39 +24,6 @@ def reset_peak(device: torch.device | str | None = None) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-class SavedTensorCounter:
-    """Counts bytes autograd saves for backward, deduplicated by storage.
-
-    >>> with SavedTensorCounter() as c:
-    ...     loss = model(**batch).loss
-    >>> c.bytes
-    """
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._seen: set[int] = set()
-        self._ctx = None
-
-    def _pack(self, t: torch.Tensor):
-        try:
-            st = t.untyped_storage()
-            key = st.data_ptr()
-            if key not in self._seen:
-                self._seen.add(key)
-                self.bytes += st.nbytes()
-        except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
-            pass
-        return t
-
-    def __enter__(self) -> SavedTensorCounter:
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
-
-
 class Throughput:
     """Tokens per second between calls of ``tick``."""
 
@@ -73,12 +39,3 @@ class Throughput:
         rate = self.tokens / max(now - self._t, 1e-9)
         self.tokens, self._t = 0, now
         return rate
-
-
-@contextlib.contextmanager
-def timed(out: dict, key: str):
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        out[key] = out.get(key, 0.0) + time.perf_counter() - t

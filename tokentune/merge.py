@@ -50,14 +50,3 @@ def merge_adapter(
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
     AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(str(out_dir))
     return out_dir
-
-
-def export_checkpoint(final_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """A run's final artifact as a standalone HF checkpoint: merge an adapter, or copy full weights."""
-    final_dir = Path(final_dir)
-    if (final_dir / "adapter_config.json").is_file():
-        return merge_adapter(final_dir, out_dir, dtype=dtype)
-    import shutil
-
-    shutil.copytree(final_dir, out_dir, dirs_exist_ok=True)
-    return Path(out_dir)

@@ -1,8 +1,9 @@
 """The training loop: ``train(cfg, report) -> TrainResult``. Plain PyTorch; never imports ray or mlflow.
 
 Reads top to bottom: load model and methods, build data, optimizer and schedule, then per optimizer
-step: method hooks, micro-batches (a method may replace the forward/loss), step, hooks, report,
-validate, checkpoint. Ray Train workers call this same function (see ``orchestrator/trial.py``).
+step: ``MethodStack.step`` (method hooks, micro-batches, where a method may replace the forward/loss,
+the optimizer step), report, validate, checkpoint (``tokentune.checkpoint``). Ray Train workers
+call this same function (see ``orchestrator/``).
 
 ``report(metrics, checkpoint_dir=None)`` is called every ``train.log_every`` steps, at every
 checkpoint and at the end, on every rank (Ray Train's report is a barrier).
@@ -14,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from tokentune.checkpoint import load_checkpoint, save_checkpoint, save_final, state_digest, trainable_state
 from tokentune.config import RunConfig
 from tokentune.data import StepSampler, collate, load_splits
 from tokentune.engine import DeepSpeedEngine, PlainEngine, dist_info
@@ -76,76 +77,6 @@ def autocast_factory(cfg: RunConfig, device: torch.device) -> Callable[[], Any]:
     if not on:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def trainable_state(model: torch.nn.Module, zero_stage: int | None = None) -> dict[str, torch.Tensor]:
-    """Copies of every trainable parameter, gathered on every rank under ZeRO-3."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().clone().cpu() for n, p in named}
-    return {n: p.detach().clone().cpu() for n, p in named}
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """A short sha256 of names + raw bytes: equal digests mean bit-identical weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise RuntimeError(f"checkpoint holds parameters the model lacks, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
-
-
-def save_final(model, tokenizer, out: Path, zero_stage: int | None, rank: int) -> bool:
-    """Write the final artifact on rank 0: a peft adapter, or a full HF checkpoint. Returns is_adapter."""
-    is_adapter = hasattr(model, "peft_config")
-    state = None
-    if zero_stage == 3:  # partitioned: gather what is saved (a full model includes frozen weights)
-        state = trainable_state(model, 3) if is_adapter else _gathered_parameters(model)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if is_adapter:
-            from peft import get_peft_model_state_dict
-
-            sd = get_peft_model_state_dict(model, state_dict=_full_state_with(model, state))
-            model.save_pretrained(str(out), state_dict=sd)
-        else:
-            model.save_pretrained(str(out), state_dict=_full_state_with(model, state))
-        tokenizer.save_pretrained(str(out))
-    return is_adapter
-
-
-def _gathered_parameters(model) -> dict[str, torch.Tensor]:
-    """Every parameter gathered from its ZeRO-3 partitions; tied names share one tensor (as unsharded)."""
-    import deepspeed
-
-    named = list(model.named_parameters(remove_duplicate=False))  # tied weights: every name
-    unique = list({id(p): p for _, p in named}.values())
-    with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
-        copies = {id(p): p.detach().clone().cpu() for p in unique}
-    return {n: copies[id(p)] for n, p in named}
-
-
-def _full_state_with(model, gathered: dict[str, torch.Tensor] | None):
-    if gathered is None:
-        return None
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    sd.update(gathered)
-    return sd
 
 
 @torch.no_grad()
@@ -332,48 +263,3 @@ def _progress_line(m: dict[str, Any], total: int) -> str:
         if key in m:
             parts.append(f"{key} {m[key]:{fmt}}")
     return "  ".join(parts)
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------
-def save_checkpoint(out_dir: Path, step: int, model, engine, methods, zero, rank: int, keep: int) -> Path:
-    """``checkpoint-<step>/``: trainable weights, optimizer + scheduler, method states, RNG, step."""
-    path = out_dir / f"checkpoint-{step:06d}"
-    state = trainable_state(model, zero if zero == 3 else None)
-    if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path / "trainable.pt")
-        torch.save(methods.state_dict(), path / "methods.pt")
-        torch.save({"torch": torch.get_rng_state()}, path / "rng.pt")
-    _barrier()
-    engine.save(path)
-    _barrier()
-    if rank == 0:
-        (path / "state.json").write_text(json.dumps({"step": step}))
-        old = sorted(out_dir.glob("checkpoint-*"))[:-keep]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
-    _barrier()
-    return path
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    done = [p for p in sorted(Path(out_dir).glob("checkpoint-*")) if (p / "state.json").exists()]
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model, engine, methods, zero) -> int:
-    if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
-    if zero is None:  # DeepSpeed restores the module itself
-        load_trainable_state(model, torch.load(path / "trainable.pt", weights_only=True))
-    engine.load(path)
-    methods.load_state_dict(torch.load(path / "methods.pt", weights_only=False))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=False)["torch"])
-    return int(json.loads((path / "state.json").read_text())["step"])
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from tokentune.errors import ConfigError
+from tokentune.errors import check
 from tokentune.methods.base import Method, register
+from tokentune.settings import setting
 
 
 @dataclass
 class FullSettings:
-    freeze: list[str] = field(default_factory=list)  # glob patterns over parameter names
+    """Full fine-tuning (section ``full``)."""
+
+    freeze: list[str] = setting(help="glob patterns of parameter names to keep frozen", factory=list)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.freeze, list) or not all(isinstance(p, str) for p in self.freeze):
-            raise ConfigError(f"full.freeze={self.freeze!r} is invalid: expected a list of glob patterns")
+        check(
+            isinstance(self.freeze, list) and all(isinstance(p, str) for p in self.freeze),
+            "full.freeze",
+            self.freeze,
+            "a list of glob patterns",
+        )
 
 
 def freeze_matching(model: torch.nn.Module, patterns: list[str]) -> int:

@@ -10,21 +10,8 @@ of the suppressed layers by ``score_lr * r_j * p (1 - p)`` with the centred rewa
 ``r_j = exp(-loss_j) - mean_k exp(-loss_k)``. RST samples layers uniformly and never probes (the
 public IST code has no RST file; this is our definition).
 
-How a layer is frozen for one step (works with plain PyTorch and under DeepSpeed ZeRO, where
-toggling ``requires_grad`` breaks gradient partitioning):
-
-- ``requires_grad`` never changes. Each module of an inactive layer that owns trainable parameters
-  runs its forward with those parameters *detached* (``module.weight`` reads ``p.detach()`` during the
-  call; the parameter itself stays registered). The layer then behaves exactly as if its adapters were frozen: no
-  gradient reaches them, the gradient w.r.t. the layer's input still flows through the adapter branch
-  (as with ``requires_grad=False`` in the original), and a layer whose input needs no gradient (every
-  layer below the lowest active one) builds no graph and saves nothing for backward.
-- Every trainable parameter is in the optimizer from the start: one parameter group per layer
-  (tagged ``GROUP_KEY``: the layer index) plus one group for trainable parameters outside the layers
-  (e.g. ``modules_to_save``; they always train). For the step, an inactive layer's group gets
-  ``lr = 0`` and ``weight_decay = 0``: plain AdamW skips parameters whose grad is None; an optimizer
-  that sees zero gradients instead (DeepSpeed's flat partitions) leaves the weights bit-identical.
-  ``on_step_end`` restores ``weight_decay`` and, unless the scheduler already wrote a new lr, the lr.
+This module holds the settings and the registered methods (when things happen); the math is in
+``layer_sampling`` and the per-step layer freezing (DeepSpeed-safe) in ``sparse_layers``.
 
 Scope: IST needs peft LoRA/DoRA adapters inside the layers (suppression scales adapter outputs). RST
 works with lora, dora and full fine-tuning (layer-wise; parameters outside the layers always train).
@@ -33,44 +20,42 @@ works with lora, dora and full fine-tuning (layer-wise; parameters outside the l
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
-import itertools
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tokentune.errors import ConfigError
+from tokentune.errors import ConfigError, check, is_int, is_number
 from tokentune.methods.base import Method, StepContext, register
+from tokentune.methods.layer_sampling import (
+    centred_rewards,
+    sample_layers,
+    sample_suppression_sets,
+    update_scores,
+)
+from tokentune.methods.sparse_layers import (
+    GROUP_KEY,
+    GradientStop,
+    adapter_output_modules,
+    find_decoder_layers,
+    pause_groups,
+    restore_groups,
+    scaled_outputs,
+    trainable_leaves,
+)
+from tokentune.settings import setting
 
-GROUP_KEY = "ist_layer"  # optimizer param-group key: the decoder layer index the group belongs to
-LAYER_LIST_NAMES = ("layers", "h", "layer", "blocks")
-_MIN_WEIGHT = 1e-12  # floor for sampling weights (sigmoid underflow must not starve multinomial)
-_MAX_TRIES_PER_SET = 100  # rejection sampling of distinct suppression sets, then a deterministic fill
+BUDGET_HELP = "layers trained per step: a count (int) or a fraction of the layers (float), at least 1"
 
 
 # ---- settings ------------------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check(cond: bool, key: str, value: Any, accepted: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {accepted}")
-
-
 def _check_budget(section: str, budget: Any) -> None:
-    ok = (_is_int(budget) and budget >= 1) or (isinstance(budget, float) and 0 < budget <= 1)
-    _check(
+    ok = (is_int(budget) and budget >= 1) or (isinstance(budget, float) and 0 < budget <= 1)
+    check(
         ok,
         f"{section}.budget",
         budget,
@@ -82,78 +67,58 @@ def _check_budget(section: str, budget: Any) -> None:
 class ISTSettings:
     """Importance-aware sparse tuning (section ``ist``)."""
 
-    budget: int | float = 0.25  # layers trained per step: a count (int) or a fraction of the layers (float)
-    update_every: int = 10  # probe every N optimizer steps ...
-    start_step: int = 10  # ... from this step (0-based step just run)
-    probe_sets: int = 3  # K distinct suppression sets per probe round (capped at C(L, n_suppress))
-    suppress_fraction: float = 0.5  # share of layers suppressed per set (at least 1 layer)
-    suppress_factor: float = 0.25  # suppressed layers' adapter outputs are scaled by this
-    score_lr: float = 10.0  # step size of the score update
-    probe_batch_size: int = 16  # examples in the probe batch (read by the training loop)
-    seed: int = 0  # seed of IST's own generator (layer and suppression-set sampling)
+    budget: int | float = setting(0.25, BUDGET_HELP)
+    update_every: int = setting(10, "probe (update the importance scores) every N optimizer steps")
+    start_step: int = setting(10, "first step that probes (0-based step just run)")
+    probe_sets: int = setting(3, "K distinct suppression sets per probe round (capped at C(L, suppressed))")
+    suppress_fraction: float = setting(0.5, "share of the layers suppressed in each set (at least 1 layer)")
+    suppress_factor: float = setting(0.25, "suppressed layers' adapter outputs are scaled by this")
+    score_lr: float = setting(10.0, "step size of the importance-score update")
+    probe_batch_size: int = setting(16, "examples in the probe batch")
+    seed: int = setting(0, "seed of IST's own generator (layer and suppression-set sampling)")
 
     def __post_init__(self) -> None:
         _check_budget("ist", self.budget)
-        _check(
-            _is_int(self.update_every) and self.update_every >= 1,
-            "ist.update_every",
-            self.update_every,
-            "an integer >= 1",
-        )
-        _check(
-            _is_int(self.start_step) and self.start_step >= 0,
-            "ist.start_step",
-            self.start_step,
-            "an integer >= 0",
-        )
-        _check(
-            _is_int(self.probe_sets) and self.probe_sets >= 2,
-            "ist.probe_sets",
-            self.probe_sets,
-            "an integer >= 2",
-        )
-        _check(
-            _is_number(self.suppress_fraction) and 0 < self.suppress_fraction <= 1,
-            "ist.suppress_fraction",
-            self.suppress_fraction,
-            "a fraction of the layers in (0, 1], e.g. 0.5",
-        )
-        _check(
-            _is_number(self.suppress_factor) and 0 <= self.suppress_factor < 1,
-            "ist.suppress_factor",
-            self.suppress_factor,
-            "a number in [0, 1), e.g. 0.25",
-        )
-        _check(
-            _is_number(self.score_lr) and self.score_lr > 0,
-            "ist.score_lr",
-            self.score_lr,
-            "a number > 0, e.g. 10",
-        )
-        _check(
-            _is_int(self.probe_batch_size) and self.probe_batch_size >= 1,
-            "ist.probe_batch_size",
-            self.probe_batch_size,
-            "an integer >= 1",
-        )
-        _check(_is_int(self.seed), "ist.seed", self.seed, "an integer")
+        for key, ok, accepted in (
+            ("update_every", is_int(self.update_every) and self.update_every >= 1, "an integer >= 1"),
+            ("start_step", is_int(self.start_step) and self.start_step >= 0, "an integer >= 0"),
+            ("probe_sets", is_int(self.probe_sets) and self.probe_sets >= 2, "an integer >= 2"),
+            (
+                "suppress_fraction",
+                is_number(self.suppress_fraction) and 0 < self.suppress_fraction <= 1,
+                "a fraction of the layers in (0, 1], e.g. 0.5",
+            ),
+            (
+                "suppress_factor",
+                is_number(self.suppress_factor) and 0 <= self.suppress_factor < 1,
+                "a number in [0, 1), e.g. 0.25",
+            ),
+            ("score_lr", is_number(self.score_lr) and self.score_lr > 0, "a number > 0, e.g. 10"),
+            (
+                "probe_batch_size",
+                is_int(self.probe_batch_size) and self.probe_batch_size >= 1,
+                "an integer >= 1",
+            ),
+            ("seed", is_int(self.seed), "an integer"),
+        ):
+            check(ok, f"ist.{key}", getattr(self, key), accepted)
 
 
 @dataclass
 class RSTSettings:
     """Random sparse tuning (section ``rst``): uniform layer sampling, no probing."""
 
-    budget: int | float = 0.25  # layers trained per step: a count (int) or a fraction of the layers (float)
-    seed: int = 0
+    budget: int | float = setting(0.25, BUDGET_HELP)
+    seed: int = setting(0, "seed of RST's own generator (layer sampling)")
 
     def __post_init__(self) -> None:
         _check_budget("rst", self.budget)
-        _check(_is_int(self.seed), "rst.seed", self.seed, "an integer")
+        check(is_int(self.seed), "rst.seed", self.seed, "an integer")
 
 
 def resolve_budget(budget: int | float, num_layers: int, key: str = "ist.budget") -> int:
     """Layers per step: a count, or ``floor(fraction * L)``; at least 1, at most L."""
-    if _is_int(budget):
+    if is_int(budget):
         if budget > num_layers:
             raise ConfigError(
                 f"{key}={budget!r} is invalid: the model has {num_layers} decoder layers with trainable "
@@ -163,206 +128,7 @@ def resolve_budget(budget: int | float, num_layers: int, key: str = "ist.budget"
     return max(1, min(num_layers, math.floor(budget * num_layers + 1e-9)))
 
 
-# ---- the math (pure functions) ---------------------------------------------------------------------
-def sample_layers(
-    scores: torch.Tensor, k: int, generator: torch.Generator | None = None, uniform: bool = False
-) -> torch.Tensor:
-    """``k`` distinct layer indices (sorted), drawn with weights ``sigmoid(-scores)`` (or uniformly)."""
-    n = scores.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot sample {k} of {n} layers")
-    weights = (
-        torch.ones(n, dtype=torch.float64) if uniform else torch.sigmoid(-scores.detach().double().cpu())
-    )
-    idx = torch.multinomial(weights.clamp_min(_MIN_WEIGHT), k, replacement=False, generator=generator)
-    return idx.sort().values
-
-
-def sample_suppression_sets(
-    scores: torch.Tensor, n_sets: int, n_suppress: int, generator: torch.Generator | None = None
-) -> list[torch.Tensor]:
-    """Up to ``n_sets`` distinct sets of ``n_suppress`` layers, each drawn with weights ``sigmoid(scores)``.
-
-    The count is capped at ``C(L, n_suppress)``. Rejection sampling is bounded; should it fall short
-    (extremely skewed weights), the remaining sets are the unused combinations of the highest-weight
-    layers, so the function always terminates.
-    """
-    n = scores.numel()
-    if not 1 <= n_suppress <= n:
-        raise ValueError(f"cannot suppress {n_suppress} of {n} layers")
-    n_sets = min(n_sets, math.comb(n, n_suppress))
-    weights = torch.sigmoid(scores.detach().double().cpu()).clamp_min(_MIN_WEIGHT)
-    chosen: list[tuple[int, ...]] = []
-    for _ in range(_MAX_TRIES_PER_SET * n_sets):
-        if len(chosen) == n_sets:
-            break
-        s = tuple(
-            sorted(torch.multinomial(weights, n_suppress, replacement=False, generator=generator).tolist())
-        )
-        if s not in chosen:
-            chosen.append(s)
-    if len(chosen) < n_sets:
-        by_weight = torch.argsort(weights, descending=True, stable=True).tolist()
-        for combo in itertools.combinations(by_weight, n_suppress):
-            s = tuple(sorted(combo))
-            if s not in chosen:
-                chosen.append(s)
-            if len(chosen) == n_sets:
-                break
-    return [torch.tensor(s, dtype=torch.long) for s in chosen]
-
-
-def centred_rewards(losses: torch.Tensor) -> torch.Tensor:
-    """``exp(-loss_j) - mean_k exp(-loss_k)`` (float64; sums to zero)."""
-    r = torch.exp(-losses.detach().double().cpu())
-    return r - r.mean()
-
-
-def update_scores(
-    scores: torch.Tensor, sets: list[torch.Tensor], rewards: torch.Tensor, lr_s: float
-) -> torch.Tensor:
-    """``s_i += lr_s * r_j * p_i (1 - p_i)`` for each layer i of set j, with ``p = sigmoid(s)`` before the update."""
-    p = torch.sigmoid(scores.double())
-    slope = p * (1 - p)
-    new = scores.double().clone()
-    for layer_set, r in zip(sets, rewards.double()):
-        new.index_add_(0, layer_set, lr_s * r * slope[layer_set])
-    return new.to(scores.dtype)
-
-
-# ---- model plumbing ----------------------------------------------------------------------------
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks: the longest ModuleList named layers, h, layer or blocks."""
-    best: nn.ModuleList | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in LAYER_LIST_NAMES and len(mod) > 0:
-            if best is None or len(mod) > len(best):
-                best = mod
-    if best is None:
-        raise ConfigError(
-            f"no decoder layer list found in {type(model).__name__}: expected a ModuleList named "
-            f"{', '.join(LAYER_LIST_NAMES)} (IST/RST train whole layers)"
-        )
-    return best
-
-
-def trainable_leaves(layer: nn.Module) -> list[nn.Module]:
-    """Modules of ``layer`` that directly own a trainable parameter (LoRA A/B, DoRA magnitude, ...)."""
-    return [m for m in layer.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-
-
-def adapter_output_modules(layer: nn.Module) -> list[nn.Module]:
-    """Per peft LoRA module and active adapter, the submodule whose output is the adapter's output.
-
-    Vanilla LoRA: ``lora_B[a]`` (the module then multiplies by its own ``scaling[a]``); DoRA: the
-    magnitude module ``lora_magnitude_vector[a]``, which returns the whole DoRA delta. Scaling these
-    outputs scales each module's adapter contribution, whatever its rank or alpha.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    out: list[nn.Module] = []
-    for name, m in layer.named_modules():
-        if not isinstance(m, LoraLayer):
-            continue
-        for a in m.active_adapters:
-            if a not in m.lora_A:
-                continue
-            if a in m.lora_magnitude_vector:
-                out.append(m.lora_magnitude_vector[a])
-            elif a in getattr(m, "lora_variant", {}):
-                raise ConfigError(
-                    f"ist: module {name!r} uses the LoRA variant {type(m.lora_variant[a]).__name__}; "
-                    "IST supports plain LoRA and DoRA adapters"
-                )
-            else:
-                out.append(m.lora_B[a])
-    return out
-
-
-def _call_with_detached_params(module: nn.Module, inner, *args, **kwargs):
-    """Run ``inner`` (the module's forward) seeing detached copies of its trainable parameters.
-
-    The detached tensors shadow the parameters as instance attributes (``module.weight`` reads them),
-    while ``module._parameters`` is left alone: ``parameters()``, optimizers and DeepSpeed ZeRO-3's
-    bookkeeping (which walks ``_parameters`` of enclosing modules during nested calls, e.g. DoRA's
-    magnitude module calling lora_A/lora_B) see the real parameters throughout.
-    """
-    names = [k for k, p in module._parameters.items() if p is not None and p.requires_grad]
-    for k in names:
-        module.__dict__[k] = module._parameters[k].detach()  # taken now: after ZeRO-3 gathered it
-    try:
-        return inner(*args, **kwargs)
-    finally:
-        for k in names:
-            module.__dict__.pop(k, None)
-
-
-_NO_INSTANCE_FORWARD = object()
-
-
-class GradientStop:
-    """Installs/removes detached-parameter forwards on modules (idempotent, exact restore)."""
-
-    def __init__(self) -> None:
-        self._installed: dict[nn.Module, Any] = {}
-
-    def install(self, modules: list[nn.Module]) -> None:
-        for m in modules:
-            if m in self._installed:
-                continue
-            self._installed[m] = m.__dict__.get("forward", _NO_INSTANCE_FORWARD)
-            m.forward = functools.partial(_call_with_detached_params, m, m.forward)
-
-    def remove(self) -> None:
-        for m, prev in self._installed.items():
-            if prev is _NO_INSTANCE_FORWARD:
-                del m.forward
-            else:
-                m.forward = prev
-        self._installed.clear()
-
-    def __len__(self) -> int:
-        return len(self._installed)
-
-
-@contextlib.contextmanager
-def scaled_outputs(modules: list[nn.Module], factor: float) -> Iterator[None]:
-    """Multiply each module's output by ``factor`` inside the block (forward hooks, removed after)."""
-    handles = [m.register_forward_hook(lambda _m, _args, out: out * factor) for m in modules]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class _PausedLR(float):
-    """``lr = 0`` written by IST/RST for an inactive layer's group (a scheduler's write replaces it)."""
-
-    __slots__ = ()
-
-
-def pause_groups(optimizer: Any, layers: set[int]) -> list[tuple[dict, Any, Any]]:
-    """Set lr and weight_decay to 0 in the param groups of ``layers``; returns what to restore."""
-    paused = []
-    for g in getattr(optimizer, "param_groups", []):
-        if g.get(GROUP_KEY) in layers:
-            paused.append((g, g["lr"], g.get("weight_decay")))
-            g["lr"] = _PausedLR(0.0)
-            if "weight_decay" in g:
-                g["weight_decay"] = 0.0
-    return paused
-
-
-def restore_groups(paused: list[tuple[dict, Any, Any]]) -> None:
-    """Undo ``pause_groups``; an lr the scheduler already rewrote (not our 0) is kept."""
-    for g, lr, wd in paused:
-        if isinstance(g["lr"], _PausedLR):
-            g["lr"] = lr
-        if wd is not None:
-            g["weight_decay"] = wd
-
-
+# ---- probe batches -------------------------------------------------------------------------------
 def _draw_probe_batch(probe_batch: Any, size: int) -> dict[str, Any]:
     """``probe_batch(size)`` when the loop's callable takes a size, else ``probe_batch()``."""
     try:
@@ -394,13 +160,13 @@ class _SparseLayerTuning(Method):
 
     @classmethod
     def check_shape(cls, settings: Any, shape: Any, section: str) -> None:
-        if _is_int(settings.budget):
+        if is_int(settings.budget):
             resolve_budget(settings.budget, shape.layers, f"{section}.budget")
 
     @classmethod
     def memory_terms(cls, settings: Any, terms: Any) -> None:
         layers, b = terms.shape.layers, settings.budget
-        terms.active_layers = resolve_budget(min(b, layers) if _is_int(b) else b, layers)
+        terms.active_layers = resolve_budget(min(b, layers) if is_int(b) else b, layers)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

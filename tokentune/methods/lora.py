@@ -2,53 +2,71 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from tokentune.errors import ConfigError
+from tokentune.errors import ConfigError, check, is_int, is_number
 from tokentune.methods.base import Method, register
+from tokentune.settings import setting
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
 class LoraSettings:
-    """Low-rank adapters on the listed linear modules of every decoder layer."""
+    """Low-rank adapters on the listed linear modules of every decoder layer (section ``lora``)."""
 
-    rank: int = 8
-    alpha: float | None = None  # None: 2 * rank
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    bias: str = "none"  # none | all | lora_only
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None  # extra fully trained modules (e.g. a classifier head)
+    section: ClassVar[str] = "lora"
+
+    rank: int = setting(8, "adapter rank r (an integer >= 1)")
+    alpha: float | None = setting(None, "scaling numerator; null = 2 x rank")
+    dropout: float = setting(0.0, "adapter dropout, in [0, 1)")
+    target_modules: list[str] = setting(
+        help="names of the linear modules that get adapters", factory=lambda: list(DEFAULT_TARGETS)
+    )
+    bias: str = setting("none", "peft bias training: none, all or lora_only")
+    use_rslora: bool = setting(False, "rank-stabilised scaling alpha / sqrt(rank) (peft use_rslora)")
+    modules_to_save: list[str] | None = setting(
+        None, "extra modules trained in full and saved with the adapter (e.g. a classifier head)"
+    )
 
     def __post_init__(self) -> None:
-        prefix = type(self).section
-        if not (isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1):
-            raise ConfigError(f"{prefix}.rank={self.rank!r} is invalid: expected an integer >= 1, e.g. 8")
+        prefix = self.section
+        check(is_int(self.rank) and self.rank >= 1, f"{prefix}.rank", self.rank, "an integer >= 1, e.g. 8")
         if self.alpha is None:
             self.alpha = 2 * self.rank
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ConfigError(
-                f"{prefix}.alpha={self.alpha!r} is invalid: expected a number > 0 (often 2 * rank)"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"{prefix}.dropout={self.dropout!r} is invalid: expected a number in [0, 1)")
-        if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
-            raise ConfigError(
-                f"{prefix}.target_modules={self.target_modules!r} is invalid: expected module names"
-            )
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ConfigError(f"{prefix}.bias={self.bias!r} is invalid: expected none, all or lora_only")
-
-    section = "lora"
+        check(
+            is_number(self.alpha) and self.alpha > 0,
+            f"{prefix}.alpha",
+            self.alpha,
+            "a number > 0 (often 2 * rank)",
+        )
+        check(
+            is_number(self.dropout) and 0 <= self.dropout < 1,
+            f"{prefix}.dropout",
+            self.dropout,
+            "a number in [0, 1)",
+        )
+        check(
+            isinstance(self.target_modules, (list, tuple))
+            and bool(self.target_modules)
+            and all(isinstance(t, str) for t in self.target_modules),
+            f"{prefix}.target_modules",
+            self.target_modules,
+            "module names",
+        )
+        check(
+            self.bias in ("none", "all", "lora_only"), f"{prefix}.bias", self.bias, "none, all or lora_only"
+        )
 
 
 @dataclass
 class DoraSettings(LoraSettings):
-    section = "dora"
+    """Weight-decomposed low-rank adapters (section ``dora``): the same settings as ``lora``."""
+
+    section: ClassVar[str] = "dora"
 
 
 def peft_config(settings: LoraSettings, use_dora: bool, task_type: str = "CAUSAL_LM"):
@@ -78,7 +96,7 @@ def wrap_with_adapter(model: torch.nn.Module, settings: LoraSettings, use_dora: 
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         )
         raise ConfigError(
-            f"{type(settings).section}.target_modules: {missing} not found in the model; linear modules: {linear}"
+            f"{settings.section}.target_modules: {missing} not found in the model; linear modules: {linear}"
         )
     task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     return get_peft_model(model, peft_config(settings, use_dora, task))
@@ -90,35 +108,35 @@ def adapter_params_per_layer(settings: LoraSettings, dims: dict[str, tuple[int, 
     return sum(settings.rank * (dims[t][0] + dims[t][1]) + (dims[t][1] if dora else 0) for t in targets)
 
 
-@register
-class LoRA(Method):
-    name = "lora"
-    config_cls = LoraSettings
+class _Adapter(Method):
+    """Shared by LoRA and DoRA: peft adapters on the base, which stays frozen."""
+
     kind = "trainer"
     order = 20
+    use_dora: ClassVar[bool] = False
 
     @classmethod
     def memory_terms(cls, settings: LoraSettings, terms) -> None:
-        terms.trainable_per_layer = adapter_params_per_layer(settings, terms.shape.linear_dims(), dora=False)
+        dims = terms.shape.linear_dims()
+        terms.trainable_per_layer = adapter_params_per_layer(settings, dims, dora=cls.use_dora)
         terms.trainable_bytes = 4  # adapters train in fp32
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return wrap_with_adapter(model, self.config, use_dora=False)
+        return wrap_with_adapter(model, self.config, use_dora=self.use_dora)
 
 
 @register
-class DoRA(Method):
+class LoRA(_Adapter):
+    """Low-rank adapters (peft LoRA)."""
+
+    name = "lora"
+    config_cls = LoraSettings
+
+
+@register
+class DoRA(_Adapter):
     """Weight-decomposed LoRA (peft ``use_dora=True``)."""
 
     name = "dora"
     config_cls = DoraSettings
-    kind = "trainer"
-    order = 20
-
-    @classmethod
-    def memory_terms(cls, settings: DoraSettings, terms) -> None:
-        terms.trainable_per_layer = adapter_params_per_layer(settings, terms.shape.linear_dims(), dora=True)
-        terms.trainable_bytes = 4
-
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return wrap_with_adapter(model, self.config, use_dora=True)
+    use_dora = True

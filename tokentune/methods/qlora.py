@@ -7,23 +7,31 @@ from typing import Any
 
 import torch
 
-from tokentune.errors import ConfigError
+from tokentune.errors import check
 from tokentune.methods.base import Method, register
+from tokentune.settings import setting
 
 
 @dataclass
 class QLoraSettings:
-    quant_type: str = "nf4"  # nf4 | fp4
-    compute_dtype: str = "bfloat16"  # bfloat16 | float32 | float16
-    double_quant: bool = True
+    """The 4-bit base of QLoRA (section ``qlora``), passed to bitsandbytes."""
+
+    quant_type: str = setting("nf4", "4-bit data type: nf4 or fp4")
+    compute_dtype: str = setting(
+        "bfloat16", "dtype the 4-bit layers compute in: bfloat16, float32 or float16"
+    )
+    double_quant: bool = setting(
+        True, "also quantize the quantization constants (about 0.37 bits per weight saved)"
+    )
 
     def __post_init__(self) -> None:
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ConfigError(f"qlora.quant_type={self.quant_type!r} is invalid: expected nf4 or fp4")
-        if self.compute_dtype not in ("bfloat16", "float32", "float16"):
-            raise ConfigError(
-                f"qlora.compute_dtype={self.compute_dtype!r} is invalid: expected bfloat16, float32 or float16"
-            )
+        check(self.quant_type in ("nf4", "fp4"), "qlora.quant_type", self.quant_type, "nf4 or fp4")
+        check(
+            self.compute_dtype in ("bfloat16", "float32", "float16"),
+            "qlora.compute_dtype",
+            self.compute_dtype,
+            "bfloat16, float32 or float16",
+        )
 
 
 def bnb_config(settings: QLoraSettings):

@@ -1,6 +1,6 @@
 """TokenTune for BERT-style encoders (sequence classification), the paper's second setting.
 
-Same split as the decoder path (see ``token_select``), with bidirectional attention: S and R
+Same split as the decoder path (see ``token_select_decoder``), with bidirectional attention: S and R
 queries attend over every non-padding key (R keys/values detached for S). The classifier reads the
 first row of the encoder output; the S rows are packed in position order, so that row is the first
 selected token, which must be the first real token ([CLS] / <s>; drawn masks always contain it, and
@@ -16,14 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokentune.methods.token_select import (
-    _Stream,
+from tokentune.methods.split_forward import (
+    Stream,
     additive,
     first_last_real,
     gather_rows,
     pack,
     replaced_forward,
     sdpa,
+    split_layer,
     unwrap_model,
     validate_mask,
 )
@@ -39,7 +40,7 @@ def _qkv(attn: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [proj(x).view(shape).transpose(1, 2) for proj in (attn.query, attn.key, attn.value)]
 
 
-def _masks(sel: _Stream, rest: _Stream | None, dtype: torch.dtype, cache: dict) -> tuple:
+def _masks(sel: Stream, rest: Stream | None, dtype: torch.dtype, cache: dict) -> tuple:
     """Bidirectional (R-query or None, S-query) masks over keys [R, S], built once per dtype.
 
     Every real key is allowed; packing slots of the queries may attend anywhere (never used).
@@ -48,7 +49,7 @@ def _masks(sel: _Stream, rest: _Stream | None, dtype: torch.dtype, cache: dict) 
         with torch.no_grad():
             valid_k = sel.valid if rest is None else torch.cat([rest.valid, sel.valid], 1)
 
-            def mask(q: _Stream | None) -> torch.Tensor | None:
+            def mask(q: Stream | None) -> torch.Tensor | None:
                 return (
                     None
                     if q is None
@@ -59,24 +60,23 @@ def _masks(sel: _Stream, rest: _Stream | None, dtype: torch.dtype, cache: dict) 
     return cache[dtype]
 
 
-def _encoder_layer(layer: nn.Module, sel: _Stream, rest: _Stream | None, cache: dict) -> None:
+def _encoder_layer(layer: nn.Module, sel: Stream, rest: Stream | None, cache: dict) -> None:
+    """One encoder layer on the S stream (with grad) and the R stream (no grad), in place."""
     attn = layer.attention.self
     dropout = attn.dropout.p if attn.training else 0.0
-    q_s, k_s, v_s = _qkv(attn, sel.x)
-    mask_r, mask_s = _masks(sel, rest, q_s.dtype, cache)
-    if rest is None:
-        keys, values = k_s, v_s
-    else:
-        with torch.no_grad():
-            q_r, k_r, v_r = _qkv(attn, rest.x)
-        keys, values = torch.cat([k_r, k_s], 2), torch.cat([v_r, v_s], 2)  # R part carries no grad
-        with torch.no_grad():
-            out = sdpa(q_r, keys.detach(), values.detach(), mask_r, 1, dropout, attn.scaling)
-            a = layer.attention.output(out, rest.x)
-            rest.x = layer.output(layer.intermediate(a), a)
-    out = sdpa(q_s, keys, values, mask_s, 1, dropout, attn.scaling)
-    a = layer.attention.output(out, sel.x)
-    sel.x = layer.output(layer.intermediate(a), a)
+
+    def finish(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a = layer.attention.output(out, x)
+        return layer.output(layer.intermediate(a), a)
+
+    split_layer(
+        sel,
+        rest,
+        qkv=lambda s: _qkv(attn, s.x),
+        masks=lambda dtype: _masks(sel, rest, dtype, cache),
+        attend=lambda q, k, v, mask: sdpa(q, k, v, mask, 1, dropout, attn.scaling),
+        finish=finish,
+    )
 
 
 def encoder_hidden(
@@ -116,11 +116,11 @@ def encoder_hidden(
 
     idx_s, valid_s = pack(selected)
     idx_r, valid_r = pack(real & ~selected)
-    sel = _Stream(embed(idx_s), idx_s, valid_s, None, None)
+    sel = Stream(embed(idx_s), idx_s, valid_s, None, None)
     rest = None
     if idx_r.shape[1]:
         with torch.no_grad():
-            rest = _Stream(embed(idx_r).detach(), idx_r, valid_r, None, None)
+            rest = Stream(embed(idx_r).detach(), idx_r, valid_r, None, None)
     masks: dict = {}
     for layer in enc.encoder.layer:
         _encoder_layer(layer, sel, rest, masks)

@@ -1,0 +1,167 @@
+"""Shared pieces of TokenTune's split forward, for the decoder and the encoder paths alike.
+
+A split forward runs the selected rows S (with grad) and the rest R (no grad) of each layer as two
+packed streams (``Stream``): ``pack`` lists a row subset's positions, ``gather_rows`` takes them,
+``additive`` turns a boolean attention mask into the one float mask every layer shares, ``sdpa`` is
+the attention both paths call and ``split_layer`` runs one layer on both streams. ``unwrap_model`` finds the transformers model inside peft, DDP and
+DeepSpeed wrappers, and ``replaced_forward`` swaps its forward for the split one while the wrappers
+still run. A leaf module: ``token_select``, ``token_select_decoder`` and ``token_select_encoder``
+import it, it imports none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def first_last_real(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column of the first and last True per row of a BoolTensor[B, L] (0 for empty rows)."""
+    cols = torch.arange(real.shape[1], device=real.device)
+    first = torch.where(real, cols, real.shape[1]).min(1).values.clamp(max=real.shape[1] - 1)
+    last = torch.where(real, cols, -1).max(1).values.clamp(min=0)
+    return first, last
+
+
+def validate_mask(mask: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Check an explicit selection: a BoolTensor[B, L] that selects only real tokens, at least one.
+
+    Any subset of real tokens is accepted (drawn masks also contain the first and last real
+    token; encoders additionally need the first). Raises ValueError naming what is wrong.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"selected must be a 2-D torch.bool tensor [batch, seq], got {_describe(mask)}")
+    if attention_mask is not None:
+        if attention_mask.shape != mask.shape:
+            raise ValueError(
+                f"selected has shape {tuple(mask.shape)} but attention_mask has {tuple(attention_mask.shape)}"
+            )
+        if (mask & ~attention_mask.bool().to(mask.device)).any():
+            raise ValueError(
+                "selected marks padding positions (attention_mask == 0); select real tokens only"
+            )
+    if not mask.any():
+        raise ValueError("selected marks no token; at least one real token must be selected")
+    return mask
+
+
+def _describe(x: Any) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP/DeepSpeed engines and peft wrappers (adapters stay injected)."""
+    from transformers import PreTrainedModel
+
+    m = model
+    for _ in range(8):
+        if hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        elif not isinstance(m, PreTrainedModel) and isinstance(getattr(m, "module", None), nn.Module):
+            m = m.module
+        else:
+            break
+    return m
+
+
+@contextmanager
+def replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """Temporarily replace ``module.forward`` so wrappers (peft, DDP, DeepSpeed) run around ours."""
+    saved = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries per row, ascending, padded to the longest row.
+
+    Returns index LongTensor[B, n] and valid BoolTensor[B, n]; padding slots hold position 0.
+    """
+    counts = mask.sum(1)
+    n = int(counts.max()) if mask.numel() else 0
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+    valid = torch.arange(n, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, 0), valid
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, j]] for x [B, L, ...] and index [B, n]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
+@dataclass
+class Stream:
+    """One group of rows (S or R), packed: hidden [B, n, D], positions [B, n], valid [B, n]."""
+
+    x: torch.Tensor
+    pos: torch.Tensor
+    valid: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> additive float mask (0 / -inf) in the queries' dtype.
+
+    SDPA converts a boolean mask to this form inside every call (and saves the copy for backward);
+    building it once per forward lets all layers share one saved tensor.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    groups: int,
+    dropout: float,
+    scale,
+) -> torch.Tensor:
+    """Attention [B, H, nq, d] -> [B, nq, H * d]; GQA keys/values repeated as the stock sdpa path does."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2).reshape(query.shape[0], query.shape[2], -1)
+
+
+def split_layer(
+    sel: Stream,
+    rest: Stream | None,
+    qkv: Callable[[Stream], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    masks: Callable[[torch.dtype], tuple[torch.Tensor | None, torch.Tensor]],
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:
+    """One transformer layer on the S stream (with grad) and the R stream (no grad), in place.
+
+    The architecture supplies ``qkv(stream)`` -> q, k, v [B, H, n, d]; ``masks(dtype)`` -> the
+    (R-query or None, S-query) masks over keys ordered [R, S]; ``attend(q, k, v, mask)`` -> [B, n, H * d];
+    ``finish(attention_out, x)`` -> the stream's next hidden state (output projection, MLP, residuals).
+    S queries attend over R's keys and values detached, so no gradient flows into R.
+    """
+    q_s, k_s, v_s = qkv(sel)
+    mask_r, mask_s = masks(q_s.dtype)
+    if rest is None:
+        keys, values = k_s, v_s
+    else:
+        with torch.no_grad():
+            q_r, k_r, v_r = qkv(rest)
+        keys, values = torch.cat([k_r, k_s], 2), torch.cat([v_r, v_s], 2)  # R part carries no grad
+        with torch.no_grad():
+            rest.x = finish(attend(q_r, keys.detach(), values.detach(), mask_r), rest.x)
+    sel.x = finish(attend(q_s, keys, values, mask_s), sel.x)
