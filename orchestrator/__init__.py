@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from orchestrator.api import SweepResult, TrialResult, run_sweep
+    from orchestrator.api import run_sweep
+    from orchestrator.results import SweepResult, TrialResult
     from orchestrator.spec import SpecError, SweepSpec, load_spec
 
 _EXPORTS = {
     "run_sweep": "orchestrator.api",
-    "SweepResult": "orchestrator.api",
-    "TrialResult": "orchestrator.api",
+    "SweepResult": "orchestrator.results",
+    "TrialResult": "orchestrator.results",
     "SweepSpec": "orchestrator.spec",
     "SpecError": "orchestrator.spec",
     "load_spec": "orchestrator.spec",

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from orchestrator.spec import SpecError, SweepSpec, load_spec, value_label
+from orchestrator.results import SweepResult, TrialResult
+from orchestrator.spec import SpecError, SweepSpec, load_spec
+from orchestrator.spec_parts import value_label
 from orchestrator.storage_sync import download_trials, is_uri, read_text, upload_file
 
 log = logging.getLogger(__name__)
@@ -30,31 +31,6 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "sweep.yaml"
 #: after_trial.keep_merged (what to keep) -> post_trial.prune_merged policy (what to delete)
 PRUNE_POLICY = {"best": "best", "all": "none", "none": "all"}
-
-
-@dataclass
-class TrialResult:
-    trial_id: str
-    config: dict[str, Any]  # the searched values, e.g. {"lora.rank": 8, "methods": ["lora"]}
-    metrics: dict[str, Any] = field(default_factory=dict)
-    status: str = "pending"  # finished | failed | stopped | pending | planned (dry run)
-    error: str | None = None
-    trial_dir: str | None = None
-
-
-@dataclass
-class SweepResult:
-    name: str
-    sweep_dir: str
-    trials: list[TrialResult] = field(default_factory=list)
-    best: TrialResult | None = None
-    results_csv: str | None = None
-    mlflow_parent_run_id: str | None = None
-    tracking_uri: str | None = None
-    plan_text: str = ""  # the dry run's plan (also set for real runs)
-    table_text: str = ""  # the results table as printed
-    wall_s: float = 0.0
-    spec: SweepSpec | None = None
 
 
 def run_sweep(
@@ -150,8 +126,8 @@ def _run(
 ) -> SweepResult:
     from orchestrator import report
     from orchestrator.post_trial import prune_merged
+    from orchestrator.ray_cluster import init_ray
     from orchestrator.tracking import SweepTracker, default_tracking_uri
-    from orchestrator.train_job import init_ray
     from orchestrator.trial import TrialContext
     from orchestrator.tuner import best_trial as pick_best
     from orchestrator.tuner import (

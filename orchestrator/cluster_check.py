@@ -28,7 +28,7 @@ HEAD_DASHBOARD_HOST = "127.0.0.1"
 RAYJOB_API = "ray.io/v1"
 ANY_INTERFACE = ("0.0.0.0", "::", "[::]", "*")
 
-# Secrets by shape (the values themselves), in addition to orchestrator.tracking.redact_text's patterns.
+# Secrets by shape (the values themselves), in addition to orchestrator.redaction.redact_text's patterns.
 _SECRET_SHAPES = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----"
     r"|(?:AKIA|ASIA)[A-Z0-9]{16}"
@@ -69,20 +69,28 @@ def validate_cluster_yaml(path: str | Path) -> dict[str, Any]:
     """Validate a ``ray up`` file exactly as ``ray up`` would before touching the cloud; returns the
     prepared config (provider defaults merged, setup commands merged, min/max workers filled)."""
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
     p = Path(path)
     raw = load_cluster_file(p)
     if is_rayjob(raw):
         raise ClusterFileError(f"{p}: a Kubernetes manifest, not a `ray up` file (use validate_rayjob)")
     try:
-        prepared = prepare_config(copy.deepcopy(raw))
-        validate_config(prepared)
+        prepared = _prepare_and_validate(copy.deepcopy(raw))
     except jsonschema.ValidationError as e:
         where = ".".join(str(x) for x in e.absolute_path) or "(top level)"
         raise ClusterFileError(f"{p}: {where}: {e.message}") from e
     except (ValueError, KeyError, RuntimeError, AssertionError) as e:
         raise ClusterFileError(f"{p}: {type(e).__name__}: {e}") from e
+    return prepared
+
+
+def _prepare_and_validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray's own ``prepare_config`` + ``validate_config`` of a ``ray up`` file; returns it prepared."""
+    # Private: Ray has no public API that validates a `ray up` file offline; these are what `ray up` runs.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)
+    validate_config(prepared)
     return prepared
 
 
@@ -216,7 +224,7 @@ def security_problems(path: str | Path) -> list[str]:
 
 
 def _secret_problems(p: Path, text: str) -> list[str]:
-    from orchestrator.tracking import redact_text
+    from orchestrator.redaction import redact_text
 
     out = []
     for n, line in enumerate(text.splitlines(), 1):

@@ -10,6 +10,9 @@ A *trial* (the input) is a dict as the sweep collects it::
 
 Metric keys may also sit at the top level of the trial dict. A *row* (the output) is flat: trial id,
 status, the searched config values, eval scores, cost and loss columns, error.
+
+Nothing here knows a method: columns are the searched keys (or the config keys that differ between
+trials), and a point's label is its method list plus its searched values.
 """
 
 from __future__ import annotations
@@ -21,23 +24,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-#: config keys shown first when present (the joint search of the mission)
-PREFERRED_KEYS = ["methods", "tokentune.ratio", "lora.rank", "ist.budget", "train.lr"]
+#: the run config's method list: the first config column when present
+METHODS_KEY = "methods"
 #: config keys that differ between trials but are not settings worth a column
 IGNORED_KEYS = ("train.output_dir", "output_dir", "trial_id", "storage", "name")
 COST_KEYS = ["peak_memory_bytes", "tokens_per_s", "wall_s", "val_loss"]
 SCORE_KEY = "eval/score"
 MEMORY_KEY = "peak_memory_bytes"
-#: short names used in point labels
-_SHORT = {"tokentune.ratio": "ratio", "lora.rank": "r", "ist.budget": "budget", "train.lr": "lr"}
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"lora": {"rank": 8}}`` -> ``{"lora.rank": 8}``; lists and empty mappings stay values."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, name))
+            out.update(flatten(value, name))
         else:
             out[name] = value
     return out
@@ -74,28 +76,40 @@ def eval_score(metrics: Mapping[str, Any]) -> float | None:
 
 
 def _config_keys(configs: list[dict[str, Any]], search_keys: list[str] | None) -> list[str]:
+    """``search_keys`` as given; else ``methods`` and the keys whose value differs between trials,
+    the settings of the methods in the trials' method lists first (in the order the methods appear)."""
     if search_keys is not None:
         return list(search_keys)
     present = {k for c in configs for k in c}
-    keys = [k for k in PREFERRED_KEYS if k in present]
     varying = []
-    for key in sorted(present - set(keys)):
+    for key in sorted(present - {METHODS_KEY}):
         if key.endswith(IGNORED_KEYS):
             continue
         values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}
         if len(values) > 1:
             varying.append(key)
-    return keys + varying
+    order = list(dict.fromkeys(m for c in configs for m in _methods_of(c)))
+    rank = {name: i for i, name in enumerate(order)}
+    varying.sort(key=lambda k: rank.get(k.split(".", 1)[0], len(order)))  # stable: sorted within a method
+    return ([METHODS_KEY] if METHODS_KEY in present else []) + varying
+
+
+def _methods_of(config: Mapping[str, Any]) -> list[str]:
+    """The method names of a flat config or row (a list, or the comma-joined text of a row)."""
+    value = config.get(METHODS_KEY)
+    if isinstance(value, str):
+        return [m.strip() for m in value.split(",") if m.strip()]
+    return [str(m) for m in value] if isinstance(value, (list, tuple)) else []
 
 
 def results_table(trials: list[dict[str, Any]], search_keys: list[str] | None = None) -> list[dict[str, Any]]:
     """One flat row per trial: trial_id, status, config values, eval scores, cost, val_loss, error.
 
-    Config columns are ``search_keys`` when given, else the preferred keys present (methods,
-    tokentune.ratio, lora.rank, ist.budget, train.lr) plus any config key whose value differs between
-    trials. Eval columns: ``eval/score`` (mean task accuracy) and every ``eval/<task>/acc``.
+    Config columns are ``search_keys`` when given (a sweep passes its searched keys), else ``methods``
+    plus every config key whose value differs between trials. Eval columns: ``eval/score`` (mean task
+    accuracy) and every ``eval/<task>/acc``.
     """
-    configs = [_flatten(t.get("config") or t.get("params") or {}) for t in trials]
+    configs = [flatten(t.get("config") or t.get("params") or {}) for t in trials]
     keys = _config_keys(configs, search_keys)
     metrics = [_metrics_of(t) for t in trials]
     acc_keys = sorted({k for m in metrics for k in m if k.startswith("eval/") and k.endswith("/acc")})
@@ -169,18 +183,27 @@ def best_row(rows: list[dict[str, Any]], score_key: str = SCORE_KEY) -> dict[str
     return max(scored, key=lambda r: _number(r[score_key])) if scored else None
 
 
-def config_label(row: Mapping[str, Any]) -> str:
-    """A short label from a row's config columns, e.g. ``lora,tokentune r=8 ratio=0.3``."""
-    skip = {"trial_id", "status", "error", *COST_KEYS}
-    parts = []
-    for key, value in row.items():
-        if key in skip or key.startswith("eval/") or value is None or value == "":
-            continue
-        if key == "methods":
-            parts.insert(0, str(value))
-            continue
-        short = _SHORT.get(key, key.rsplit(".", 1)[-1])
-        parts.append(f"{short}={_fmt(value)}")
+def config_label(row: Mapping[str, Any], method_names: set[str] | frozenset[str] = frozenset()) -> str:
+    """A short label from a row's method list and config columns, e.g. ``lora,tokentune rank=8 ratio=0.3``.
+
+    A setting is named by its last part (``rank``), or in full where two columns share it
+    (``lora.rank``, ``dora.rank``). A setting of a method in ``method_names`` (every method of the
+    sweep) that is not in this row's method list is left out: it did not apply to this trial.
+    """
+    skip = {"trial_id", "status", "error", METHODS_KEY, *COST_KEYS}
+    active = set(_methods_of(row))
+    keys = [
+        k
+        for k, v in row.items()
+        if k not in skip
+        and not k.startswith("eval/")
+        and v not in (None, "")
+        and not (k.split(".", 1)[0] in method_names and k.split(".", 1)[0] not in active)
+    ]
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    parts = [str(row[METHODS_KEY])] if row.get(METHODS_KEY) not in (None, "") else []
+    for key, leaf in zip(keys, leaves):
+        parts.append(f"{leaf if leaves.count(leaf) == 1 else key}={_fmt(row[key])}")
     return " ".join(parts) or str(row.get("trial_id"))
 
 
@@ -204,6 +227,7 @@ def pareto_plot(
     ]
     front = pareto_front(points, score_key, memory_key)
     front_ids = {id(r) for r in front}
+    method_names = {m for r in rows for m in _methods_of(r)}
     mib = 1 / 2**20 if memory_key.endswith("bytes") else 1.0
     xlabel = f"{memory_key} (MiB)" if memory_key.endswith("bytes") else memory_key
 
@@ -235,7 +259,7 @@ def pareto_plot(
         )
         for r in points:
             ax.annotate(
-                config_label(r),
+                config_label(r, method_names),
                 (_number(r[memory_key]) * mib, _number(r[score_key])),
                 textcoords="offset points",
                 xytext=(4, 4),

@@ -17,7 +17,8 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.spec import SearchDim, SpecError, SweepSpec, value_label
+from orchestrator.spec import SweepSpec
+from orchestrator.spec_parts import SearchDim, SpecError, value_label
 
 
 # ---- the search space -------------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def make_scheduler(spec: SweepSpec) -> Any:
 
 
 def default_max_t(spec: SweepSpec) -> int:
-    steps = max(p.config.train.max_steps for p in spec.dry_run_trials(64))
+    steps = max(cfg.train.max_steps for cfg in spec.trial_configs(64))
     return steps + 10  # training_iteration counts reports (at most one per step + final reports)
 
 
@@ -135,8 +136,8 @@ def trial_demand(spec: SweepSpec, cluster: dict[str, float] | None = None) -> di
     """
     cluster = cluster or {}
     train_cpus, train_gpus = 0.0, 0.0
-    for p in spec.dry_run_trials(64):
-        c = p.config.compute
+    for cfg in spec.trial_configs(64):
+        c = cfg.compute
         use_gpu = c.wants_gpu(cluster.get("GPU", 0) > 0)
         train_cpus = max(train_cpus, c.workers * c.cpus_per_worker)
         train_gpus = max(train_gpus, c.workers * c.gpus_per_worker if use_gpu else 0.0)

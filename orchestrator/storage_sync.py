@@ -39,10 +39,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.trial_status import STATUS_FILE, TRIALS_DIR, read_status
+
 log = logging.getLogger(__name__)
 
-TRIALS_DIR = "trials"
-STATUS_FILE = "status.json"  # = orchestrator.trial.STATUS_FILE (not imported: trial.py imports Ray)
 #: Top-level names in a trial folder that are never uploaded: merged checkpoints (large; they stay on
 #: their node), mid-run training checkpoints (Ray Train already persists them under ``<storage>/train``),
 #: Ray Train's per-rank staging folder and half-written files.
@@ -114,7 +114,7 @@ def fetch_trial(storage_uri: str, trial_id: str, trial_dir: str | Path) -> bool:
     one (the trial was retried on another node). A local finished trial is never overwritten. True if
     restored; a failure is logged."""
     trial_dir = Path(trial_dir)
-    local = _local_status(trial_dir)
+    local = read_status(trial_dir)
     if local is not None and local.get("status") == "finished":
         return False
     try:
@@ -212,13 +212,6 @@ def _copy(src: str, dest: str, src_fs: Any, dest_fs: Any) -> None:
         chunk_size=CHUNK_BYTES,
         use_threads=threads,
     )
-
-
-def _local_status(trial_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((trial_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def stored_wins(local: dict[str, Any] | None, stored: dict[str, Any]) -> bool:

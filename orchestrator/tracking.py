@@ -5,16 +5,16 @@ Tune trial processes write to the same store, and nesting is the ``mlflow.parent
 
     tracker = SweepTracker(default_tracking_uri(sweep_dir), "tokentune", "quickstart")
     parent = tracker.start_parent(spec_dict)          # get-or-create: a resumed sweep reuses it
-    run_id = tracker.trial_run("t_0001", flat_config)   # get-or-create by trial id
-    log = TrialLogger(tracker.tracking_uri, run_id)      # picklable; use it inside the trial
-    log.log_metrics({"loss": 1.2}, step=10)
-    log.end("FINISHED")
+    run_id = tracker.trial_run("t_0001", config)        # get-or-create by trial id; config as params
+    tracker.log_metrics(run_id, {"loss": 1.2}, step=10)
+    tracker.end_trial(run_id, "FINISHED")
     tracker.log_summary(rows, sweep_dir)                 # results.csv/.json, pareto.png on the parent
     tracker.end_parent("FINISHED")
 
-Runs are found again by tags (``tokentune.sweep``, ``tokentune.trial_id``), so a restarted sweep or
-trial never duplicates a run. Params and tags pass through :func:`redact` first: no tokens, keys
-or passwords reach the tracking store.
+The tracker pickles as its strings, so a Tune trial (another process) rebuilds it and logs into its own
+run. Runs are found again by tags (``tokentune.sweep``, ``tokentune.trial_id``), so a restarted sweep
+or trial never duplicates a run. Params, tags and errors pass through ``orchestrator.redaction``
+first: no tokens, keys or passwords reach the tracking store.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from orchestrator import report
+from orchestrator.redaction import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,6 @@ TAG_ROLE = "tokentune.role"  # "sweep" (parent) | "trial" (child)
 TAG_TRIAL = "tokentune.trial_id"
 TAG_ERROR = "tokentune.error"
 TAG_PARENT = "mlflow.parentRunId"
-TAG_RUN_NAME = "mlflow.runName"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
@@ -45,7 +47,6 @@ MAX_TAG_VALUE = 8000  # ... on a tag value
 MAX_KEY = 250  # ... on a param/metric/tag key
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
-REDACTED = "***"
 
 
 # --------------------------------------------------------------------------------- tracking URI
@@ -92,86 +93,7 @@ def default_artifact_location(tracking_uri: str, experiment_name: str) -> str | 
     return None  # a tracking server decides
 
 
-# ----------------------------------------------------------------------------------- redaction
-_SECRET_KEY = re.compile(
-    r"(^|[_\-.])(token|auth|authorization|bearer|secret|password|passwd|pwd|credentials?|"
-    r"api[_\-]?key|apikey|access[_\-]?key|private[_\-]?key|secret[_\-]?key|session[_\-]?key)$"
-    r"|secret|password|passwd|credential|^aws_|^hf_token$|api[_\-]?key",
-    re.IGNORECASE,
-)
-#: tokenizer settings that end in ``_token`` but are not secrets
-_NOT_SECRET_KEYS = {
-    "pad_token",
-    "eos_token",
-    "bos_token",
-    "unk_token",
-    "sep_token",
-    "cls_token",
-    "mask_token",
-}
-_SECRET_VALUE = re.compile(
-    r"hf_[A-Za-z0-9]{16,}"  # Hugging Face
-    r"|(?:AKIA|ASIA)[A-Z0-9]{16}"  # AWS access key id
-    r"|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"  # GitHub
-    r"|sk-[A-Za-z0-9_\-]{20,}"  # OpenAI-style
-    r"|xox[abpr]-[A-Za-z0-9\-]{10,}"  # Slack
-    r"|eyJ[\w\-]{10,}\.[\w\-]{10,}\.[\w\-]+"  # JWT
-    r"|(?i:bearer)\s+[\w.\-~+/=]{16,}"
-)
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.\-]*://[^/\s:@]*:)(?P<pw>[^@/\s]+)(?P<at>@)")
-
-
-def is_secret_key(key: str) -> bool:
-    """True for keys like ``HF_TOKEN``, ``hub.auth_token``, ``db_password``, ``AWS_SECRET_ACCESS_KEY``."""
-    leaf = str(key).rsplit(".", 1)[-1].lower()
-    if leaf in _NOT_SECRET_KEYS:
-        return False
-    return bool(_SECRET_KEY.search(leaf)) or bool(re.search(r"(^|\.)aws_", str(key), re.IGNORECASE))
-
-
-def redact_text(text: str) -> str:
-    """Mask token-like substrings and URL passwords inside free text (error messages, values)."""
-    text = _SECRET_VALUE.sub(REDACTED, text)
-    return _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED + m["at"], text)
-
-
-def redact(params: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``params`` (nested or flat) with secret-looking keys and values masked as ``***``.
-
-    A key is secret by name (``HF_TOKEN``, ``*_token``, ``*secret*``, ``*password*``, ``AWS_*``,
-    ``*api_key*`` ...); a value is secret by shape (``hf_...``, ``AKIA...``, ``ghp_...``, ``sk-...``,
-    JWTs, ``Bearer ...``); passwords inside URLs (``postgresql://user:pw@host``) are masked in place.
-    """
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if is_secret_key(key) and value not in (None, ""):
-            out[key] = REDACTED
-        elif isinstance(value, Mapping):
-            out[key] = redact(value)
-        elif isinstance(value, (list, tuple)):
-            out[key] = [redact(v) if isinstance(v, Mapping) else _redact_value(v) for v in value]
-        else:
-            out[key] = _redact_value(value)
-    return out
-
-
-def _redact_value(value: Any) -> Any:
-    return redact_text(value) if isinstance(value, str) else value
-
-
-# ---------------------------------------------------------------------------------- flattening
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"lora": {"rank": 8}}`` -> ``{"lora.rank": 8}``; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name))
-        else:
-            out[name] = value
-    return out
-
-
+# ------------------------------------------------------------------------------- params, metrics
 def param_value(value: Any) -> str:
     """A param value as MLflow stores it: a string, JSON for lists/dicts/None, at most 6000 chars."""
     if isinstance(value, str):
@@ -193,7 +115,7 @@ def clean_key(key: str) -> str:
 
 def to_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Nested or flat config -> redacted, flattened, stringified MLflow params."""
-    return {clean_key(k): param_value(v) for k, v in flatten(redact(params)).items()}
+    return {clean_key(k): param_value(v) for k, v in report.flatten(redact(params)).items()}
 
 
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -208,131 +130,6 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             continue
         out[clean_key(key)] = number
     return out
-
-
-# ------------------------------------------------------------------------- shared run operations
-def _client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def _log_metrics(client: Any, run_id: str, metrics: Mapping[str, Any], step: int | None) -> int:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    rows = [Metric(k, v, now, int(step or 0)) for k, v in numeric_metrics(metrics).items()]
-    for i in range(0, len(rows), METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=rows[i : i + METRICS_PER_BATCH])
-    return len(rows)
-
-
-def _log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> list[str]:
-    """Log params a run does not have yet; same values are skipped, changed ones become tags.
-
-    MLflow refuses to change a logged param; on resume the old value stays and the new one is kept
-    as the tag ``tokentune.changed.<key>``. Returns the changed keys.
-    """
-    from mlflow.entities import Param, RunTag
-
-    wanted = to_params(params)
-    existing = client.get_run(run_id).data.params
-    new = [Param(k, v) for k, v in wanted.items() if k not in existing]
-    changed = sorted(k for k, v in wanted.items() if k in existing and existing[k] != v)
-    for i in range(0, len(new), PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=new[i : i + PARAMS_PER_BATCH])
-    if changed:
-        log.warning("run %s: params changed since first logged, kept as tags: %s", run_id, changed)
-        tags = [RunTag(clean_key(f"tokentune.changed.{k}"), wanted[k][:MAX_TAG_VALUE]) for k in changed]
-        for i in range(0, len(tags), PARAMS_PER_BATCH):
-            client.log_batch(run_id, tags=tags[i : i + PARAMS_PER_BATCH])
-    return changed
-
-
-def _set_tags(client: Any, run_id: str, tags: Mapping[str, Any]) -> None:
-    from mlflow.entities import RunTag
-
-    rows = [
-        RunTag(clean_key(k), str(v)[:MAX_TAG_VALUE]) for k, v in redact(dict(tags)).items() if v is not None
-    ]
-    for i in range(0, len(rows), PARAMS_PER_BATCH):
-        client.log_batch(run_id, tags=rows[i : i + PARAMS_PER_BATCH])
-
-
-def _log_artifact(client: Any, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    path = Path(path)
-    if path.is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
-    elif path.is_file():
-        client.log_artifact(run_id, str(path), artifact_path)
-    else:
-        raise FileNotFoundError(f"cannot log artifact {str(path)!r}: no such file or folder")
-
-
-def _end(client: Any, run_id: str, status: str, error: str | None) -> None:
-    if status not in STATUSES:
-        raise ValueError(f"run status {status!r} is invalid: expected one of {', '.join(STATUSES)}")
-    if error:
-        text = redact_text(str(error))
-        client.set_tag(run_id, TAG_ERROR, text[:MAX_TAG_VALUE])
-        client.log_text(run_id, text, "error.txt")
-    client.set_terminated(run_id, status=status)
-
-
-class TrialLogger:
-    """Logs into one existing run; rebuilt in any process from ``(tracking_uri, run_id)``.
-
-    Pickles as its two strings (the MLflow client is made lazily), so it can ride along into a Ray
-    Tune trial or a Ray task.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self._client_obj: Any = None
-
-    @property
-    def client(self) -> Any:
-        if self._client_obj is None:
-            self._client_obj = _client(self.tracking_uri)
-        return self._client_obj
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tracking_uri"], state["run_id"])
-
-    def __repr__(self) -> str:
-        return f"TrialLogger({self.tracking_uri!r}, {self.run_id!r})"
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
-        """Log the numeric entries of ``metrics`` at ``step``; returns how many were logged."""
-        return _log_metrics(self.client, self.run_id, metrics, step)
-
-    def log_params(self, params: Mapping[str, Any]) -> list[str]:
-        return _log_params(self.client, self.run_id, params)
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        _set_tags(self.client, self.run_id, tags)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a file, or a folder's contents, under ``artifact_path``."""
-        _log_artifact(self.client, self.run_id, path, artifact_path)
-
-    def log_artifacts(self, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
-        for path in paths:
-            _log_artifact(self.client, self.run_id, path, artifact_path)
-
-    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, dict(data), artifact_file)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
-
-    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
-        """Terminate the run; ``error`` becomes the tag ``tokentune.error`` and ``error.txt``."""
-        _end(self.client, self.run_id, status, error)
 
 
 # ---------------------------------------------------------------------------------- the sweep
@@ -364,8 +161,11 @@ class SweepTracker:
 
     @property
     def client(self) -> Any:
+        """The ``MlflowClient``, made on first use (mlflow is imported only then)."""
         if self._client_obj is None:
-            self._client_obj = _client(self.tracking_uri)
+            from mlflow import MlflowClient
+
+            self._client_obj = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client_obj
 
     @property
@@ -437,7 +237,7 @@ class SweepTracker:
         if spec:
             safe = redact(dict(spec))
             self.client.log_text(self.parent_run_id, yaml.safe_dump(safe, sort_keys=False), "sweep.yaml")
-            _log_params(self.client, self.parent_run_id, safe)
+            self._log_params(self.parent_run_id, safe)
         return self.parent_run_id
 
     def trial_run(
@@ -458,49 +258,73 @@ class SweepTracker:
             run_name or str(trial_id),
         )
         if params:
-            _log_params(self.client, run.info.run_id, params)
+            self._log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def trial_logger(self, run_id: str) -> TrialLogger:
-        return TrialLogger(self.tracking_uri, run_id)
-
-    def trial_runs(self) -> list[Any]:
-        """The parent's child runs (any status), oldest first."""
-        if self.parent_run_id is None:
-            return []
-        return list(
-            self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
-                max_results=10000,
-                order_by=["attributes.start_time ASC"],
-            )
-        )
-
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> int:
-        return _log_metrics(self.client, run_id, metrics, step)
+        """Log the numeric entries of ``metrics`` at ``step``; returns how many were logged."""
+        from mlflow.entities import Metric
 
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> list[str]:
-        return _log_params(self.client, run_id, params)
+        now = int(time.time() * 1000)
+        rows = [Metric(k, v, now, int(step or 0)) for k, v in numeric_metrics(metrics).items()]
+        for i in range(0, len(rows), METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=rows[i : i + METRICS_PER_BATCH])
+        return len(rows)
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> list[str]:
+        """Log params a run does not have yet; same values are skipped, changed ones become tags.
+
+        MLflow refuses to change a logged param; on resume the old value stays and the new one is kept
+        as the tag ``tokentune.changed.<key>``. Returns the changed keys.
+        """
+        from mlflow.entities import Param
+
+        wanted = to_params(params)
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in wanted.items() if k not in existing]
+        changed = sorted(k for k, v in wanted.items() if k in existing and existing[k] != v)
+        for i in range(0, len(new), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[i : i + PARAMS_PER_BATCH])
+        if changed:
+            log.warning("run %s: params changed since first logged, kept as tags: %s", run_id, changed)
+            self.set_tags(run_id, {f"tokentune.changed.{k}": wanted[k] for k in changed})
+        return changed
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        _set_tags(self.client, run_id, tags)
+        """Set tags (redacted; ``None`` values skipped)."""
+        from mlflow.entities import RunTag
+
+        rows = [
+            RunTag(clean_key(k), str(v)[:MAX_TAG_VALUE])
+            for k, v in redact(dict(tags)).items()
+            if v is not None
+        ]
+        for i in range(0, len(rows), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=rows[i : i + PARAMS_PER_BATCH])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        _log_artifact(self.client, run_id, path, artifact_path)
-
-    def log_artifacts(
-        self, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None
-    ) -> None:
-        for path in paths:
-            _log_artifact(self.client, run_id, path, artifact_path)
+        """Log a file, or a folder's contents, under ``artifact_path``."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"cannot log artifact {str(path)!r}: no such file or folder")
 
     def end_trial(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
-        _end(self.client, run_id, status, error)
+        """Terminate a run; ``error`` (redacted) becomes the tag ``tokentune.error`` and ``error.txt``."""
+        if status not in STATUSES:
+            raise ValueError(f"run status {status!r} is invalid: expected one of {', '.join(STATUSES)}")
+        if error:
+            text = redact_text(str(error))
+            self.client.set_tag(run_id, TAG_ERROR, text[:MAX_TAG_VALUE])
+            self.client.log_text(run_id, text, "error.txt")
+        self.client.set_terminated(run_id, status=status)
 
     def end_parent(self, status: str = "FINISHED", error: str | None = None) -> None:
         if self.parent_run_id is not None:
-            _end(self.client, self.parent_run_id, status, error)
+            self.end_trial(self.parent_run_id, status, error)
 
     def log_summary(
         self,
@@ -514,8 +338,6 @@ class SweepTracker:
         Also logs the table as an MLflow table artifact (``results_table.json``, shown in the UI's
         artifact view), the best trial's score as parent metrics and the Pareto front as a tag.
         """
-        from orchestrator import report
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {
@@ -542,19 +364,13 @@ class SweepTracker:
         tags: dict[str, Any] = {"tokentune.pareto_front": ",".join(str(r.get("trial_id")) for r in front)}
         if best is not None:
             tags["tokentune.best_trial"] = best.get("trial_id")
-            _log_metrics(
-                self.client,
+            self.log_metrics(
                 self.parent_run_id,
                 {f"best/{k}": best.get(k) for k in (score_key, memory_key, "val_loss")},
                 None,
             )
-        _set_tags(self.client, self.parent_run_id, tags)
+        self.set_tags(self.parent_run_id, tags)
         return paths
-
-    def compare_url(self, host_port: str, run_ids: list[str] | None = None) -> str:
-        """UI compare view of ``run_ids`` (default: every trial run of this sweep)."""
-        ids = run_ids if run_ids is not None else [r.info.run_id for r in self.trial_runs()]
-        return compare_url(host_port, ids, self.experiment_id)
 
 
 def _quote(value: str) -> str:
@@ -567,29 +383,3 @@ def _table_cell(value: Any) -> Any:
     if isinstance(value, float):
         return None if math.isnan(value) else value
     return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
-
-
-# ------------------------------------------------------------------------------------------ UI
-def _base_url(host_port: str) -> str:
-    base = host_port.rstrip("/")
-    return base if "://" in base else f"http://{base}"
-
-
-def compare_url(host_port: str, run_ids: list[str], experiment_id: str | list[str]) -> str:
-    """The MLflow UI's compare view, e.g. ``http://127.0.0.1:5000/#/compare-runs?runs=[...]&experiments=[...]``."""
-    experiments = [experiment_id] if isinstance(experiment_id, str) else list(experiment_id)
-    query = urllib.parse.urlencode(
-        {"runs": json.dumps(list(run_ids)), "experiments": json.dumps(experiments)},
-        quote_via=urllib.parse.quote,
-    )
-    return f"{_base_url(host_port)}/#/compare-runs?{query}"
-
-
-def experiment_url(host_port: str, experiment_id: str) -> str:
-    """The MLflow UI's runs table of one experiment (MLflow 3's plain experiment page is a GenAI
-    overview without runs); the sweep's trials are nested under its parent row."""
-    return f"{_base_url(host_port)}/#/experiments/{experiment_id}/runs"
-
-
-def run_url(host_port: str, experiment_id: str, run_id: str) -> str:
-    return f"{_base_url(host_port)}/#/experiments/{experiment_id}/runs/{run_id}"

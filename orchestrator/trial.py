@@ -7,7 +7,8 @@ Ray Train run is ``<sweep>/train/<trial_id>`` (re-running with the same name res
 last checkpoint) and the MLflow child run is found again by the id. ``status.json`` in the trial
 folder says ``finished`` or ``failed``; a finished trial that Tune runs again (a sweep killed before
 Tune saved its state) reports its stored metrics instead of training again. ``events.jsonl`` records
-every start of training (``train started``), so a resume can be audited.
+every start of training (``train started``), so a resume can be audited (both files:
+``orchestrator.trial_status``).
 
 With a URI ``storage`` (``ctx.storage_uri``: s3://, gs://, file://...) the trial folder is on the local
 disk of the node this trial runs on: once ``status.json`` is written the folder (without ``merged/``) is
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,10 +32,12 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.spec import SweepSpec, estimate_memory, max_memory_gb, parse_spec
+from orchestrator.spec import SweepSpec, parse_spec
+from orchestrator.spec_parts import max_memory_gb
+from orchestrator.trial_status import STATUS_FILE, log_event, read_status, trial_dir, write_status
+from tokentune.errors import is_number
+from tokentune.estimate import estimate_memory
 
-STATUS_FILE = "status.json"
-EVENTS_FILE = "events.jsonl"
 FINAL_FLAG = "trial_final"  # set on the trial's last Tune report (the tracking callback skips it)
 GB = 1024**3
 
@@ -58,42 +60,6 @@ class TrialContext:
     storage_uri: str | None = None  # the sweep's URI storage (<uri>/<name>): trial folders sync there
 
 
-# ---- status files ----------------------------------------------------------------------------------
-def trial_dir(sweep_dir: str | Path, trial_id: str) -> Path:
-    return Path(sweep_dir) / "trials" / trial_id
-
-
-def read_status(path: str | Path) -> dict[str, Any] | None:
-    """``status.json`` of a trial folder, or None."""
-    p = Path(path) / STATUS_FILE
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_status(path: Path, status: str, **info: Any) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"status": status, "time": time.time(), **info}, indent=2, default=str))
-    os.replace(tmp, path / STATUS_FILE)
-
-
-def log_event(path: Path, event: str, **info: Any) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    with (path / EVENTS_FILE).open("a") as f:
-        f.write(
-            json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **info}, default=str) + "\n"
-        )
-
-
-def read_events(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path) / EVENTS_FILE
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
 # ---- Train -> Tune reports ---------------------------------------------------------------------------------
 #: Keys Ray Tune reserves in a result: a Train report carrying ``done`` would end the Tune trial
 #: before merge + evaluation run. Renamed ``train_<key>`` on the way to Tune.
@@ -101,18 +67,12 @@ TUNE_RESERVED = ("done", "training_iteration", "trial_id", "time_total_s", "time
 
 
 class TrialReportCallback(TuneReportCallback):
-    """``TuneReportCallback`` that renames Tune's reserved keys (the Train job reports ``done``)."""
+    """Forwards every report of the trial's Train job to Tune, with Tune's reserved keys renamed (the
+    Train job reports ``done``). Made inside the trial: its base needs a Tune session."""
 
     def after_report(self, run_context, metrics, checkpoint):
         metrics = [{(f"train_{k}" if k in TUNE_RESERVED else k): v for k, v in m.items()} for m in metrics]
         super().after_report(run_context, metrics, checkpoint)
-
-
-def use_trial_report_callback() -> None:
-    """Make ``run_train_job(report_to_tune=True)`` (in this trial process) use ``TrialReportCallback``."""
-    import ray.tune.integration.ray_train as ray_train_integration
-
-    ray_train_integration.TuneReportCallback = TrialReportCallback
 
 
 # ---- the trial ------------------------------------------------------------------------------------------
@@ -194,14 +154,14 @@ def close_open_run(tracker, tdir: Path, done: dict[str, Any]) -> bool:
 
 
 def _close_finished_run(tracker, run_id: str, tdir: Path, metrics: dict[str, Any], step: Any) -> None:
-    tracker.log_metrics(run_id, metrics, step=int(step) if _is_number(step) else None)
+    tracker.log_metrics(run_id, metrics, step=int(step) if is_number(step) else None)
     _artifacts(tracker, run_id, tdir)
     tracker.set_tags(run_id, {"tokentune.status": "finished"})
     tracker.end_trial(run_id, "FINISHED")
 
 
 def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: TrialContext) -> dict[str, Any]:
-    from orchestrator.train_job import run_train_job
+    from orchestrator.train_driver import run_train_job
 
     limit = max_memory_gb(spec.base)
     if limit:
@@ -212,13 +172,12 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             )
 
     log_event(tdir, "train started", trial_id=trial_id)
-    use_trial_report_callback()
     res = run_train_job(
         cfg,
         name=trial_id,
         storage_path=ctx.train_storage,
         resume=True,
-        report_to_tune=True,
+        callbacks=[TrialReportCallback()],
         progress=ctx.progress,
     )
     if res.error is not None:
@@ -226,13 +185,14 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
     if not res.final_dir:
         raise TrialFailed("training finished without a final adapter/model folder")
     log_event(tdir, "train finished", final_dir=res.final_dir)
-    metrics = _train_metrics(res.metrics)
     for name in ("loss", "val_loss"):
-        if name in metrics and not math.isfinite(metrics[name]):
-            raise TrialFailed(f"training diverged: {name} = {metrics[name]}")
+        value = res.metrics.get(name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrialFailed(f"training diverged: {name} = {value}")
+    metrics = _train_metrics(res.metrics)
 
     a = spec.after_trial
-    if a.evaluate:
+    if a.merge or a.evaluate:
         from orchestrator.post_trial import run_post_trial
 
         log_event(tdir, "post-trial started")
@@ -240,33 +200,23 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             res.final_dir,
             tdir,
             cfg.eval,
+            evaluate=a.evaluate,
             keep_merged=True,  # pruned per after_trial.keep_merged when the sweep ends
             resources={"num_cpus": a.cpus, "num_gpus": a.gpus},
         )
         if post.get("error"):
             raise TrialFailed(post["error"])
-        metrics.update({k: v for k, v in (post.get("metrics") or {}).items() if _is_number(v)})
-    elif a.merge:
-        _merge_only(res.final_dir, tdir, a.cpus, a.gpus)
+        metrics.update({k: v for k, v in (post.get("metrics") or {}).items() if is_number(v)})
     return metrics
 
 
 def _train_metrics(m: dict[str, Any]) -> dict[str, Any]:
     keep = ("step", "loss", "val_loss", "tokens_per_s", "peak_memory_bytes", "wall_s", "epoch")
-    out = {k: float(m[k]) for k in keep if _is_number(m.get(k))}
-    out.update({k: float(v) for k, v in m.items() if "/" in k and _is_number(v)})  # method metrics (ist/...)
+    out = {k: float(m[k]) for k in keep if is_number(m.get(k))}
+    out.update({k: float(v) for k, v in m.items() if "/" in k and is_number(v)})  # <method>/<name> metrics
     if "peak_memory_bytes" in out:
         out["peak_memory_gb"] = out["peak_memory_bytes"] / GB
     return out
-
-
-def _merge_only(final_dir: str, tdir: Path, cpus: float, gpus: float) -> None:
-    import ray
-
-    from orchestrator.post_trial import export_for_eval, post_trial_options
-
-    opts = post_trial_options({"num_cpus": cpus, "num_gpus": gpus})
-    ray.get(ray.remote(export_for_eval).options(**opts).remote(Path(final_dir), tdir))
 
 
 # ---- tracking helpers --------------------------------------------------------------------------------------
@@ -277,7 +227,8 @@ def _tracker(ctx: TrialContext, spec: SweepSpec):
 
 
 def _params(full_config: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
-    params = {k: v for k, v in full_config.items()}
+    """MLflow params of a trial: its whole config, and the sampled values under ``search/``."""
+    params = dict(full_config)
     params["search"] = {str(k).replace(".", "/"): v for k, v in sampled.items()}
     return params
 
@@ -294,6 +245,7 @@ def _artifacts(tracker, run_id: str, tdir: Path) -> None:
 
 def _stop_requested() -> bool:
     """True once Tune asked this trial to stop (its Train run then dies with the trial's resources)."""
+    # Private: Ray has no public API that tells a function trainable Tune asked it to stop.
     try:
         from ray.train._internal.session import get_session
 
@@ -312,10 +264,6 @@ def _error_text(err: BaseException) -> str:
         return type(err).__name__
     summary = lines[0] if len(lines) == 1 or lines[-1] in lines[0] else f"{lines[0]} ... {lines[-1]}"
     return summary[:1000]
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _jsonable(obj: Any) -> Any:

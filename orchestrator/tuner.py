@@ -25,9 +25,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orchestrator.api import TrialResult
+from ray.tune import Callback
+
+from orchestrator.results import TrialResult
 from orchestrator.spec import SweepSpec
-from orchestrator.trial import FINAL_FLAG, TrialContext, read_status, run_trial, trial_dir
+from orchestrator.trial import FINAL_FLAG, TrialContext, run_trial
+from orchestrator.trial_status import read_status, trial_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +124,7 @@ def restore_tuner(spec: SweepSpec, ctx: TrialContext) -> Any:
 
 
 # ---- live tracking of trial results ------------------------------------------------------------------------
-def _callback_base() -> type:
-    from ray.tune import Callback
-
-    return Callback
-
-
-class TrialTrackingCallback(_callback_base()):
+class TrialTrackingCallback(Callback):
     """Logs every intermediate Tune result (loss curves, tokens/s, memory) to the trial's MLflow run,
     and closes runs of trials that ended without a ``status.json`` (stopped early by ASHA or by the
     time limit: KILLED; crashed driver: FAILED). With a URI storage a trial that ran on another node
@@ -253,10 +250,9 @@ def _tune_trials(grid: Any) -> list[Any]:
 
 
 def _tune_error(trial: Any) -> str:
-    for attr in ("error_msg",):
-        msg = getattr(trial, attr, None)
-        if msg:
-            return str(msg)[:2000]
+    msg = getattr(trial, "error_msg", None)
+    if msg:
+        return str(msg)[:2000]
     path = getattr(trial, "error_file", None)
     try:
         if path and os.path.exists(path):
@@ -269,14 +265,15 @@ def _tune_error(trial: Any) -> str:
 def searched_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """The trial's values of the searched keys (decoded: lists stay lists). A key of a method's section
     whose method the trial does not use (``tokentune.ratio`` of a ``[lora]`` trial) is None."""
-    from orchestrator.spec import lookup_dotted
+    from orchestrator.spec_parts import lookup_dotted
+    from tokentune.config import RunConfig
     from tokentune.methods import REGISTRY
 
     out = {}
     for key, dim in spec.search.items():
         found, value = lookup_dotted(config or {}, key)
         out[key] = dim.coerce(value) if found else (dim.values[0] if dim.verb == "fixed" else None)
-    methods = out.get("methods") or spec.base.get("methods") or ["lora"]
+    methods = out.get("methods") or spec.base.get("methods") or RunConfig().methods
     for key in out:
         section = key.split(".", 1)[0]
         if section in REGISTRY and section not in methods:

@@ -12,7 +12,7 @@ from orchestrator.cli import build_parser, main
 from tests.conftest import tiny_run_dict
 
 
-@pytest.mark.parametrize("sub", ["train", "merge", "sweep", "eval"])
+@pytest.mark.parametrize("sub", ["train", "merge", "sweep", "eval", "methods"])
 def test_every_subcommand_explains_its_options(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([sub, "--help"])
@@ -68,10 +68,48 @@ def test_bad_input_exits_2_naming_the_key(tiny_workspace, tmp_path, capsys):
 
 
 def test_methods_lists_every_registered_method(capsys):
+    from tokentune.config import SECTIONS
     from tokentune.methods import REGISTRY
+    from tokentune.settings import describe
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in REGISTRY:
         assert name in out
-    assert "lora.rank = 8" in out
+        for doc in describe(REGISTRY[name].config_cls, name):
+            assert f"{doc.key} = " in out and doc.help in out  # every setting, its default and help
+    assert "lora.rank = 8" in out and "train.lr = " not in out
+    assert main(["methods", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "lora.rank = 8" in out and "methods = [lora]" in out and "model.name_or_path = null" in out
+    for name, section in SECTIONS.items():
+        for doc in describe(section, name):
+            assert f"{doc.key} = " in out and doc.help in out
+
+
+def test_tokentune_cli_runs_without_the_orchestrator(tiny_workspace, tmp_path, capsys):
+    """``tokentune.cli`` (Ray-free) has train/merge/eval/methods; a distributed config is a clear error."""
+    from tokentune import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "methods" in out and "sweep" not in out
+    assert cli.main([]) == 2
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_run_dict(tiny_workspace, ["lora"], tmp_path / "out")))
+    assert cli.main(["train", str(cfg), "--workers", "2"]) == 2
+    assert "compute.workers=2" in capsys.readouterr().err
+    assert cli.main(["train", str(cfg), "--print-config", "--set", "lora.rank=4"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["lora"]["rank"] == 4
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, tokentune.cli; print('ray' in sys.modules, 'mlflow' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout.strip() == "False False", r.stderr[-2000:]

@@ -80,7 +80,7 @@ def test_init_ray_yields_to_a_submitted_jobs_runtime_env(monkeypatch):
     """Inside ``ray job submit`` Ray refuses a ray.init runtime_env overlapping the job's: ours yields."""
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from orchestrator.train_job import without_job_conflicts
+    from orchestrator.ray_cluster import without_job_conflicts
 
     ours = {"env_vars": {"PYTHONPATH": "/x", "HF_HUB_OFFLINE": "1"}, "working_dir": "/ours"}
     assert without_job_conflicts(ours) == ours  # not inside a job: unchanged
@@ -553,13 +553,10 @@ def _sweep_cmd(name: str, storage: Path, *sets: str) -> list[str]:
     return cmd
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_job_submit_runs_the_quickstart_sweep_with_token_auth(cluster):
-    t0 = time.time()
-    # the dashboard listens on loopback only
+def _check_token_auth(cluster) -> None:
+    """The dashboard listens on loopback only, and authentication really is on: a client without a
+    token, or with a wrong one, is refused (CLI and REST)."""
     assert _listening_addresses(cluster.dash_port) == {"127.0.0.1"}
-    # authentication really is on: no token, or a wrong one, is refused
     no_token = cluster.ray(
         "job",
         "submit",
@@ -586,32 +583,6 @@ def test_job_submit_runs_the_quickstart_sweep_with_token_auth(cluster):
         cluster.api("/api/jobs/", token=False)
     assert e.value.code == 401
 
-    storage = cluster.root / "sweeps"
-    job = "tt-job-" + uuid.uuid4().hex[:6]
-    cluster.submit(
-        job,
-        _sweep_cmd(
-            "cluster_job", storage, "methods=[lora]", "train.max_steps=4", "train.log_every=2", "eval.limit=8"
-        ),
-    )
-    status = cluster.wait_job(job)
-    logs = cluster.job_logs(job)
-    assert status == "SUCCEEDED", f"job {job}: {status}\n--- last job logs ---\n{logs[-6000:]}"
-    print(f"[cluster] quickstart job {status} in {time.time() - t0:.0f}s")
-
-    sweep_dir = storage / "cluster_job"
-    statuses = _statuses(sweep_dir)
-    assert len(statuses) == 2 and all(s["status"] == "finished" for s in statuses.values()), statuses
-    parents, children = _mlflow_runs(sweep_dir)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(r.data.tags["tokentune.trial_id"] for r in children) == sorted(statuses)
-    for r in children:
-        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert r.info.status == "FINISHED"
-        assert any(k.startswith("eval/") for k in r.data.metrics), r.data.metrics.keys()
-        assert "eval/score" in r.data.metrics
-    assert (sweep_dir / "results.csv").is_file()
-
 
 def _on_node(actors: list[dict], node_id: str, name: str, state: str | None = "ALIVE") -> list[dict]:
     return [
@@ -625,8 +596,11 @@ def _on_node(actors: list[dict], node_id: str, name: str, state: str | None = "A
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_nodes_share_a_sweep_and_it_survives_losing_one(cluster):
+def test_job_submit_runs_a_two_node_sweep_that_survives_losing_a_node(cluster):
+    """``ray job submit`` (token auth) runs a sweep across two nodes with merge + lm-eval + MLflow after
+    each trial; killing one node mid-sweep loses nothing finished and the sweep completes."""
     t0 = time.time()
+    _check_token_auth(cluster)
     cluster.add_node("node2", NODE2_IP)
     cluster.wait_for(lambda: len(cluster.alive_nodes()) == 2, 180, "node2 to join")
     nodes = {n["node_ip"]: n["node_id"] for n in cluster.alive_nodes()}
@@ -638,9 +612,9 @@ def test_two_nodes_share_a_sweep_and_it_survives_losing_one(cluster):
     sweep_dir = storage / "two_nodes"
     job = "tt-2n-" + uuid.uuid4().hex[:6]
     # 3 trials whose Train worker takes a whole node (2 CPUs): two run at once, necessarily one per node;
-    # the short one (4 steps) finishes first and the third starts in its place, so when the first trial
-    # is finished a long one (12 steps, a checkpoint every 4) is training on node2 whichever way the
-    # first two were placed.
+    # the short one (4 steps, then merge + a small lm-eval) finishes first and the third starts in its
+    # place, so when the first trial is finished a long one (40 steps, a checkpoint every 8) is still
+    # training on node2 whichever way the first two were placed.
     cluster.submit(
         job,
         _sweep_cmd(
@@ -648,14 +622,11 @@ def test_two_nodes_share_a_sweep_and_it_survives_losing_one(cluster):
             storage,
             "methods=[lora]",
             "lora.rank=4",
-            "search.train.max_steps={grid: [4, 12, 13]}",
+            "search.train.max_steps={grid: [4, 40, 41]}",
             "compute.cpus_per_worker=2",
-            "train.save_every=4",
-            "train.log_every=2",
-            "after_trial.merge=false",
-            "after_trial.evaluate=false",
-            "objective.metric=val_loss",
-            "objective.mode=min",
+            "train.save_every=8",
+            "train.log_every=4",
+            "eval.limit=4",
             "tune.max_failures=3",
         ),
     )
@@ -717,6 +688,9 @@ def test_two_nodes_share_a_sweep_and_it_survives_losing_one(cluster):
     assert sorted(ids) == sorted(statuses), ids  # one child run per trial, none duplicated
     assert all(r.info.status == "FINISHED" for r in children)
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    for r in children:  # merged and evaluated inside the submitted job, logged to MLflow
+        assert "eval/score" in r.data.metrics, r.data.metrics.keys()
+    assert (sweep_dir / "results.csv").is_file()
     for t, run_id in runs_before.items():
         assert {r.data.tags["tokentune.trial_id"]: r.info.run_id for r in children}[t] == run_id
     restarted = {

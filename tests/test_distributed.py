@@ -21,14 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.train_job import (
-    FAULT_ENV,
-    check_launch,
-    init_ray,
-    run_train_batch,
-    run_train_job,
-    stage_rank_files,
-)
+from orchestrator.ray_cluster import init_ray, remove_orphaned_placement_groups
+from orchestrator.train_driver import check_launch, run_train_batch, run_train_job
+from orchestrator.train_worker import FAULT_ENV, stage_rank_files
 from tests.conftest import build_tiny_workspace, free_port
 from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import REGISTRY
@@ -133,7 +128,7 @@ def _stale_gradient_check() -> None:  # runs in a fresh process (DeepSpeed's glo
     )
     import torch.distributed as dist
 
-    from orchestrator.train_job import import_deepspeed
+    from orchestrator.train_worker import import_deepspeed
     from tokentune.engine import DeepSpeedEngine
 
     class Two(torch.nn.Module):
@@ -465,3 +460,36 @@ def test_run_train_job_refuses_before_launch(cluster, workspace, tmp_path):
     cfg = RunConfig.from_dict(run_dict(workspace, ["lora"], tmp_path / "out", workers=64))
     with pytest.raises(ConfigError, match="compute.workers=64"):
         run_train_job(cfg, name="too-big", storage_path=str(tmp_path / "ray"))
+
+
+@pytest.mark.slow
+def test_sweeper_removes_only_groups_whose_creating_actor_died(cluster):
+    """Against the real GCS (``placement_group_records`` reads it through a Ray private API): an actor's
+    group outlives the actor for as long as the job lives; the sweeper removes it, never a driver's."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self) -> str:
+            pg = placement_group([{"CPU": 0.01}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    mine = placement_group([{"CPU": 0.01}])  # made by the driver: never an orphan
+    ray.get(mine.ready())
+    creator = Creator.remote()
+    theirs = ray.get(creator.make.remote())
+    assert theirs not in remove_orphaned_placement_groups()  # its creator is alive
+    ray.kill(creator)
+    removed: list[str] = []
+    deadline = time.monotonic() + 60
+    while theirs not in removed and time.monotonic() < deadline:
+        time.sleep(0.5)
+        removed += remove_orphaned_placement_groups()
+    assert removed == [theirs]
+    assert placement_group_table()[theirs]["state"] == "REMOVED"
+    assert placement_group_table(mine)["state"] == "CREATED"
+    remove_placement_group(mine)

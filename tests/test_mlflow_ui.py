@@ -9,6 +9,7 @@ skipped when Chromium is missing. Uses selenium when installed, else plain ``chr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,13 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from orchestrator.tracking import SweepTracker, experiment_url
+from orchestrator.tracking import SweepTracker
 from tests.conftest import free_port
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -45,6 +47,21 @@ CHROMIUM_FLAGS = [
     "--disable-dev-shm-usage",
     "--window-size=1600,1000",
 ]
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The UI's runs table of one experiment (MLflow 3's plain experiment page is a GenAI overview
+    without runs); the sweep's trials are nested under its parent row."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def compare_url(base: str, run_ids: list[str], experiment_id: str) -> str:
+    """The UI's compare view, e.g. ``http://127.0.0.1:5000/#/compare-runs?runs=[...]&experiments=[...]``."""
+    query = urllib.parse.urlencode(
+        {"runs": json.dumps(list(run_ids)), "experiments": json.dumps([experiment_id])},
+        quote_via=urllib.parse.quote,
+    )
+    return f"{base.rstrip('/')}/#/compare-runs?{query}"
 
 
 def _healthy(url: str) -> bool:
@@ -188,8 +205,8 @@ def test_mlflow_ui_shows_sweep_runs(sweep, mlflow_server):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     runs_url = experiment_url(mlflow_server, tracker.experiment_id)
     assert runs_url.endswith(f"/#/experiments/{tracker.experiment_id}/runs")
-    compare = tracker.compare_url(mlflow_server)
-    assert all(run_id in compare for run_id in children.values())
+    compare = compare_url(mlflow_server, list(children.values()), tracker.experiment_id)
+    assert compare.startswith(f"{mlflow_server}/#/compare-runs?runs=%5B%22")
     shots = {"runs": ARTIFACTS / "experiment_runs.png", "compare": ARTIFACTS / "compare_runs.png"}
 
     if _selenium_available():

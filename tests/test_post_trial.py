@@ -1,5 +1,6 @@
-"""The after-trial step: merge a freshly trained adapter, lm-eval it on the shipped tasks, record
-errors; the same as a real Ray task; pruning merged checkpoints; the ``tokentune eval`` command."""
+"""The after-trial step: merge a freshly trained adapter (and lm-eval it on the shipped tasks, or not),
+record errors; the same as a real Ray task; pruning merged checkpoints; the ``tokentune eval`` command
+(the same merge and scored evaluation, without Ray)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli_eval import add_eval_parser
-from orchestrator.cli_eval import main as eval_main
 from orchestrator.post_trial import PostTrialError, merge_and_evaluate, prune_merged, run_post_trial
+from tokentune import cli
 from tokentune.assets import SHIPPED_TASK_FAMILIES, default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +65,23 @@ def test_merge_and_evaluate_adapter(adapter, tmp_path):
     # keep_merged=False removes the merged model after evaluation
     gone = merge_and_evaluate(adapter, tmp_path / "t2", {**EVAL, "tasks": ["tt_next"]}, keep_merged=False)
     assert gone["error"] is None and gone["merged_dir"] is None and not (tmp_path / "t2" / "merged").exists()
+
+
+def test_merge_only(adapter, tmp_path):
+    """after_trial.merge without evaluate: the same merge, no lm-eval, no eval.json."""
+    out = merge_and_evaluate(adapter, tmp_path / "m", EVAL, evaluate=False)
+    assert out["error"] is None and out["eval_json"] is None and out["results"] == {}
+    assert set(out["metrics"]) == {"merge_s"}
+    assert (
+        out["merged_dir"] == str(tmp_path / "m" / "merged")
+        and (tmp_path / "m" / "merged" / "config.json").is_file()
+    )
+    assert not (tmp_path / "m" / "eval.json").exists() and not (tmp_path / "m" / "merged.tmp").exists()
+    missing = merge_and_evaluate(tmp_path / "nothing", tmp_path / "m2", evaluate=False)
+    assert (
+        missing["error"].startswith("merge failed: FileNotFoundError")
+        and "adapter_config.json" in missing["error"]
+    )
 
 
 def test_full_checkpoint_is_evaluated_in_place(tmp_path):
@@ -146,11 +163,15 @@ def test_prune_merged(tmp_path):
 
 
 # --------------------------------------------------------------------------- tokentune eval
+def eval_main(argv: list[str]) -> int:
+    return cli.main(["eval", *argv])
+
+
 def test_eval_cli_help_names_every_option(capsys):
     import argparse
 
     sub = argparse.ArgumentParser(prog="tokentune").add_subparsers()
-    p = add_eval_parser(sub)
+    p = cli.add_eval_parser(sub)
     text = p.format_help()
     for option in (
         "CHECKPOINT",

@@ -9,13 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import (
-    SpecError,
-    SweepSpec,
-    estimate_memory,
-    load_spec,
-    model_shape,
-)
+from orchestrator.spec import SpecError, SweepSpec, load_spec
+from tokentune.estimate import estimate_memory
+from tokentune.shape import model_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))

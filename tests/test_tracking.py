@@ -14,18 +14,14 @@ from pathlib import Path
 import pytest
 
 from orchestrator import report
+from orchestrator.redaction import REDACTED, redact, redact_text
 from orchestrator.tracking import (
-    REDACTED,
     TAG_ERROR,
     TAG_PARENT,
     TAG_TRIAL,
     SweepTracker,
-    TrialLogger,
     absolute_uri,
-    compare_url,
     default_tracking_uri,
-    redact,
-    redact_text,
     to_params,
 )
 
@@ -48,6 +44,13 @@ def _client(uri):
     from mlflow import MlflowClient
 
     return MlflowClient(uri)
+
+
+def _children(tracker: SweepTracker) -> list:
+    """The child runs (any status) under the tracker's parent run."""
+    return _client(tracker.tracking_uri).search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{tracker.parent_run_id}'"
+    )
 
 
 # ------------------------------------------------------------------------------ URI resolution
@@ -166,7 +169,7 @@ def test_parent_and_trials_nest_and_resume_without_duplicates(store):
     assert client.get_run(t1).info.status == "RUNNING"  # reopened for the resumed trial
     # another sweep in the same experiment gets its own parent
     assert SweepTracker(uri, "exp-nesting", "s2").start_parent({}) != parent
-    assert {r.info.run_id for r in again.trial_runs()} == {t1, t2, again.trial_run("t_0003")}
+    assert {r.info.run_id for r in _children(again)} == {t1, t2, again.trial_run("t_0003")}
 
 
 def test_concurrent_create_keeps_one_run(store, monkeypatch):
@@ -185,7 +188,7 @@ def test_concurrent_create_keeps_one_run(store, monkeypatch):
 
     monkeypatch.setattr(other, "_find", blind_once)
     assert other.trial_run("t_race", {"lora": {"rank": 4}}) == first
-    children = [r for r in other.trial_runs() if r.data.tags.get(TAG_TRIAL) == "t_race"]
+    children = [r for r in _children(other) if r.data.tags.get(TAG_TRIAL) == "t_race"]
     assert [r.info.run_id for r in children] == [first]  # the duplicate was deleted
     assert _client(uri).get_run(first).data.params["lora.rank"] == "4"
 
@@ -211,15 +214,14 @@ def test_failed_trial_from_another_process_has_error_tag_and_artifact(store, tmp
     tracker = SweepTracker(uri, "exp-fail", "s")
     tracker.start_parent({})
     run = tracker.trial_run("t_bad", {"lora": {"rank": 4}})
-    logger = tracker.trial_logger(run)
-    # the Tune trial function runs in another process: ship the logger there
-    blob = base64.b64encode(pickle.dumps(logger)).decode()
+    # the Tune trial function runs in another process: ship the tracker there (as Ray pickles it)
+    blob = base64.b64encode(pickle.dumps(tracker)).decode()
     code = (
         "import base64, pickle; "
-        f"log = pickle.loads(base64.b64decode('{blob}')); "
-        "log.log_metrics({'loss': 2.5}, step=5); "
-        "log.set_tags({'tokentune.stage': 'train', 'api_key': 'zzz'}); "
-        f"log.end('FAILED', error='Traceback: RuntimeError: CUDA out of memory (token {HF_TOKEN})')"
+        f"t = pickle.loads(base64.b64decode('{blob}')); "
+        f"t.log_metrics('{run}', {{'loss': 2.5}}, step=5); "
+        f"t.set_tags('{run}', {{'tokentune.stage': 'train', 'api_key': 'zzz'}}); "
+        f"t.end_trial('{run}', 'FAILED', error='Traceback: RuntimeError: CUDA out of memory (token {HF_TOKEN})')"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path, timeout=120)
@@ -233,8 +235,8 @@ def test_failed_trial_from_another_process_has_error_tag_and_artifact(store, tmp
     assert "CUDA out of memory" in err and REDACTED in err
     assert not (tmp_path / "mlruns").exists()  # nothing written relative to the working directory
     with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
-        logger.end("DONE")
-    assert TrialLogger(uri, run).__getstate__() == {"tracking_uri": uri, "run_id": run}
+        tracker.end_trial(run, "DONE")
+    assert set(tracker.__getstate__().values()) == {uri, "exp-fail", "s", tracker.parent_run_id}
 
 
 # ----------------------------------------------------------------------------------- summary
@@ -267,13 +269,20 @@ def _trials():
     ]
 
 
+SEARCHED = ["methods", "tokentune.ratio", "lora.rank", "train.lr"]
+
+
 def test_results_table_and_pareto_front():
-    rows = report.results_table(_trials())
+    rows = report.results_table(_trials(), search_keys=SEARCHED)  # as a sweep passes its searched keys
     assert [r["trial_id"] for r in rows] == ["t1", "t2", "t3", "t4", "t5", "t6"]
     columns = report.columns_of(rows)
-    assert columns[:5] == ["trial_id", "status", "methods", "tokentune.ratio", "lora.rank"]
-    assert "train.lr" in columns  # preferred key, even though it does not vary
+    assert columns[:6] == ["trial_id", "status", *SEARCHED]
+    assert "train.lr" in columns  # a searched key, even though it does not vary
     assert "data.max_length" not in columns and "train.output_dir" not in columns
+    # without searched keys: methods, then what differs between trials, method settings by method order
+    auto = report.columns_of(report.results_table(_trials()))
+    assert auto[:5] == ["trial_id", "status", "methods", "lora.rank", "tokentune.ratio"]
+    assert "train.lr" not in auto and "data.max_length" not in auto and "train.output_dir" not in auto
     assert rows[1]["methods"] == "lora,tokentune"
     assert rows[1]["eval/score"] == pytest.approx(0.7) and rows[0]["eval/score"] == pytest.approx(0.55)
     assert rows[5]["eval/score"] is None and rows[5]["error"] == "RuntimeError: boom"
@@ -315,7 +324,7 @@ def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
     tracker = SweepTracker(uri, "exp-summary", "s")
     parent = tracker.start_parent({"name": "s"})
     children = [tracker.trial_run(f"t{i}", {}) for i in (1, 2)]
-    rows = report.results_table(_trials())
+    rows = report.results_table(_trials(), search_keys=SEARCHED)
     paths = tracker.log_summary(rows, tmp_path)
     for name in ("results.csv", "results.json", "pareto.png"):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0
@@ -336,16 +345,18 @@ def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
     exp_id = tracker.experiment_id
     found = client.search_runs([exp_id], "metrics.`best/eval/score` > 0.8")
     assert [r.info.run_id for r in found] == [parent]
-
-    url = tracker.compare_url("127.0.0.1:5000")
-    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
-    assert all(c in url for c in children) and exp_id in url
+    assert {r.info.run_id for r in _children(tracker)} == set(children)  # the summary adds no run
 
 
-def test_compare_url_format():
-    url = compare_url("http://host:5000/", ["r1", "r2"], "3")
-    assert (
-        url == "http://host:5000/#/compare-runs?runs=%5B%22r1%22%2C%20%22r2%22%5D&experiments=%5B%223%22%5D"
+def test_point_labels_name_methods_and_searched_values_only():
+    rows = report.results_table(_trials(), search_keys=SEARCHED)
+    names = {"lora", "tokentune"}
+    assert report.config_label(rows[1], names) == "lora,tokentune ratio=0.3 rank=8 lr=0.001"
+    # t1 trains without tokentune: its tokentune.ratio did not apply and is not in the label
+    assert report.config_label(rows[0], names) == "lora rank=4 lr=0.001"
+    # two settings with the same last part are named in full
+    assert report.config_label({"methods": "dora", "lora.rank": 4, "dora.rank": 8}) == (
+        "dora lora.rank=4 dora.rank=8"
     )
 
 
@@ -357,7 +368,8 @@ def test_pareto_plot_without_points(tmp_path):
 def test_resume_closes_a_run_left_open_after_the_trial_committed(store, tmp_path):
     """A crash between status.json (the commit point) and closing the MLflow run leaves it RUNNING; the
     resumed trial skips training and closes the run FINISHED with the recorded metrics, exactly once."""
-    from orchestrator.trial import close_open_run, write_status
+    from orchestrator.trial import close_open_run
+    from orchestrator.trial_status import write_status
 
     uri, _ = store
     tracker = SweepTracker(uri, "exp-commit", "s1")

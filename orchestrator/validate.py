@@ -1,0 +1,203 @@
+"""A parsed ``SweepSpec`` checked before any cluster resource is used. Pure: never imports ray.
+
+    validate_spec(spec)     # raises SpecError naming the key; load_spec calls it
+
+What is checked: the settings sections against ``SETTING_RULES`` and their cross-rules (ASHA needs a
+training metric, an ``eval/*`` objective needs evaluation, Optuna takes no grid); ``base`` built into
+a ``RunConfig``; each searched key's candidates (every grid/choice value, the bounds of a range) built
+one key at a time, so that an error names that key; then every combination of the candidates (e.g.
+``methods`` x a method's settings). Every built config is also checked against the model's shape by
+the methods themselves (``MethodStack.check_shape``: e.g. a layer budget above the layer count).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.spec_parts import SearchDim, SpecError, build_run_config, max_memory_gb
+from tokentune.config import ConfigError, RunConfig, set_dotted
+from tokentune.errors import is_int, is_number
+from tokentune.methods import MethodStack
+from tokentune.shape import model_shape
+
+if TYPE_CHECKING:
+    from orchestrator.spec import SweepSpec
+
+ALGORITHMS = ("grid", "random", "optuna")
+SCHEDULERS = ("fifo", "asha")
+TIME_ATTRS = ("training_iteration", "step")
+KEEP_MERGED = ("best", "all", "none")
+#: Metrics every trial reports (besides ``eval/<task>/<metric>`` and ``eval/score`` after evaluation).
+TRIAL_METRICS = (
+    "val_loss",
+    "loss",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "peak_memory_gb",
+    "wall_s",
+    "trial_wall_s",
+)
+MAX_VALIDATED_COMBINATIONS = 4096
+
+
+def validate_spec(spec: SweepSpec) -> None:
+    """Check settings, then build a RunConfig for every grid combination and range/choice bound."""
+    _validate_settings(spec)
+    max_memory_gb(spec.base)
+    _checked_config(spec.base, "base")
+    dims = list(spec.search.values())
+    for dim in dims:  # one key at a time: an error names that key
+        for value in dim.candidates():
+            d = copy.deepcopy(spec.base)
+            try:
+                set_dotted(d, dim.key, value)
+                cfg = build_run_config(d)
+            except ConfigError as e:
+                raise SpecError(
+                    f"search.{dim.key}", f"value {value!r}{_bound_note(dim, value)} is not accepted: {e}"
+                ) from e
+            section = dim.key.split(".", 1)[0]  # a method's setting (ist.budget) names itself
+            check_shape(cfg, f"search.{dim.key}" if section in cfg.method_configs else "search")
+    if len(dims) > 1:  # every combination of the candidates: e.g. methods x the methods' settings
+        combos = itertools.product(*[d.candidates() for d in dims])
+        for combo in itertools.islice(combos, MAX_VALIDATED_COMBINATIONS):
+            d = copy.deepcopy(spec.base)
+            for dim, value in zip(dims, combo):
+                set_dotted(d, dim.key, value)
+            pairs = ", ".join(f"{dim.key}={value!r}" for dim, value in zip(dims, combo))
+            _checked_config(d, f"search (the combination {pairs})")
+
+
+def _checked_config(d: dict[str, Any], where: str) -> RunConfig:
+    """``d`` built into a ``RunConfig`` and checked against the model's shape; errors name ``where``."""
+    try:
+        cfg = build_run_config(d)
+    except ConfigError as e:
+        raise SpecError(where, str(e)) from e
+    check_shape(cfg, where)
+    return cfg
+
+
+def check_shape(cfg: RunConfig, where: str) -> None:
+    """Each configured method's own check against the model's shape (skipped when it is unknown).
+
+    Every method section of ``cfg`` is checked, listed in ``methods`` or not: a sweep may switch a
+    method on in another dimension, and the error should name the searched key.
+    """
+    shape = model_shape(cfg.model.name_or_path)
+    if shape is None:
+        return
+    try:
+        MethodStack.check_shape(list(cfg.method_configs), cfg.method_configs, shape)
+    except ConfigError as e:
+        raise SpecError(where, str(e)) from e
+
+
+def _bound_note(dim: SearchDim, value: Any) -> str:
+    if not dim.is_range:
+        return ""
+    return (
+        f" (the {'lower' if value == dim.candidates()[0] else 'upper'} bound of {dim.verb} {dim.describe()})"
+    )
+
+
+# ---- the settings sections -------------------------------------------------------------------------
+def _one_of(*values: Any):
+    return lambda v: v in values
+
+
+def _int_ge(n: int):
+    return lambda v: is_int(v) and v >= n
+
+
+def _num_gt(x: float, allow_equal: bool = False):
+    return lambda v: is_number(v) and (v >= x if allow_equal else v > x)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+#: section -> field -> (check, what is accepted); every failure names ``section.field``.
+SETTING_RULES: dict[str, dict[str, tuple[Any, str]]] = {
+    "tune": {
+        "algorithm": (_one_of(*ALGORITHMS), f"one of {', '.join(ALGORITHMS)}"),
+        "num_samples": (_int_ge(1), "an integer >= 1"),
+        "max_concurrent": (
+            lambda v: v == "auto" or _int_ge(1)(v),
+            "'auto' (from the cluster) or an integer >= 1",
+        ),
+        "time_limit_s": (_optional(_num_gt(0)), "null or seconds > 0"),
+        "seed": (is_int, "an integer"),
+        "max_failures": (_int_ge(0), "an integer >= 0"),
+        "startup_trials": (_optional(_int_ge(1)), "null or an integer >= 1"),
+        "driver_cpus": (_num_gt(0, allow_equal=True), "a number >= 0"),
+    },
+    "tune.scheduler": {
+        "type": (_one_of(*SCHEDULERS), f"one of {', '.join(SCHEDULERS)}"),
+        "mode": (_one_of("min", "max"), "min or max"),
+        "time_attr": (_one_of(*TIME_ATTRS), f"one of {', '.join(TIME_ATTRS)}"),
+        "grace_period": (_int_ge(1), "an integer >= 1"),
+        "reduction_factor": (_num_gt(1), "a number > 1, e.g. 2"),
+        "max_t": (_optional(_int_ge(1)), "null or an integer >= grace_period"),
+    },
+    "objective": {
+        "mode": (_one_of("min", "max"), "min or max"),
+        "metric": (
+            lambda v: v in TRIAL_METRICS or (isinstance(v, str) and v.startswith("eval/") and len(v) > 5),
+            f"one of {', '.join(TRIAL_METRICS)}, eval/score or eval/<task>/<metric>",
+        ),
+    },
+    "after_trial": {
+        "merge": (_one_of(True, False), "true or false"),
+        "evaluate": (_one_of(True, False), "true or false"),
+        "keep_merged": (_one_of(*KEEP_MERGED), f"one of {', '.join(KEEP_MERGED)}"),
+        "cpus": (_num_gt(0), "a number > 0"),
+        "gpus": (_num_gt(0, allow_equal=True), "a number >= 0"),
+    },
+    "tracking": {
+        "uri": (_optional(_text), "null or a URI"),
+        "experiment": (_optional(_text), "null or a name"),
+    },
+}
+
+
+def _validate_settings(spec: SweepSpec) -> None:
+    sections = {
+        "tune": spec.tune,
+        "tune.scheduler": spec.tune.scheduler,
+        "objective": spec.objective,
+        "after_trial": spec.after_trial,
+        "tracking": spec.tracking,
+    }
+    for section, rules in SETTING_RULES.items():
+        for name, (check, accepted) in rules.items():
+            value = getattr(sections[section], name)
+            if not check(value):
+                raise SpecError(f"{section}.{name}", f"{value!r} is invalid: expected {accepted}")
+    s, metric = spec.tune.scheduler, spec.objective.metric
+    if s.max_t is not None and s.max_t < s.grace_period:
+        raise SpecError("tune.scheduler.max_t", f"{s.max_t} < grace_period {s.grace_period}")
+    if s.type == "asha" and s.metric not in ("val_loss", "loss"):
+        raise SpecError(
+            "tune.scheduler.metric",
+            f"{s.metric!r} is invalid: expected val_loss or loss (reported while training; eval/* only "
+            "exists after a trial, too late to stop it early)",
+        )
+    if metric.startswith("eval/") and not spec.after_trial.evaluate:
+        raise SpecError(
+            "objective.metric", f"{metric!r} needs after_trial.evaluate: true (or use val_loss/min)"
+        )
+    grids = [k for k, d in spec.search.items() if d.verb == "grid"]
+    if spec.tune.algorithm == "optuna" and grids:
+        raise SpecError(
+            f"search.{grids[0]}",
+            "grid verbs are not supported with tune.algorithm: optuna (TPE samples each key); use "
+            "{choice: [...]} instead, or tune.algorithm: grid",
+        )

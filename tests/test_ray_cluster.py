@@ -1,0 +1,66 @@
+"""Ray plumbing without a cluster: the workers' environment, which placement groups the orphan sweeper
+removes, and the trial's stop check (the one Ray private API the trial uses).
+
+The sweeper against a real cluster (an actor's group outliving the actor) is in tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+
+from orchestrator.ray_cluster import PlacementGroupRecord, orphaned, project_root, worker_env
+from orchestrator.train_worker import FAULT_ENV
+
+
+def test_worker_env_makes_the_project_importable_and_carries_the_fault_injection(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    env = worker_env()
+    assert env["PYTHONPATH"].split(":") == [project_root(), "/elsewhere"]
+    assert env["HF_HUB_OFFLINE"] == "1" and FAULT_ENV not in env
+    monkeypatch.setenv(FAULT_ENV, "1:2:/tmp/marker")
+    assert worker_env()[FAULT_ENV] == "1:2:/tmp/marker"
+
+
+def _record(id: str, **changes) -> PlacementGroupRecord:
+    fields = dict(
+        id=id,
+        job_id="01000000",
+        removed=False,
+        detached=False,
+        creator_job_dead=False,
+        creator_actor="a1",
+        creator_actor_dead=True,
+    )
+    return PlacementGroupRecord(**{**fields, **changes})
+
+
+def test_only_live_groups_of_this_job_whose_creating_actor_died_are_orphans():
+    records = [
+        _record("orphan"),
+        _record("actor-alive", creator_actor_dead=False),
+        _record("by-a-driver-or-task", creator_actor=None),
+        _record("detached", detached=True),
+        _record("already-removed", removed=True),
+        _record("job-dead", creator_job_dead=True),  # Ray removes it itself
+        _record("other-job", job_id="02000000"),
+    ]
+    assert orphaned(records, "01000000") == ["orphan"]
+    assert orphaned(records, None) == ["orphan", "other-job"]
+
+
+def test_stop_requested_reads_the_tune_session(monkeypatch):
+    """Fails (AttributeError from monkeypatch) if Ray moves the private session API the check reads."""
+    import ray.train._internal.session as session_module
+
+    from orchestrator.trial import _stop_requested
+
+    monkeypatch.setattr(session_module, "get_session", lambda: None)
+    assert _stop_requested() is False  # not in a Tune trial
+    session = types.SimpleNamespace(stop_event=threading.Event())
+    monkeypatch.setattr(session_module, "get_session", lambda: session)
+    assert _stop_requested() is False
+    session.stop_event.set()  # what Tune does when it stops the trial (_TrainSession.finish)
+    assert _stop_requested() is True

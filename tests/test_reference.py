@@ -1,0 +1,52 @@
+"""Settings are documented once: the README's config tables are generated from the settings dataclasses'
+defaults and help (``python -m tokentune.reference``), list every section and method, and are up to date."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tokentune import reference
+from tokentune.config import SECTIONS
+from tokentune.methods import REGISTRY
+from tokentune.settings import describe
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_settings_tables_are_up_to_date():
+    text = README.read_text()
+    assert reference.render(text) == text, (
+        "README settings tables are stale: run `python -m tokentune.reference`"
+    )
+
+
+def test_readme_lists_every_section_and_method():
+    listed = reference.documented_sections(README.read_text())
+    missing = ({"methods"} | set(SECTIONS) | set(REGISTRY)) - listed
+    assert not missing, f"add {sorted(missing)} to a `<!-- settings: ... -->` table in README.md"
+
+
+def test_every_key_with_its_default_is_in_the_readme():
+    """Independent of the renderer: each dataclass field's key and YAML-style default appear in a row."""
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| `")]
+    cells = {}
+    for row in rows:
+        keys, default = row.split(" | ")[:2]
+        for key in re.findall(r"`([\w.]+)`", keys):
+            cells[key] = default.strip().strip("`")
+    for name, cls in {**SECTIONS, **{n: REGISTRY[n].config_cls for n in REGISTRY}}.items():
+        for doc in describe(cls, name):
+            assert doc.key in cells, f"{doc.key} is not in README.md"
+            assert cells[doc.key] == reference.format_value(doc.default), doc.key
+    assert (
+        cells["lora.rank"] == "8" and cells["model.name_or_path"] == "null" and cells["train.lr"] == "0.001"
+    )
+
+
+def test_check_mode_reports_stale_tables(tmp_path, capsys):
+    stale = tmp_path / "README.md"
+    stale.write_text("x\n<!-- settings: lora -->\n| old |\n<!-- /settings -->\n")
+    assert reference.main([str(stale), "--check"]) == 1
+    assert reference.main([str(stale)]) == 0 and reference.main([str(stale), "--check"]) == 0
+    assert "| `lora.rank` | `8` |" in stale.read_text()
