@@ -142,7 +142,7 @@ def _run(
     experiment = spec.tracking.experiment or spec.name
     remote = storage_uri if is_uri(storage_uri) else None  # None: every file is under sweep_dir
     ctx = TrialContext(
-        spec=spec.to_dict(),
+        spec=spec,
         sweep_dir=str(sweep_dir),
         train_storage=f"{storage_uri}/train",
         tracking_uri=tracking_uri,

@@ -32,7 +32,7 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.spec import SweepSpec, parse_spec
+from orchestrator.spec import SweepSpec
 from orchestrator.spec_parts import max_memory_gb
 from orchestrator.trial_status import STATUS_FILE, log_event, read_status, trial_dir, write_status
 from tokentune.errors import is_number
@@ -48,9 +48,9 @@ class TrialFailed(RuntimeError):
 
 @dataclass
 class TrialContext:
-    """What every trial of a sweep needs besides its sampled config (plain strings: picklable)."""
+    """What every trial of a sweep needs besides its sampled config (picklable: the spec and strings)."""
 
-    spec: dict[str, Any]  # the resolved sweep spec (``SweepSpec.to_dict()``)
+    spec: SweepSpec  # the resolved, validated sweep spec (pickled to the trial as the object)
     sweep_dir: str  # local, absolute: trials/, mlflow.db, results.* (on each node, for a URI storage)
     train_storage: str  # Ray Train storage: <sweep>/train (local path or URI)
     tracking_uri: str
@@ -81,7 +81,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
-    spec = parse_spec(ctx.spec)
+    spec = ctx.spec
     tdir = trial_dir(ctx.sweep_dir, trial_id)
     tdir.mkdir(parents=True, exist_ok=True)
 
