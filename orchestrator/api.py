@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.plan import PLAN_ROWS, format_plan
 from orchestrator.results import SweepResult, TrialResult
 from orchestrator.spec import SpecError, SweepSpec, load_spec
 from orchestrator.spec_parts import value_label
@@ -59,13 +60,12 @@ def run_sweep(
     sweep_dir, storage_uri = sweep_location(sweep)
     if resume:
         sweep = _stored_spec(sweep, sweep_dir, storage_uri)
-    plan = sweep.plan_text()
-    if dry_run:
-        planned = [
-            TrialResult(f"plan_{p.index:04d}", p.params, _plan_metrics(p), "planned")
-            for p in sweep.dry_run_trials()
-        ]
-        return SweepResult(sweep.name, str(sweep_dir), planned, plan_text=plan, spec=sweep)
+    if dry_run:  # every trial built once; the text shows the first 50, as plan_text() does
+        trials = sweep.dry_run_trials()
+        planned = [TrialResult(f"plan_{p.index:04d}", p.params, _plan_metrics(p), "planned") for p in trials]
+        text = format_plan(sweep, trials[:PLAN_ROWS])
+        return SweepResult(sweep.name, str(sweep_dir), planned, plan_text=text, spec=sweep)
+    plan = sweep.plan_text(PLAN_ROWS)
     return _run(
         sweep, sweep_dir, storage_uri, resume=resume, address=address, progress=progress, plan=plan, t0=t0
     )

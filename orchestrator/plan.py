@@ -20,6 +20,8 @@ from tokentune.estimate import MemoryEstimate, estimate_memory
 if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec
 
+PLAN_ROWS = 50  # trials the plan text shows; the rest are counted
+
 
 @dataclass
 class PlannedTrial:
@@ -40,9 +42,14 @@ def dry_run_trials(spec: SweepSpec, n: int | None = None) -> list[PlannedTrial]:
     for i, params in enumerate(spec.sampled_params()[:n]):
         cfg = spec.trial_config(params)
         mem = estimate_memory(cfg)
-        over = bool(limit and mem and mem.total_gb > limit)
+        over = over_memory_limit(mem, limit)
         planned.append(PlannedTrial(i, params, cfg, trial_resources(cfg, spec.tune.driver_cpus), mem, over))
     return planned
+
+
+def over_memory_limit(estimate: MemoryEstimate | None, limit_gb: float | None) -> bool:
+    """The rule the dry run marks REFUSED and a trial refuses to launch by (``compute.max_memory_gb``)."""
+    return bool(limit_gb and estimate is not None and estimate.total_gb > limit_gb)
 
 
 def trial_resources(cfg: RunConfig, driver_cpus: float = 0.0) -> dict[str, Any]:

@@ -128,7 +128,7 @@ class SweepSpec:
         """The first ``n`` (default: all) planned trials with resources and memory estimates."""
         return plan.dry_run_trials(self, n)
 
-    def plan_text(self, n: int | None = 50) -> str:
+    def plan_text(self, n: int | None = plan.PLAN_ROWS) -> str:
         """The dry run as text: the sweep's settings, then one row per planned trial."""
         return plan.format_plan(self, self.dry_run_trials(n))
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrator.plan import over_memory_limit
 from orchestrator.spec import SweepSpec
 from orchestrator.spec_parts import max_memory_gb
 from orchestrator.trial_status import STATUS_FILE, log_event, read_status, trial_dir, write_status
@@ -164,12 +165,11 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
     from orchestrator.train_driver import run_train_job
 
     limit = max_memory_gb(spec.base)
-    if limit:
-        est = estimate_memory(cfg)
-        if est is not None and est.total_gb > limit:
-            raise TrialFailed(
-                f"refused before launch: estimated {est.short()} per worker > compute.max_memory_gb={limit}"
-            )
+    est = estimate_memory(cfg) if limit else None
+    if over_memory_limit(est, limit):
+        raise TrialFailed(
+            f"refused before launch: estimated {est.short()} per worker > compute.max_memory_gb={limit}"
+        )
 
     log_event(tdir, "train started", trial_id=trial_id)
     res = run_train_job(
