@@ -26,6 +26,7 @@ from orchestrator.results import SweepResult, TrialResult
 from orchestrator.spec import SpecError, SweepSpec, load_spec
 from orchestrator.spec_parts import value_label
 from orchestrator.storage_sync import download_trials, is_uri, read_text, upload_file
+from tokentune.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _run(
                 "give a new name (--name / name=...)",
             )
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / SPEC_FILE).write_text(spec.to_yaml())
+    write_text_atomic(sweep_dir / SPEC_FILE, spec.to_yaml())
     if remote:
         upload_file(sweep_dir / SPEC_FILE, remote, SPEC_FILE)
         if resume:  # trials that finished on other nodes (or machines) must not run again

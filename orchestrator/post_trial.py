@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 import traceback
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tokentune.config import EvalConfig
+from tokentune.files import write_json_atomic
 from tokentune.settings import build_section
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
         from lm_eval.utils import handle_non_serializable
     except ImportError:  # pragma: no cover - lm-eval is a dependency
         handle_non_serializable = str
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=handle_non_serializable)
 
 
 def _cached(eval_json: Path, eval_cfg: EvalConfig, final_dir: Path) -> dict[str, Any] | None:

@@ -18,11 +18,14 @@ trials), and a point's label is its method list plus its searched values.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from tokentune.files import write_json_atomic, write_text_atomic
 
 #: the run config's method list: the first config column when present
 METHODS_KEY = "methods"
@@ -140,22 +143,17 @@ def columns_of(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = columns_of(rows) or ["trial_id"]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    return path
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return write_text_atomic(path, buf.getvalue())
 
 
 def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    return path
+    return write_json_atomic(path, rows)
 
 
 # ------------------------------------------------------------------------------------- Pareto

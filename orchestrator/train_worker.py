@@ -18,7 +18,6 @@ attempt), so the driver can return the history of a launch across restarts.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from typing import Any
 
 from tokentune.config import RunConfig
 from tokentune.engine import barrier
+from tokentune.files import append_jsonl, read_jsonl, write_json_atomic
 
 #: Test-only fault injection: ``"<rank>:<step>:<marker file>"`` makes that rank ``os._exit(1)`` when
 #: it reports ``step``, once (the marker file records that it happened).
@@ -108,7 +108,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             _maybe_inject_fault(rank, int(metrics.get("step", -1)))
             _report(metrics, checkpoint_dir, rank, out_dir, launch)
             if rank == 0:
-                _append(history_file, {"launch": launch, "attempt": attempt, **metrics})
+                append_jsonl(history_file, {"launch": launch, "attempt": attempt, **metrics})
 
         res = train(cfg, report, resume_from=resume_dir, device=device, progress=loop_config["progress"])
 
@@ -134,14 +134,14 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         stage = out_dir / STAGE_DIR / f"rank{rank}" / FINAL
         shutil.rmtree(stage, ignore_errors=True)
         shutil.copytree(res.final_dir, stage / FINAL)
-        _write_json(stage / "done.json", {**info, "max_steps": cfg.train.max_steps})
-        _write_json(stage / "launch.json", {"launch_id": launch})
+        write_json_atomic(stage / "done.json", {**info, "max_steps": cfg.train.max_steps})
+        write_json_atomic(stage / "launch.json", {"launch_id": launch})
     ckpt_out = ray.train.Checkpoint.from_directory(str(stage)) if stage is not None else None
     ray.train.report(final, checkpoint=ckpt_out, checkpoint_dir_name=FINAL)
     if stage is not None:
         shutil.rmtree(stage, ignore_errors=True)
     if rank == 0:
-        _append(history_file, {"launch": launch, "attempt": attempt, **final})
+        append_jsonl(history_file, {"launch": launch, "attempt": attempt, **final})
         info["history"] = read_history(history_file, launch)
     return info
 
@@ -212,7 +212,7 @@ def _report(
     shutil.rmtree(stage, ignore_errors=True)
     n = stage_rank_files(src, stage, rank)
     if rank == 0:
-        _write_json(stage / "launch.json", {"launch_id": launch})
+        write_json_atomic(stage / "launch.json", {"launch_id": launch})
         n += 1
     ckpt = ray.train.Checkpoint.from_directory(str(stage)) if n else None
     try:
@@ -308,19 +308,4 @@ def _next_attempt(history_file: Path, launch: str) -> int:
 
 def read_history(path: Path, launch: str) -> list[dict[str, Any]]:
     """The rows of ``path`` (a :data:`HISTORY_FILE`) written by launch ``launch``, all attempts."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("launch") == launch]
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    with path.open("a") as f:
-        f.write(json.dumps(clean, default=str) + "\n")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str))
+    return [r for r in read_jsonl(path) if r.get("launch") == launch]

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tokentune.files import append_jsonl, write_json_atomic
+
 TRIALS_DIR = "trials"
 STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
@@ -37,16 +39,9 @@ def read_status(path: str | Path) -> dict[str, Any] | None:
 
 def write_status(path: Path, status: str, **info: Any) -> None:
     """Write ``status.json`` (atomically) with ``status``, the time and ``info``."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"status": status, "time": time.time(), **info}, indent=2, default=str))
-    os.replace(tmp, path / STATUS_FILE)
+    write_json_atomic(path / STATUS_FILE, {"status": status, "time": time.time(), **info})
 
 
 def log_event(path: Path, event: str, **info: Any) -> None:
     """Append ``event`` (with the time, this process's id and ``info``) to ``events.jsonl``."""
-    path.mkdir(parents=True, exist_ok=True)
-    with (path / EVENTS_FILE).open("a") as f:
-        f.write(
-            json.dumps({"event": event, "time": time.time(), "pid": os.getpid(), **info}, default=str) + "\n"
-        )
+    append_jsonl(path / EVENTS_FILE, {"event": event, "time": time.time(), "pid": os.getpid(), **info})

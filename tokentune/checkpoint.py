@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokentune.engine import barrier
+from tokentune.files import write_json_atomic
 
 if TYPE_CHECKING:
     from tokentune.methods import MethodStack
@@ -108,7 +109,7 @@ def save_checkpoint(
     engine.save(path)
     barrier()
     if rank == 0:
-        (path / "state.json").write_text(json.dumps({"step": step}))
+        write_json_atomic(path / "state.json", {"step": step})
         old = sorted(out_dir.glob("checkpoint-*"))[:-keep]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
@@ -129,6 +130,6 @@ def load_checkpoint(path: Path, model, engine, methods: MethodStack, zero: int |
     if zero is None:  # DeepSpeed restores the module itself
         load_trainable_state(model, torch.load(path / "trainable.pt", weights_only=True))
     engine.load(path)
-    methods.load_state_dict(torch.load(path / "methods.pt", weights_only=False))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=False)["torch"])
+    methods.load_state_dict(torch.load(path / "methods.pt", weights_only=True))
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     return int(json.loads((path / "state.json").read_text())["step"])

@@ -9,7 +9,6 @@ these commands alone. Heavy imports (torch, transformers, lm-eval) happen inside
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -307,6 +306,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         from lm_eval.utils import handle_non_serializable
 
+        from tokentune.files import write_json_atomic
+
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         record = {
@@ -318,7 +319,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "results": summary["results"],
             "raw": summary["raw"],
         }
-        out.write_text(json.dumps(record, indent=2, default=handle_non_serializable) + "\n")
+        write_json_atomic(out, record, default=handle_non_serializable)
         print(f"wrote {out}")
     return 0
 

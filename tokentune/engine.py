@@ -62,7 +62,7 @@ class PlainEngine:
             torch.save(self.state_dict(), path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
-        state = torch.load(path / "optimizer.pt", weights_only=False)
+        state = torch.load(path / "optimizer.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -12,7 +12,6 @@ checkpoint and at the end, on every rank (Ray Train's report is a barrier).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -27,6 +26,7 @@ from tokentune.checkpoint import load_checkpoint, save_checkpoint, save_final, s
 from tokentune.config import RunConfig
 from tokentune.data import StepSampler, collate, load_splits
 from tokentune.engine import DeepSpeedEngine, PlainEngine, dist_info
+from tokentune.files import write_json_atomic
 from tokentune.memory import Throughput, peak_memory_bytes, reset_peak
 from tokentune.methods import MethodStack, StepContext
 from tokentune.models import load_model, load_tokenizer
@@ -110,7 +110,7 @@ def train(
     out_dir = Path(tc.output_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_json_atomic(out_dir / "run_config.json", cfg.to_dict())
     torch.manual_seed(tc.seed)
     report = report or (lambda metrics, checkpoint_dir=None: None)
 
@@ -253,7 +253,7 @@ def train(
     )
     if rank == 0:
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-        (out_dir / "result.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(out_dir / "result.json", summary)
     return result
 
 
