@@ -10,12 +10,24 @@ run (get-or-create) -> Ray Tune (a fresh Tuner, or ``Tuner.restore`` with ``resu
 table (console, results.csv/.json, Pareto plot, logged on the parent) -> merged checkpoints pruned per
 ``after_trial.keep_merged`` -> the parent run ended. With a URI ``storage`` the trial folders are synced
 through it (``orchestrator.storage_sync``; see ``sweep_location``).
+
+Identity: a sweep is a UUID made when it is created (``sweep_id`` in ``sweep.yaml``; kept on resume),
+not its name: its MLflow parent run is found by that id, so another sweep of the same name on a shared
+tracking server gets its own. A running sweep holds ``<sweep folder>/.lock`` (``fcntl.flock``, released
+when the process ends, also on ``kill -9``, so a killed sweep can be resumed): a second start of the
+same folder, fresh or ``--resume``, is refused while it runs. A fresh start into a folder that holds a
+sweep (finished or not) is refused: resume it or choose another name. With a URI ``storage`` the lock
+guards the local sweep folder only (one driver machine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +43,7 @@ from tokentune.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "sweep.yaml"
+LOCK_FILE = ".lock"  # flock'ed by the running sweep's driver; holds its pid
 #: after_trial.keep_merged (what to keep) -> post_trial.prune_merged policy (what to delete)
 PRUNE_POLICY = {"best": "best", "all": "none", "none": "all"}
 
@@ -67,9 +80,36 @@ def run_sweep(
         text = format_plan(sweep, trials[:PLAN_ROWS])
         return SweepResult(sweep.name, str(sweep_dir), planned, plan_text=text, spec=sweep)
     plan = sweep.plan_text(PLAN_ROWS)
-    return _run(
-        sweep, sweep_dir, storage_uri, resume=resume, address=address, progress=progress, plan=plan, t0=t0
-    )
+    with sweep_lock(sweep_dir, sweep.name):
+        return _run(
+            sweep, sweep_dir, storage_uri, resume=resume, address=address, progress=progress, plan=plan, t0=t0
+        )
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path, name: str) -> Iterator[None]:
+    """Hold ``<sweep_dir>/.lock`` (exclusive ``flock``) while the sweep runs; refuse if another process
+    holds it (``SpecError`` naming its pid). The kernel releases it when the process dies."""
+    import fcntl
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SpecError(
+            "name",
+            f"sweep {name!r} is already running in {sweep_dir} (pid {holder}); wait for it or choose another "
+            "name (--name / name=...)",
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def sweep_location(spec: SweepSpec) -> tuple[Path, str]:
@@ -91,16 +131,24 @@ def sweep_location(spec: SweepSpec) -> tuple[Path, str]:
     return local, str(local)
 
 
-def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str) -> SweepSpec:
-    """The spec stored with the sweep (``sweep.yaml``: local, else at a URI storage), or ``fresh``."""
+def _stored_file(sweep_dir: Path, storage_uri: str) -> tuple[str, dict[str, Any]] | None:
+    """(where, contents) of the sweep's ``sweep.yaml``: local, else at a URI storage; None if neither."""
     local = sweep_dir / SPEC_FILE
     if local.is_file():
-        stored, text = str(local), local.read_text()
-    elif is_uri(storage_uri) and (text := read_text(storage_uri, SPEC_FILE)) is not None:
-        stored = f"{storage_uri}/{SPEC_FILE}"  # resumed on another machine
-    else:
+        return str(local), yaml.safe_load(local.read_text()) or {}
+    if is_uri(storage_uri) and (text := read_text(storage_uri, SPEC_FILE)) is not None:
+        return f"{storage_uri}/{SPEC_FILE}", yaml.safe_load(text) or {}  # resumed on another machine
+    return None
+
+
+def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str) -> SweepSpec:
+    """The spec stored with the sweep (``sweep.yaml``: local, else at a URI storage), or ``fresh``."""
+    found = _stored_file(sweep_dir, storage_uri)
+    if found is None:
         return fresh
-    spec = load_spec(yaml.safe_load(text))
+    stored, raw = found
+    raw.pop("sweep_id", None)
+    spec = load_spec(raw)
     spec.source = stored
     if spec.to_dict() != fresh.to_dict():
         log.warning("resume: using the sweep's stored spec %s (the given spec or overrides differ)", stored)
@@ -110,7 +158,7 @@ def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str) -> SweepSp
 def _plan_metrics(p) -> dict[str, Any]:
     out: dict[str, Any] = {f"resources/{k}": v for k, v in p.resources.items()}
     if p.memory is not None:
-        out["memory_est_gb"] = round(p.memory.total_gb, 4)
+        out.update({k: round(v, 6) for k, v in p.memory.metrics().items()})
     return out
 
 
@@ -161,8 +209,11 @@ def _run(
                 f"sweep {spec.name!r} already exists at {where}: resume it (--resume / resume=True) or "
                 "give a new name (--name / name=...)",
             )
+    found = _stored_file(sweep_dir, remote or "") if resume else None
+    sweep_id = (found[1].get("sweep_id") if found else None) or str(uuid.uuid4())
+    legacy = bool(found) and not found[1].get("sweep_id")  # stored before sweeps had ids: adopt its parent
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(sweep_dir / SPEC_FILE, spec.to_yaml())
+    write_text_atomic(sweep_dir / SPEC_FILE, yaml.safe_dump({"sweep_id": sweep_id}) + spec.to_yaml())
     if remote:
         upload_file(sweep_dir / SPEC_FILE, remote, SPEC_FILE)
         if resume:  # trials that finished on other nodes (or machines) must not run again
@@ -172,8 +223,8 @@ def _run(
 
     set_tune_env()
     cluster = init_ray(address)
-    tracker = SweepTracker(tracking_uri, experiment, spec.name)
-    parent = tracker.start_parent(spec.to_dict())
+    tracker = SweepTracker(tracking_uri, experiment, spec.name, sweep_id=sweep_id)
+    parent = tracker.start_parent(spec.to_dict(), adopt_untagged=legacy)
     ctx.parent_run_id = parent
     restoring = resume and can_restore(ctx)
     if resume and not restoring:
@@ -187,14 +238,22 @@ def _run(
         trials = collect_trials(grid, spec, sweep_dir)
         best = pick_best(trials, spec.objective.metric, spec.objective.mode)
         rows = report.results_table([_row_input(t) for t in trials], search_keys=list(spec.search))
-        paths = tracker.log_summary(rows, sweep_dir)
+        budget = spec.objective.memory_budget_gb
+        paths = tracker.log_summary(rows, sweep_dir, memory_budget_gb=budget)
+        fit_row = report.best_within(rows, budget) if budget is not None else None
+        fit = next((t for t in trials if fit_row and t.trial_id == fit_row["trial_id"]), None)
         table = report.format_table(rows)
         if progress:
             print(table, flush=True)
-            if best is not None:
-                print(
-                    f"best trial: {best.trial_id} ({spec.objective.metric}={best.metrics.get(spec.objective.metric)})"
-                )
+            print(
+                report.summary_lines(
+                    rows,
+                    best and (best.trial_id, spec.objective.metric, best.metrics.get(spec.objective.metric)),
+                    budget,
+                    fit_row,
+                ),
+                flush=True,
+            )
         if spec.after_trial.merge or spec.after_trial.evaluate:
             prune_merged(
                 sweep_dir, best.trial_id if best else None, PRUNE_POLICY[spec.after_trial.keep_merged]
@@ -207,6 +266,7 @@ def _run(
         sweep_dir=str(sweep_dir),
         trials=trials,
         best=best,
+        best_within_budget=fit,
         results_csv=str(paths["csv"]),
         mlflow_parent_run_id=parent,
         tracking_uri=tracking_uri,

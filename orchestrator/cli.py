@@ -106,7 +106,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"sweep {result.name}: {len(result.trials) - len(failed)} finished, {len(failed)} failed -> {result.sweep_dir}"
     )
     if result.best is not None:
-        print(f"best trial: {result.best.trial_id} {json.dumps(result.best.metrics, default=str)[:300]}")
+        m = result.best.metrics
+        keys = ("eval/score", "memory/train_gb", "memory/cuda_peak_gb", "memory/estimate_gb")
+        print(f"best trial: {result.best.trial_id} " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m))
     return 0 if result.trials and len(failed) < len(result.trials) else 1
 
 

@@ -5,7 +5,8 @@
 
 Pure: never imports ray. The memory estimate is ``tokentune.estimate`` (composed from the methods' own
 terms); a trial estimated above the spec-only ``compute.max_memory_gb`` is marked REFUSED, as the
-trial itself refuses to launch.
+trial itself refuses to launch. The text ends with the input checks' notes (what could not be checked
+here) and passes through ``orchestrator.redaction``: the console never shows a token or a password.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.redaction import redact_text
 from orchestrator.spec_parts import max_memory_gb, value_label
 from tokentune.config import RunConfig
 from tokentune.estimate import MemoryEstimate, estimate_memory
@@ -69,8 +71,9 @@ def trial_resources(cfg: RunConfig, driver_cpus: float = 0.0) -> dict[str, Any]:
 
 
 def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
-    """The sweep's settings, then one row per planned trial (searched values, resources, memory)."""
-    t, s = spec.tune, spec.tune.scheduler
+    """The sweep's settings, then one row per planned trial (searched values, resources, memory), then
+    the input checks' notes; redacted."""
+    t, s, a = spec.tune, spec.tune.scheduler, spec.after_trial
     sched = (
         "fifo"
         if s.type == "fifo"
@@ -82,8 +85,8 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
         f"scheduler: {sched}",
         f"  trials: {spec.num_trials()} ({'grid x ' if spec.grid_dims() else ''}num_samples {t.num_samples});  "
         f"max_concurrent: {t.max_concurrent};  time limit: {t.time_limit_s or 'none'}",
-        f"  after each trial: merge={spec.after_trial.merge} evaluate={spec.after_trial.evaluate} "
-        f"(cpus {spec.after_trial.cpus}, gpus {spec.after_trial.gpus}); keep merged: {spec.after_trial.keep_merged}",
+        f"  after each trial: merge={a.merge} evaluate={a.evaluate} (cpus {a.cpus}, gpus {a.gpus}, "
+        f"timeout {'none' if a.timeout_s is None else f'{a.timeout_s:g} s'}); keep merged: {a.keep_merged}",
         f"  storage: {spec.storage}/{spec.name}",
         "  search:",
     ]
@@ -104,7 +107,8 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
             f"max_steps {tr.max_steps}, batch {tr.batch_size}x{tr.grad_accum}, max_length {cfg.data.max_length}, "
             f"eval tasks {cfg.eval.tasks or '(shipped)'} limit {cfg.eval.limit}"
         )
-    return "\n".join(lines)
+    lines += [f"  note: {note}" for note in spec.notes]
+    return redact_text("\n".join(lines))
 
 
 def _trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:

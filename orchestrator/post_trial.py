@@ -12,7 +12,12 @@ The merge and the scored evaluation are ``tokentune.evaluate``'s ``prepare_check
 folder layout (``merged/``, ``eval.json``), reuse on resume, error capture and the Ray task. A failure
 (merge or evaluation: unknown task, dataset not available offline, out of memory) is returned in
 ``out["error"]`` (and, when evaluating, written to ``eval.json``), never swallowed: the caller records
-it on the trial's MLflow run. ``strict=True`` raises :class:`PostTrialError` instead.
+it on the trial's MLflow run. ``strict=True`` raises :class:`PostTrialError` instead. Errors,
+tracebacks and ``eval.json`` pass through ``orchestrator.redaction`` (no token or key is stored).
+
+``run_post_trial(..., timeout_s=N)`` (``after_trial.timeout_s``) waits N seconds for the task, then
+cancels it (``ray.cancel(force=True)``) and returns the error ``merge+eval timed out after N s
+(after_trial.timeout_s)``: that trial fails, the sweep goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.redaction import redact, redact_text
 from tokentune.config import EvalConfig
 from tokentune.files import write_json_atomic
 from tokentune.settings import build_section
@@ -53,7 +59,7 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
         from lm_eval.utils import handle_non_serializable
     except ImportError:  # pragma: no cover - lm-eval is a dependency
         handle_non_serializable = str
-    write_json_atomic(path, data, default=handle_non_serializable)
+    write_json_atomic(path, redact(data), default=handle_non_serializable)
 
 
 def _cached(eval_json: Path, eval_cfg: EvalConfig, final_dir: Path) -> dict[str, Any] | None:
@@ -142,8 +148,8 @@ def merge_and_evaluate(
             out["metrics"].update(summary["metrics"])
             out["metrics"]["eval/wall_s"] = time.perf_counter() - t1
     except Exception as err:
-        out["error"] = f"{stage} failed: {type(err).__name__}: {err}"
-        out["traceback"] = traceback.format_exc()
+        out["error"] = redact_text(f"{stage} failed: {type(err).__name__}: {err}")
+        out["traceback"] = redact_text(traceback.format_exc())
         log.error("post-trial %s for %s: %s", stage, final_dir, out["error"])
     finally:
         if made and evaluate and not keep_merged and target is not None:
@@ -215,7 +221,8 @@ def run_post_trial(
 
     ``resources``: ``{"num_cpus": 1, "num_gpus": 0}`` by default (plus ``memory`` or custom
     resources). ``device`` defaults to "cuda" when a GPU is requested, else "cpu". A task that dies
-    (worker crash, out of memory, timeout) comes back as a result with ``error`` set.
+    (worker crash, out of memory) comes back as a result with ``error`` set; one still running after
+    ``timeout_s`` seconds (None: no limit) is cancelled and comes back with ``merge+eval timed out``.
     """
     import ray
 
@@ -235,8 +242,10 @@ def run_post_trial(
     except Exception as err:  # RayTaskError, WorkerCrashedError, GetTimeoutError, OutOfMemoryError ...
         if isinstance(err, ray.exceptions.GetTimeoutError):
             ray.cancel(ref, force=True)
-        msg = f"post-trial task failed: {type(err).__name__}: {err}"
-        log.error(msg)
+            msg = f"merge+eval timed out after {timeout_s:g} s (after_trial.timeout_s)"
+        else:
+            msg = redact_text(f"post-trial task failed: {type(err).__name__}: {err}")
+        log.error("post-trial of %s: %s", trial_dir, msg)
         return {
             "metrics": {},
             "results": {},

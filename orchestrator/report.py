@@ -4,12 +4,17 @@ A *trial* (the input) is a dict as the sweep collects it::
 
     {"trial_id": "t_0001", "status": "TERMINATED",
      "config": {"methods": ["lora"], "lora": {"rank": 8}, "train": {"lr": 1e-3}, ...},  # nested or dotted
-     "metrics": {"eval/tt_next/acc": 0.6, "eval/score": 0.55, "peak_memory_bytes": 1.2e9,
-                 "tokens_per_s": 900.0, "wall_s": 41.0, "val_loss": 1.9, ...},
+     "metrics": {"eval/tt_next/acc": 0.6, "eval/score": 0.55, "memory/train_gb": 0.11,
+                 "memory/estimate_gb": 0.12, "tokens_per_s": 900.0, "wall_s": 41.0, "val_loss": 1.9, ...},
      "error": None}
 
 Metric keys may also sit at the top level of the trial dict. A *row* (the output) is flat: trial id,
-status, the searched config values, eval scores, cost and loss columns, error.
+status, the searched config values, eval scores, whether it is on the Pareto front, memory (measured
+and estimated), cost and loss columns, error.
+
+The memory axis is measured, per worker (``tokentune.memory``): ``memory/cuda_peak_gb`` when every
+trial ran on a GPU, else ``memory/train_gb`` (weights + gradients + optimizer state + saved
+activations, the runtime excluded). ``memory_axis(rows)`` says which.
 
 Nothing here knows a method: columns are the searched keys (or the config keys that differ between
 trials), and a point's label is its method list plus its searched values.
@@ -25,15 +30,31 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.redaction import redact_text
 from tokentune.files import write_json_atomic, write_text_atomic
 
 #: the run config's method list: the first config column when present
 METHODS_KEY = "methods"
 #: config keys that differ between trials but are not settings worth a column
 IGNORED_KEYS = ("train.output_dir", "output_dir", "trial_id", "storage", "name")
-COST_KEYS = ["peak_memory_bytes", "tokens_per_s", "wall_s", "val_loss"]
+TRAIN_MEMORY = "memory/train_gb"
+CUDA_PEAK = "memory/cuda_peak_gb"
+#: memory columns of a row, measured first; the CUDA and process peaks only where a trial has them
+MEMORY_KEYS = [
+    TRAIN_MEMORY,
+    "memory/estimate_gb",
+    "memory/estimate_ratio",
+    CUDA_PEAK,
+    "memory/process_rss_gb",
+]
+COST_KEYS = [*MEMORY_KEYS, "tokens_per_s", "wall_s", "val_loss"]
+OPTIONAL_KEYS = (CUDA_PEAK, "memory/process_rss_gb")
 SCORE_KEY = "eval/score"
-MEMORY_KEY = "peak_memory_bytes"
+PARETO_KEY = "pareto"
+MEMORY_LABELS = {
+    TRAIN_MEMORY: "measured training memory per worker, GB (weights + grads + optimizer + activations)",
+    CUDA_PEAK: "measured CUDA peak allocated per worker, GB",
+}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,6 +137,7 @@ def results_table(trials: list[dict[str, Any]], search_keys: list[str] | None = 
     keys = _config_keys(configs, search_keys)
     metrics = [_metrics_of(t) for t in trials]
     acc_keys = sorted({k for m in metrics for k in m if k.startswith("eval/") and k.endswith("/acc")})
+    optional = [k for k in OPTIONAL_KEYS if any(_number(m.get(k)) is not None for m in metrics)]
     rows = []
     for trial, config, m in zip(trials, configs, metrics):
         row: dict[str, Any] = {"trial_id": trial.get("trial_id"), "status": trial.get("status")}
@@ -125,13 +147,33 @@ def results_table(trials: list[dict[str, Any]], search_keys: list[str] | None = 
         row[SCORE_KEY] = eval_score(m)
         for key in acc_keys:
             row[key] = _number(m.get(key))
+        row[PARETO_KEY] = None
         for key in COST_KEYS:
-            row[key] = _number(m.get(key))
-        if row[MEMORY_KEY] is not None:
-            row[MEMORY_KEY] = int(row[MEMORY_KEY])
-        row["error"] = trial.get("error") or None
+            if key not in OPTIONAL_KEYS or key in optional:
+                row[key] = _number(m.get(key))
+        row["error"] = redact_text(str(trial.get("error") or "")) or None  # errors may quote a secret
         rows.append(row)
+    front = {id(r) for r in pareto_front(rows, SCORE_KEY, memory_axis(rows))}
+    for row in rows:
+        row[PARETO_KEY] = "*" if id(row) in front else ""
     return rows
+
+
+def memory_axis(rows: list[dict[str, Any]]) -> str:
+    """The measured memory the Pareto front uses: CUDA peak when every trial with a score has one."""
+    scored = [r for r in rows if _number(r.get(SCORE_KEY)) is not None] or rows
+    if scored and all(_number(r.get(CUDA_PEAK)) is not None for r in scored):
+        return CUDA_PEAK
+    return TRAIN_MEMORY
+
+
+def best_within(
+    rows: list[dict[str, Any]], budget_gb: float, score_key: str = SCORE_KEY, memory_key: str | None = None
+) -> dict[str, Any] | None:
+    """The best-scoring row whose measured memory is at most ``budget_gb`` (None if none fits)."""
+    memory_key = memory_key or memory_axis(rows)
+    fits = [r for r in rows if (m := _number(r.get(memory_key))) is not None and m <= budget_gb]
+    return best_row(fits, score_key)
 
 
 def columns_of(rows: list[dict[str, Any]]) -> list[str]:
@@ -158,7 +200,7 @@ def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------- Pareto
 def pareto_front(
-    rows: list[dict[str, Any]], score_key: str = SCORE_KEY, memory_key: str = MEMORY_KEY
+    rows: list[dict[str, Any]], score_key: str = SCORE_KEY, memory_key: str = TRAIN_MEMORY
 ) -> list[dict[str, Any]]:
     """Rows no other row dominates (score at least as high and memory at least as low, one strictly).
 
@@ -188,7 +230,7 @@ def config_label(row: Mapping[str, Any], method_names: set[str] | frozenset[str]
     (``lora.rank``, ``dora.rank``). A setting of a method in ``method_names`` (every method of the
     sweep) that is not in this row's method list is left out: it did not apply to this trial.
     """
-    skip = {"trial_id", "status", "error", METHODS_KEY, *COST_KEYS}
+    skip = {"trial_id", "status", "error", PARETO_KEY, METHODS_KEY, *COST_KEYS}
     active = set(_methods_of(row))
     keys = [
         k
@@ -209,10 +251,14 @@ def pareto_plot(
     rows: list[dict[str, Any]],
     path: str | Path,
     score_key: str = SCORE_KEY,
-    memory_key: str = MEMORY_KEY,
+    memory_key: str | None = None,
     title: str | None = None,
 ) -> Path:
-    """Scatter of score vs peak memory, every point labelled with its config, the front highlighted."""
+    """Scatter of score vs measured memory, every point labelled with its config, the front highlighted.
+
+    ``memory_key`` defaults to ``memory_axis(rows)``; the x label says which memory it is (MiB when
+    every value is below 1 GB).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,14 +266,17 @@ def pareto_plot(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    memory_key = memory_key or memory_axis(rows)
     points = [
         r for r in rows if _number(r.get(score_key)) is not None and _number(r.get(memory_key)) is not None
     ]
     front = pareto_front(points, score_key, memory_key)
     front_ids = {id(r) for r in front}
     method_names = {m for r in rows for m in _methods_of(r)}
-    mib = 1 / 2**20 if memory_key.endswith("bytes") else 1.0
-    xlabel = f"{memory_key} (MiB)" if memory_key.endswith("bytes") else memory_key
+    label = MEMORY_LABELS.get(memory_key, memory_key)
+    small = memory_key.endswith("_gb") and all(_number(r[memory_key]) < 1 for r in points)
+    mib = 1024.0 if small else 1.0
+    xlabel = label.replace(", GB", ", MiB") if small else label
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     if points:
@@ -283,6 +332,37 @@ def pareto_plot(
 
 
 # ------------------------------------------------------------------------------------ console
+def summary_lines(
+    rows: list[dict[str, Any]],
+    best: tuple[str, str, Any] | None,
+    budget_gb: float | None = None,
+    fit: dict[str, Any] | None = None,
+) -> str:
+    """``best trial: <id> (<metric>=<value>, train_gb 12.3MiB measured (estimate 13.1MiB))`` and, with
+    ``objective.memory_budget_gb``, the best trial measured within it (``fit``, from ``best_within``)."""
+    axis = memory_axis(rows)
+
+    def memory(row: Mapping[str, Any] | None) -> str:
+        if row is None or _number(row.get(axis)) is None:
+            return ""
+        est = _fmt_cell("memory/estimate_gb", row.get("memory/estimate_gb")) or "?"
+        return f", {axis.removeprefix('memory/')} {_fmt_cell(axis, row.get(axis))} measured (estimate {est})"
+
+    lines = []
+    if best is not None:
+        trial_id, metric, value = best
+        row = next((r for r in rows if r.get("trial_id") == trial_id), None)
+        lines.append(f"best trial: {trial_id} ({metric}={_fmt(value)}{memory(row)})")
+    if budget_gb is not None:
+        lines.append(
+            f"best within objective.memory_budget_gb={budget_gb}: {fit.get('trial_id')} "
+            f"({SCORE_KEY}={_fmt(fit.get(SCORE_KEY))}{memory(fit)})"
+            if fit
+            else f"no trial measured within objective.memory_budget_gb={budget_gb} ({axis})"
+        )
+    return "\n".join(lines)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -294,8 +374,11 @@ def _fmt(value: Any) -> str:
 
 
 def _fmt_cell(key: str, value: Any) -> str:
-    if key.endswith("_bytes") and _number(value) is not None:
-        return f"{_number(value) / 2**20:.1f}MiB"
+    x = _number(value)
+    if key.endswith("_gb") and x is not None:
+        return f"{x * 1024:.1f}MiB" if x < 1 else f"{x:.2f}GiB"
+    if key.endswith("_ratio") and x is not None:
+        return f"{x:.2f}x"
     return _fmt(value)
 
 

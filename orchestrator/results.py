@@ -33,6 +33,7 @@ class SweepResult:
     sweep_dir: str
     trials: list[TrialResult] = field(default_factory=list)
     best: TrialResult | None = None
+    best_within_budget: TrialResult | None = None  # with objective.memory_budget_gb: best measured within it
     results_csv: str | None = None
     mlflow_parent_run_id: str | None = None
     tracking_uri: str | None = None

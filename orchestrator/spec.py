@@ -16,14 +16,16 @@ and ``search`` maps dotted config keys to one verb each::
       methods: {grid: [[lora], [lora, tokentune]]}
     objective: {metric: eval/score, mode: max}
     tune: {algorithm: grid, num_samples: 1, max_concurrent: auto, scheduler: {type: fifo}}
-    after_trial: {merge: true, evaluate: true, keep_merged: best, cpus: 1, gpus: 0}
+    after_trial: {merge: true, evaluate: true, keep_merged: best, cpus: 1, gpus: 0, timeout_s: 1800}
     tracking: {uri: null, experiment: null}
     storage: sweeps
 
 This module reads a spec (includes, ``--set`` overrides, parsing) and holds ``SweepSpec``; its parts
 and their parsing are in ``orchestrator.spec_parts``, the checks in ``orchestrator.validate`` (run by
 ``load_spec`` before any cluster resource is used; every error is a ``SpecError`` naming the key), the
-dry run in ``orchestrator.plan``.
+dry run in ``orchestrator.plan``. ``load_spec`` also checks that the inputs exist (model, data files,
+template, eval tasks; ``check_inputs=False`` skips that, e.g. for a spec meant for another machine) and
+keeps what it could not check (an uncached hub name while online) in ``SweepSpec.notes``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from orchestrator.spec_parts import (
     parse_scheduler,
     parse_section,
 )
-from orchestrator.validate import validate_spec
+from orchestrator.validate import check_sweep_name, validate_spec
 from tokentune.config import ConfigError, RunConfig, load_yaml, parse_override, set_dotted
 
 TOP_KEYS = tuple("include name description base search objective tune after_trial tracking storage".split())
@@ -73,6 +75,7 @@ class SweepSpec:
     storage: str = DEFAULT_STORAGE
     description: str = ""
     source: str | None = None  # the YAML file it came from
+    notes: list[str] = field(default_factory=list)  # what the input checks could not check
 
     # ---- trials ----------------------------------------------------------------------------------
     def trial_config(self, tune_config: dict[str, Any] | None = None) -> RunConfig:
@@ -126,6 +129,7 @@ class SweepSpec:
 
     def dry_run_trials(self, n: int | None = None) -> list[plan.PlannedTrial]:
         """The first ``n`` (default: all) planned trials with resources and memory estimates."""
+        check_sweep_name(self.name)  # again: a caller may have renamed the sweep (run_sweep(name=...))
         return plan.dry_run_trials(self, n)
 
     def plan_text(self, n: int | None = plan.PLAN_ROWS) -> str:
@@ -157,8 +161,12 @@ def load_spec(
     overrides: list[str] | dict[str, Any] | None = None,
     *,
     base_dir: str | Path | None = None,
+    check_inputs: bool = True,
 ) -> SweepSpec:
     """Read a sweep spec (file or dict), apply ``include``s and ``--set`` overrides, validate it.
+
+    ``check_inputs``: also check that the model, data files, template and eval tasks exist here
+    (``orchestrator.inputs.check_inputs``); False for a spec written for another machine.
 
     Overrides: ``tune.num_samples=2`` and ``base.train.max_steps=20`` address the spec;
     a bare config key (``train.lr=3e-4``) means ``base.train.lr`` and pins a searched key;
@@ -178,7 +186,7 @@ def load_spec(
     raw = apply_spec_overrides(raw, overrides)
     spec = parse_spec(raw, default_name=Path(source).stem if source else "sweep")
     spec.source = source
-    validate_spec(spec)
+    validate_spec(spec, check_inputs=check_inputs)
     return spec
 
 
@@ -279,8 +287,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep") -> SweepSpec:
     if unknown:
         raise SpecError(unknown[0], f"unknown top-level key; accepted: {', '.join(TOP_KEYS)}")
     name = raw.get("name") or default_name
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise SpecError("name", f"{name!r} is invalid: expected a folder name without '/'")
+    check_sweep_name(name.strip() if isinstance(name, str) else name)
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise SpecError("base", f"expected a run config mapping (model, data, methods, ...), got {base!r}")

@@ -163,6 +163,7 @@ class Objective:
 
     metric: str = "eval/score"
     mode: str = "max"
+    memory_budget_gb: float | None = None  # the summary also names the best trial measured within it
 
 
 @dataclass
@@ -202,6 +203,8 @@ class AfterTrial:
     keep_merged: str = "best"  # best | all | none: merged checkpoints kept after the sweep
     cpus: float = 1
     gpus: float = 0
+    # seconds for merge + eval of one trial (None: no limit); then the task is cancelled, the trial fails
+    timeout_s: float | None = 1800
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Everything goes through ``MlflowClient`` (never the fluent ``mlflow.start_run``): the driver and the
 Tune trial processes write to the same store, and nesting is the ``mlflow.parentRunId`` tag.
 
-    tracker = SweepTracker(default_tracking_uri(sweep_dir), "tokentune", "quickstart")
-    parent = tracker.start_parent(spec_dict)          # get-or-create: a resumed sweep reuses it
+    tracker = SweepTracker(default_tracking_uri(sweep_dir), "tokentune", "quickstart", sweep_id=uuid)
+    parent = tracker.start_parent(spec_dict)          # get-or-create by sweep id: a resumed sweep reuses it
     run_id = tracker.trial_run("t_0001", config)        # get-or-create by trial id; config as params
     tracker.log_metrics(run_id, {"loss": 1.2}, step=10)
     tracker.end_trial(run_id, "FINISHED")
@@ -12,8 +12,9 @@ Tune trial processes write to the same store, and nesting is the ``mlflow.parent
     tracker.end_parent("FINISHED")
 
 The tracker pickles as its strings, so a Tune trial (another process) rebuilds it and logs into its own
-run. Runs are found again by tags (``tokentune.sweep``, ``tokentune.trial_id``), so a restarted sweep
-or trial never duplicates a run. Params, tags and errors pass through ``orchestrator.redaction``
+run. Runs are found again by tags, so a restarted sweep or trial never duplicates a run: the parent by
+``tokentune.sweep_id`` (the sweep's UUID from ``sweep.yaml``, so two sweeps of one name never share a
+parent; by name only when no id is given), a child by ``tokentune.trial_id`` under its parent. Params, tags and errors pass through ``orchestrator.redaction``
 first: no tokens, keys or passwords reach the tracking store.
 """
 
@@ -24,6 +25,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -31,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import report
-from orchestrator.redaction import redact, redact_text
+from orchestrator.redaction import redact, redact_text, redacted_file
 
 log = logging.getLogger(__name__)
 
 TAG_SWEEP = "tokentune.sweep"
+TAG_SWEEP_ID = "tokentune.sweep_id"  # the sweep's UUID: what finds its parent run again
 TAG_ROLE = "tokentune.role"  # "sweep" (parent) | "trial" (child)
 TAG_TRIAL = "tokentune.trial_id"
 TAG_ERROR = "tokentune.error"
@@ -142,18 +145,21 @@ class SweepTracker:
         experiment_name: str,
         sweep_name: str,
         parent_run_id: str | None = None,
+        sweep_id: str | None = None,
     ) -> None:
         self.tracking_uri = absolute_uri(tracking_uri)
         self.experiment_name = experiment_name
         self.sweep_name = sweep_name
         self.parent_run_id = parent_run_id
+        self.sweep_id = sweep_id
         self._client_obj: Any = None
         self._experiment_id: str | None = None
 
     # pickling: strings only; client and experiment id are looked up again
     def __getstate__(self) -> dict[str, Any]:
         return {
-            k: getattr(self, k) for k in ("tracking_uri", "experiment_name", "sweep_name", "parent_run_id")
+            k: getattr(self, k)
+            for k in ("tracking_uri", "experiment_name", "sweep_name", "parent_run_id", "sweep_id")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -223,16 +229,24 @@ class SweepTracker:
         if run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
 
-    def start_parent(self, spec: Mapping[str, Any] | None = None) -> str:
-        """Get-or-create the sweep's parent run; log the spec as ``sweep.yaml`` and flat params."""
+    def start_parent(self, spec: Mapping[str, Any] | None = None, adopt_untagged: bool = False) -> str:
+        """Get-or-create the sweep's parent run (by ``sweep_id`` when given, else by name); log the spec
+        as ``sweep.yaml`` and flat params. ``adopt_untagged``: a sweep resumed from before sweeps had ids
+        takes over the oldest parent of its name that has no id, instead of making a new one."""
         import yaml
 
         sweep = _quote(self.sweep_name)
-        run = self._get_or_create(
-            f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'sweep'",
-            {TAG_SWEEP: self.sweep_name, TAG_ROLE: "sweep"},
-            self.sweep_name,
-        )
+        by_name = f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'sweep'"
+        tags = {TAG_SWEEP: self.sweep_name, TAG_ROLE: "sweep"}
+        if self.sweep_id is None:
+            run = self._get_or_create(by_name, tags, self.sweep_name)
+        else:
+            by_id = f"tags.`{TAG_SWEEP_ID}` = '{_quote(self.sweep_id)}' and tags.`{TAG_ROLE}` = 'sweep'"
+            if adopt_untagged and self._find(by_id) is None:
+                legacy = [r for r in self._matches(by_name) if TAG_SWEEP_ID not in r.data.tags]
+                if legacy:
+                    self.client.set_tag(legacy[0].info.run_id, TAG_SWEEP_ID, self.sweep_id)
+            run = self._get_or_create(by_id, {**tags, TAG_SWEEP_ID: self.sweep_id}, self.sweep_name)
         self.parent_run_id = run.info.run_id
         if spec:
             safe = redact(dict(spec))
@@ -303,14 +317,16 @@ class SweepTracker:
             self.client.log_batch(run_id, tags=rows[i : i + PARAMS_PER_BATCH])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a file, or a folder's contents, under ``artifact_path``."""
+        """Log a file, or a folder's contents, under ``artifact_path``; text files are logged redacted."""
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
-        elif path.is_file():
-            self.client.log_artifact(run_id, str(path), artifact_path)
-        else:
+        if not path.exists():
             raise FileNotFoundError(f"cannot log artifact {str(path)!r}: no such file or folder")
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        with tempfile.TemporaryDirectory(prefix="tokentune-artifact-") as scratch:
+            for f in files:
+                rel = "." if f == path else f.parent.relative_to(path).as_posix()
+                where = "/".join(x for x in (artifact_path, rel) if x and x != ".") or None
+                self.client.log_artifact(run_id, str(redacted_file(f, Path(scratch))), where)
 
     def end_trial(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
         """Terminate a run; ``error`` (redacted) becomes the tag ``tokentune.error`` and ``error.txt``."""
@@ -331,13 +347,17 @@ class SweepTracker:
         rows: list[dict[str, Any]],
         out_dir: str | Path,
         score_key: str = "eval/score",
-        memory_key: str = "peak_memory_bytes",
+        memory_key: str | None = None,
+        memory_budget_gb: float | None = None,
     ) -> dict[str, Path]:
         """Write results.csv, results.json and pareto.png to ``out_dir`` and log them on the parent.
 
         Also logs the table as an MLflow table artifact (``results_table.json``, shown in the UI's
-        artifact view), the best trial's score as parent metrics and the Pareto front as a tag.
+        artifact view), the best trial's score and measured memory (``memory_key``, default
+        ``report.memory_axis``) as parent metrics, the Pareto front as a tag, and with
+        ``memory_budget_gb`` the best trial within it (``tokentune.best_within_budget``).
         """
+        memory_key = memory_key or report.memory_axis(rows)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {
@@ -369,6 +389,9 @@ class SweepTracker:
                 {f"best/{k}": best.get(k) for k in (score_key, memory_key, "val_loss")},
                 None,
             )
+        if memory_budget_gb is not None:
+            fit = report.best_within(rows, memory_budget_gb, score_key, memory_key)
+            tags["tokentune.best_within_budget"] = fit.get("trial_id") if fit else "none"
         self.set_tags(self.parent_run_id, tags)
         return paths
 

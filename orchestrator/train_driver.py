@@ -8,8 +8,11 @@ The core knows nothing of Ray; what each worker runs is ``orchestrator.train_wor
 ``RunConfig`` object itself). Re-running with the same ``name`` and ``storage_path`` resumes from the
 latest checkpoint (Ray Train V2 restores a run from that folder); ``resume=False`` starts from scratch
 under the same name. A finished run (its ``final`` checkpoint holds ``final/`` and ``done.json``) is
-returned without starting any worker. Ray Train callbacks go in ``callbacks`` (a Tune trial passes
-one that forwards every report to Tune).
+returned without starting any worker when it trained this config: the same config hash
+(``tokentune.checkpoint.config_hash``, stored in ``done.json`` and in every checkpoint) and
+``train.max_steps``. A stored run of another config is refused with ``ConfigError`` before any worker
+starts (another ``name``, or ``resume=False`` to train it again). Ray Train callbacks go in
+``callbacks`` (a Tune trial passes one that forwards every report to Tune).
 
 ``run_train_batch`` runs several small configs one after another in the same worker processes (one
 start-up, one import of torch/transformers/deepspeed): for tests and benchmarks on tiny models.
@@ -32,6 +35,7 @@ from orchestrator.train_worker import (
     train_batch_worker,
     train_worker,
 )
+from tokentune.checkpoint import config_hash
 from tokentune.config import ConfigError, RunConfig
 
 
@@ -162,7 +166,9 @@ def run_train_batch(
 
 
 def _finished_run(storage: str, name: str, cfg: RunConfig) -> TrainJobResult | None:
-    """The result of a run under ``(storage, name)`` that already finished ``cfg``'s steps, else None."""
+    """The result of a run under ``(storage, name)`` that already finished ``cfg`` (same config hash and
+    ``max_steps``), else None (nothing stored, or a checkpoint the workers resume from). A stored run of
+    another config raises ``ConfigError``: resuming or returning it would pass it off as this one."""
     import ray.train
 
     path = f"{storage.rstrip('/')}/{name}"
@@ -173,13 +179,30 @@ def _finished_run(storage: str, name: str, cfg: RunConfig) -> TrainJobResult | N
     except Exception:  # noqa: BLE001 - no (complete) run there: train
         return None
     ckpt = result.checkpoint
-    if ckpt is None or Path(ckpt.path).name != FINAL:
+    if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
-        done_file = Path(d) / "done.json"
-        done = json.loads(done_file.read_text()) if done_file.exists() else None
-    if not done or done.get("max_steps") != cfg.train.max_steps:
-        return None  # the workers resume it, or say why they cannot
+    done = state = None
+    if Path(ckpt.path).name == FINAL:
+        with ckpt.as_directory() as d:
+            done = _json(Path(d) / "done.json")
+    elif "://" not in storage:  # a mid-run checkpoint (elsewhere only the workers read it: load_checkpoint)
+        state = _json(Path(ckpt.path, "state.json"))
+    mine = config_hash(cfg)
+    stored = (done or state or {}).get("config_hash")
+    if stored is not None and stored != mine:
+        raise ConfigError(
+            f"the Ray Train run {path} holds checkpoint {Path(ckpt.path).name} of another config (config hash "
+            f"{stored}; this config's {mine}): give this run another name (train.output_dir), or resume=False "
+            "to train it again from scratch"
+        )
+    if not done or Path(ckpt.path).name != FINAL:
+        return None  # a mid-run checkpoint: the workers resume it
+    if done.get("config_hash") != mine or done.get("max_steps") != cfg.train.max_steps:
+        raise ConfigError(
+            f"the Ray Train run {path} already finished {done.get('max_steps')} steps (config hash "
+            f"{done.get('config_hash')}); this config asks for {cfg.train.max_steps} steps (config hash {mine}): "
+            "give this run another name (train.output_dir), or resume=False to train it again from scratch"
+        )
     local = "://" not in storage and Path(ckpt.path, FINAL).is_dir()
     return TrainJobResult(
         metrics={**(result.metrics or {}), **done.get("metrics", {})},
@@ -189,6 +212,10 @@ def _finished_run(storage: str, name: str, cfg: RunConfig) -> TrainJobResult | N
         path=path,
         rank_digests=list(done.get("rank_digests") or []),
     )
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _prepare(cfgs: list[RunConfig], storage_path: str) -> tuple[list[RunConfig], str, bool]:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tokentune.checkpoint import config_hash
 from tokentune.config import RunConfig
 from tokentune.engine import barrier
 from tokentune.files import append_jsonl, read_jsonl, write_json_atomic
@@ -134,7 +135,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         stage = out_dir / STAGE_DIR / f"rank{rank}" / FINAL
         shutil.rmtree(stage, ignore_errors=True)
         shutil.copytree(res.final_dir, stage / FINAL)
-        write_json_atomic(stage / "done.json", {**info, "max_steps": cfg.train.max_steps})
+        done = {**info, "max_steps": cfg.train.max_steps, "config_hash": config_hash(cfg)}
+        write_json_atomic(stage / "done.json", done)
         write_json_atomic(stage / "launch.json", {"launch_id": launch})
     ckpt_out = ray.train.Checkpoint.from_directory(str(stage)) if stage is not None else None
     ray.train.report(final, checkpoint=ckpt_out, checkpoint_dir_name=FINAL)
@@ -188,10 +190,11 @@ class _NoDir:
 
 def _already_finished(ckpt_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     done = json.loads((ckpt_dir / "done.json").read_text())
-    if done.get("max_steps") != cfg.train.max_steps:
+    if done.get("max_steps") != cfg.train.max_steps or done.get("config_hash") != config_hash(cfg):
         raise RuntimeError(
-            f"this run already finished at {done.get('max_steps')} steps (checkpoint {ckpt_dir}) and "
-            f"train.max_steps is now {cfg.train.max_steps}: use a new name, or resume=False"
+            f"this run already finished {done.get('max_steps')} steps of config hash {done.get('config_hash')} "
+            f"(checkpoint {ckpt_dir}); this config: {cfg.train.max_steps} steps, hash {config_hash(cfg)}: "
+            "use a new name, or resume=False"
         )
     done["history"] = [done.get("metrics", {})]
     return done
@@ -254,7 +257,10 @@ def _step_of(ckpt_dir: Path) -> int:
 
 
 def _clear_stale(out_dir: Path, after_step: int) -> None:
-    """Remove local ``checkpoint-<k>`` with k > ``after_step`` (left by a failed attempt or older run)."""
+    """Remove local ``checkpoint-<k>`` with k > ``after_step`` (left by a failed attempt or older run);
+    starting over (``after_step`` 0) also ``final/``, so ``train``'s output-folder check passes."""
+    if after_step == 0:
+        shutil.rmtree(out_dir / FINAL, ignore_errors=True)
     for p in out_dir.glob("checkpoint-*"):
         try:
             step = int(p.name.split("-", 1)[1])

@@ -18,6 +18,8 @@ finished on another node) when the local one is missing or not ``finished``.
 
 A failure (training, merge or evaluation) is written to ``status.json`` and to the MLflow child run
 (status FAILED, the error as a tag) and re-raised, so Tune marks the trial ERROR and the sweep goes on.
+The error and its traceback pass through ``orchestrator.redaction`` first; the re-raised ``TrialFailed``
+carries only the redacted one-line message (Tune stores it), not the original exception.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.plan import over_memory_limit
+from orchestrator.redaction import redact_text
 from orchestrator.spec import SweepSpec
 from orchestrator.spec_parts import max_memory_gb
 from orchestrator.trial_status import STATUS_FILE, log_event, read_status, trial_dir, write_status
 from tokentune.errors import is_number
-from tokentune.estimate import estimate_memory
+from tokentune.estimate import MemoryEstimate, estimate_measured, estimate_memory
 
 FINAL_FLAG = "trial_final"  # set on the trial's last Tune report (the tracking callback skips it)
-GB = 1024**3
 
 
 class TrialFailed(RuntimeError):
@@ -116,8 +118,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 tracker.set_tags(run_id, {"tokentune.status": "stopped"})
                 tracker.end_trial(run_id, "KILLED", "stopped by Ray Tune (early stopping or time limit)")
             raise
-        msg = _error_text(err)
-        detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))[-20000:]
+        msg = redact_text(_error_text(err))
+        detail = redact_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))[-20000:]
         write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, config=_jsonable(config))
         _upload(ctx, tdir, trial_id)
         if run_id is not None:
@@ -126,7 +128,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             tracker.end_trial(run_id, "FAILED", msg)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        raise TrialFailed(msg) from err
+        raise TrialFailed(msg) from None  # the original may quote a secret; Tune stores what is raised
 
     write_status(
         tdir, "finished", trial_id=trial_id, metrics=metrics, config=_jsonable(config), run_id=run_id
@@ -190,6 +192,7 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
         if isinstance(value, float) and not math.isfinite(value):
             raise TrialFailed(f"training diverged: {name} = {value}")
     metrics = _train_metrics(res.metrics)
+    metrics.update(estimate_vs_measured(estimate_measured(cfg, metrics), metrics))
 
     a = spec.after_trial
     if a.merge or a.evaluate:
@@ -203,6 +206,7 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             evaluate=a.evaluate,
             keep_merged=True,  # pruned per after_trial.keep_merged when the sweep ends
             resources={"num_cpus": a.cpus, "num_gpus": a.gpus},
+            timeout_s=a.timeout_s,  # on timeout the task is cancelled and this trial fails
         )
         if post.get("error"):
             raise TrialFailed(post["error"])
@@ -211,11 +215,20 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
 
 
 def _train_metrics(m: dict[str, Any]) -> dict[str, Any]:
-    keep = ("step", "loss", "val_loss", "tokens_per_s", "peak_memory_bytes", "wall_s", "epoch")
+    keep = ("step", "loss", "val_loss", "tokens_per_s", "wall_s", "epoch")
     out = {k: float(m[k]) for k in keep if is_number(m.get(k))}
-    out.update({k: float(v) for k, v in m.items() if "/" in k and is_number(v)})  # <method>/<name> metrics
-    if "peak_memory_bytes" in out:
-        out["peak_memory_gb"] = out["peak_memory_bytes"] / GB
+    out.update({k: float(v) for k, v in m.items() if "/" in k and is_number(v)})  # memory/*, <method>/*
+    return out
+
+
+def estimate_vs_measured(est: MemoryEstimate | None, metrics: dict[str, Any]) -> dict[str, float]:
+    """``memory/estimate_*`` of the trial's config and ``memory/estimate_ratio`` (estimate / measured)."""
+    if est is None:
+        return {}
+    out = est.metrics()
+    measured = metrics.get("memory/train_gb")
+    if is_number(measured) and measured > 0:
+        out["memory/estimate_ratio"] = est.total_gb / measured
     return out
 
 

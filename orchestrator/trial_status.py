@@ -5,7 +5,8 @@ storage sync read them too).
     <sweep_dir>/trials/<trial_id>/events.jsonl   one line per event (``train started``, ...)
 
 ``status.json`` is written under a temporary name and renamed into place, so a folder that has one
-holds a complete record.
+holds a complete record. Both files pass through ``orchestrator.redaction`` first: an error or a
+traceback that quotes a token, a key or a URL password is stored masked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.redaction import redact
 from tokentune.files import append_jsonl, write_json_atomic
 
 TRIALS_DIR = "trials"
@@ -38,10 +40,11 @@ def read_status(path: str | Path) -> dict[str, Any] | None:
 
 
 def write_status(path: Path, status: str, **info: Any) -> None:
-    """Write ``status.json`` (atomically) with ``status``, the time and ``info``."""
-    write_json_atomic(path / STATUS_FILE, {"status": status, "time": time.time(), **info})
+    """Write ``status.json`` (atomically, redacted) with ``status``, the time and ``info``."""
+    write_json_atomic(path / STATUS_FILE, redact({"status": status, "time": time.time(), **info}))
 
 
 def log_event(path: Path, event: str, **info: Any) -> None:
     """Append ``event`` (with the time, this process's id and ``info``) to ``events.jsonl``."""
-    append_jsonl(path / EVENTS_FILE, {"event": event, "time": time.time(), "pid": os.getpid(), **info})
+    row = {"event": event, "time": time.time(), "pid": os.getpid(), **info}
+    append_jsonl(path / EVENTS_FILE, redact(row))

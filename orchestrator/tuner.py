@@ -27,6 +27,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from orchestrator.redaction import redact_text
 from orchestrator.results import TrialResult
 from orchestrator.spec import SweepSpec
 from orchestrator.trial import FINAL_FLAG, TrialContext, run_trial
@@ -216,7 +217,7 @@ def _loggable(key: str, value: Any) -> bool:
 # ---- results ------------------------------------------------------------------------------------------------
 def collect_trials(grid: Any, spec: SweepSpec, sweep_dir: str | Path) -> list[TrialResult]:
     """One ``TrialResult`` per Tune trial: status/metrics from ``status.json`` when the trial wrote
-    one, else from Tune's last result (``stopped``/``failed``/``pending``)."""
+    one, else from Tune's last result (``stopped``/``failed``/``pending``); errors redacted."""
     out = []
     for t in _tune_trials(grid):
         tdir = trial_dir(sweep_dir, t.trial_id)
@@ -228,9 +229,12 @@ def collect_trials(grid: Any, spec: SweepSpec, sweep_dir: str | Path) -> list[Tr
                 TrialResult(t.trial_id, params, st.get("metrics") or last, "finished", None, str(tdir))
             )
         elif st is not None and st.get("status") == "failed":
-            out.append(TrialResult(t.trial_id, params, last, "failed", st.get("error"), str(tdir)))
+            error = redact_text(str(st.get("error") or "")) or None
+            out.append(TrialResult(t.trial_id, params, last, "failed", error, str(tdir)))
         elif t.status == "ERROR":
-            out.append(TrialResult(t.trial_id, params, last, "failed", _tune_error(t), str(tdir)))
+            out.append(
+                TrialResult(t.trial_id, params, last, "failed", redact_text(_tune_error(t)), str(tdir))
+            )
         elif t.status == "TERMINATED":
             out.append(
                 TrialResult(t.trial_id, params, last, "stopped", "stopped before it finished", str(tdir))

@@ -2,20 +2,29 @@
 
     validate_spec(spec)     # raises SpecError naming the key; load_spec calls it
 
-What is checked: the settings sections against ``SETTING_RULES`` and their cross-rules (ASHA needs a
-training metric, an ``eval/*`` objective needs evaluation, Optuna takes no grid); ``base`` built into
+What is checked: the sweep's name (a plain folder name: no '/', not '..'); the settings sections
+against ``SETTING_RULES`` and their cross-rules (ASHA needs a training metric, an ``eval/*`` objective
+needs evaluation, Optuna takes no grid); no credentials inside ``tracking.uri`` or ``storage`` (they
+would be printed and stored: environment variables or an instance role carry them); ``base`` built into
 a ``RunConfig``; each searched key's candidates (every grid/choice value, the bounds of a range) built
 one key at a time, so that an error names that key; then every combination of the candidates (e.g.
 ``methods`` x a method's settings). Every built config is also checked against the model's shape by
 the methods themselves (``MethodStack.check_shape``: e.g. a layer budget above the layer count).
+
+Then the inputs exist (``orchestrator.inputs``: model, tokenizer, data files, template, eval tasks;
+``validate_spec(spec, check_inputs=False)`` skips that); what cannot be checked here goes to
+``spec.notes``.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import re
 from typing import TYPE_CHECKING, Any
 
+from orchestrator import inputs
+from orchestrator.redaction import redact_text, secret_in_uri
 from orchestrator.spec_parts import SearchDim, SpecError, build_run_config, max_memory_gb
 from tokentune.config import ConfigError, RunConfig, set_dotted
 from tokentune.errors import is_int, is_number
@@ -34,17 +43,37 @@ TRIAL_METRICS = (
     "val_loss",
     "loss",
     "tokens_per_s",
-    "peak_memory_bytes",
-    "peak_memory_gb",
     "wall_s",
     "trial_wall_s",
 )
+#: Measured memory a trial reports while training (``tokentune.memory``), per worker, in GB.
+MEMORY_METRICS = (
+    "memory/train_gb",
+    "memory/weights_gb",
+    "memory/grads_gb",
+    "memory/optimizer_gb",
+    "memory/activations_gb",
+    "memory/cuda_peak_gb",
+    "memory/process_rss_gb",
+)
 MAX_VALIDATED_COMBINATIONS = 4096
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+#: where credentials for these URIs belong instead
+CREDENTIALS_FROM = {
+    "tracking.uri": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+    "in the environment",
+    "storage": "give them by environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+    "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN) or use an "
+    "instance role",
+}
 
 
-def validate_spec(spec: SweepSpec) -> None:
-    """Check settings, then build a RunConfig for every grid combination and range/choice bound."""
+def validate_spec(spec: SweepSpec, check_inputs: bool = True) -> None:
+    """Check the name and settings, build a RunConfig for every grid combination and range/choice bound,
+    then (``check_inputs``) check that the inputs exist; what could not be checked goes to ``spec.notes``."""
+    check_sweep_name(spec.name)
     _validate_settings(spec)
+    _refuse_credentials(spec)
     max_memory_gb(spec.base)
     _checked_config(spec.base, "base")
     dims = list(spec.search.values())
@@ -68,6 +97,29 @@ def validate_spec(spec: SweepSpec) -> None:
                 set_dotted(d, dim.key, value)
             pairs = ", ".join(f"{dim.key}={value!r}" for dim, value in zip(dims, combo))
             _checked_config(d, f"search (the combination {pairs})")
+    if check_inputs:
+        spec.notes = inputs.check_inputs(spec)
+
+
+def check_sweep_name(name: Any, key: str = "name") -> None:
+    """A sweep name is a plain folder name: it must not lead outside ``storage``."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise SpecError(
+            key,
+            f"{name!r} is invalid: expected a plain folder name (letters, digits, '.', '_', '-'; starting "
+            "with a letter, digit or '_'; no '/', not '.' or '..'; at most 128 characters), e.g. quickstart",
+        )
+
+
+def _refuse_credentials(spec: SweepSpec) -> None:
+    for key, uri in (("tracking.uri", spec.tracking.uri), ("storage", spec.storage)):
+        what = secret_in_uri(uri) if isinstance(uri, str) else None
+        if what:
+            raise SpecError(
+                key,
+                f"{redact_text(uri)!r} embeds credentials ({what}), which would be printed by the dry run and "
+                f"stored in sweep.yaml, MLflow and Ray's state: remove them and {CREDENTIALS_FROM[key]}",
+            )
 
 
 def _checked_config(d: dict[str, Any], where: str) -> RunConfig:
@@ -150,9 +202,14 @@ SETTING_RULES: dict[str, dict[str, tuple[Any, str]]] = {
     "objective": {
         "mode": (_one_of("min", "max"), "min or max"),
         "metric": (
-            lambda v: v in TRIAL_METRICS or (isinstance(v, str) and v.startswith("eval/") and len(v) > 5),
-            f"one of {', '.join(TRIAL_METRICS)}, eval/score or eval/<task>/<metric>",
+            lambda v: (
+                v in TRIAL_METRICS
+                or _is_memory_metric(v)
+                or (isinstance(v, str) and v.startswith("eval/") and len(v) > 5)
+            ),
+            f"one of {', '.join(TRIAL_METRICS)}, {', '.join(MEMORY_METRICS)}, eval/score or eval/<task>/<metric>",
         ),
+        "memory_budget_gb": (_optional(_num_gt(0)), "null or a number of GB > 0"),
     },
     "after_trial": {
         "merge": (_one_of(True, False), "true or false"),
@@ -160,12 +217,17 @@ SETTING_RULES: dict[str, dict[str, tuple[Any, str]]] = {
         "keep_merged": (_one_of(*KEEP_MERGED), f"one of {', '.join(KEEP_MERGED)}"),
         "cpus": (_num_gt(0), "a number > 0"),
         "gpus": (_num_gt(0, allow_equal=True), "a number >= 0"),
+        "timeout_s": (_optional(_num_gt(0)), "null (no limit) or seconds > 0"),
     },
     "tracking": {
         "uri": (_optional(_text), "null or a URI"),
         "experiment": (_optional(_text), "null or a name"),
     },
 }
+
+
+def _is_memory_metric(v: Any) -> bool:
+    return v in MEMORY_METRICS
 
 
 def _validate_settings(spec: SweepSpec) -> None:
@@ -184,11 +246,11 @@ def _validate_settings(spec: SweepSpec) -> None:
     s, metric = spec.tune.scheduler, spec.objective.metric
     if s.max_t is not None and s.max_t < s.grace_period:
         raise SpecError("tune.scheduler.max_t", f"{s.max_t} < grace_period {s.grace_period}")
-    if s.type == "asha" and s.metric not in ("val_loss", "loss"):
+    if s.type == "asha" and s.metric not in ("val_loss", "loss") and not _is_memory_metric(s.metric):
         raise SpecError(
             "tune.scheduler.metric",
-            f"{s.metric!r} is invalid: expected val_loss or loss (reported while training; eval/* only "
-            "exists after a trial, too late to stop it early)",
+            f"{s.metric!r} is invalid: expected val_loss, loss or a measured memory/* key (reported while "
+            "training; eval/* only exists after a trial, too late to stop it early)",
         )
     if metric.startswith("eval/") and not spec.after_trial.evaluate:
         raise SpecError(

@@ -123,7 +123,7 @@ def sweep(mlflow_server):
         run = tracker.trial_run(trial, {"methods": ["lora"], "lora": {"rank": rank}, "train": {"lr": 1e-3}})
         for step in (1, 2, 3):
             tracker.log_metrics(run, {"loss": 3.0 / step + i, "tokens_per_s": 500.0 + 10 * step}, step=step)
-        tracker.log_metrics(run, {"eval/score": 0.4 + 0.2 * i, "peak_memory_bytes": (100 + 50 * i) * 2**20})
+        tracker.log_metrics(run, {"eval/score": 0.4 + 0.2 * i, "memory/train_gb": (100 + 50 * i) / 1024})
         tracker.end_trial(run, "FINISHED")
         children[trial] = run
     tracker.end_parent("FINISHED")

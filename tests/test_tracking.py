@@ -236,14 +236,19 @@ def test_failed_trial_from_another_process_has_error_tag_and_artifact(store, tmp
     assert not (tmp_path / "mlruns").exists()  # nothing written relative to the working directory
     with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
         tracker.end_trial(run, "DONE")
-    assert set(tracker.__getstate__().values()) == {uri, "exp-fail", "s", tracker.parent_run_id}
+    state = tracker.__getstate__()
+    assert set(state.values()) == {uri, "exp-fail", "s", tracker.parent_run_id, None}  # sweep_id None
 
 
 # ----------------------------------------------------------------------------------- summary
 def _trials():
     def t(tid, methods, rank, ratio, accs, mem, status="TERMINATED", error=None):
         metrics = {f"eval/{task}/acc": a for task, a in accs.items()}
-        metrics.update({"peak_memory_bytes": mem, "tokens_per_s": 1000.0, "wall_s": 30.0, "val_loss": 2.0})
+        metrics.update({"tokens_per_s": 1000.0, "wall_s": 30.0, "val_loss": 2.0})
+        if mem is not None:
+            metrics.update(
+                {"memory/train_gb": mem, "memory/estimate_gb": 1.1 * mem, "memory/estimate_ratio": 1.1}
+            )
         return {
             "trial_id": tid,
             "status": status,
@@ -258,7 +263,7 @@ def _trials():
             "error": error,
         }
 
-    mib = 2**20
+    mib = 1 / 1024  # GB
     return [
         t("t1", ["lora"], 4, 1.0, {"a": 0.50, "b": 0.60}, 100 * mib),  # front (lowest memory)
         t("t2", ["lora", "tokentune"], 8, 0.3, {"a": 0.70, "b": 0.70}, 150 * mib),  # front
@@ -289,7 +294,10 @@ def test_results_table_and_pareto_front():
     for key in (
         "eval/a/acc",
         "eval/b/acc",
-        "peak_memory_bytes",
+        "pareto",
+        "memory/train_gb",
+        "memory/estimate_gb",
+        "memory/estimate_ratio",
         "tokens_per_s",
         "wall_s",
         "val_loss",
@@ -297,8 +305,26 @@ def test_results_table_and_pareto_front():
     ):
         assert key in columns
 
-    front = report.pareto_front(rows, "eval/score", "peak_memory_bytes")
+    assert "memory/cuda_peak_gb" not in columns  # no trial ran on a GPU: no empty column
+    assert report.memory_axis(rows) == "memory/train_gb"
+    front = report.pareto_front(rows, "eval/score", "memory/train_gb")
     assert [r["trial_id"] for r in front] == ["t1", "t2", "t4"]
+    assert [r["trial_id"] for r in rows if r["pareto"] == "*"] == ["t1", "t2", "t4"]  # marked in the table
+    # objective.memory_budget_gb: the best trial whose measured memory fits
+    assert report.best_within(rows, 250 / 1024)["trial_id"] == "t2"
+    assert report.best_within(rows, 50 / 1024) is None
+    lines = report.summary_lines(
+        rows, ("t4", "eval/score", 0.85), 250 / 1024, report.best_within(rows, 250 / 1024)
+    )
+    assert "best trial: t4 (eval/score=0.85, train_gb 300.0MiB measured (estimate 330.0MiB))" in lines
+    assert "best within objective.memory_budget_gb=0.244140625: t2 (eval/score=0.7" in lines
+    # GPU trials: the axis is the CUDA peak (the CUDA column appears)
+    gpu = _trials()
+    for i, t in enumerate(gpu[:5]):
+        t["metrics"]["memory/cuda_peak_gb"] = [5, 1, 2, 3, 4][i]
+    gpu_rows = report.results_table(gpu, search_keys=SEARCHED)
+    assert report.memory_axis(gpu_rows) == "memory/cuda_peak_gb"
+    assert [r["trial_id"] for r in gpu_rows if r["pareto"] == "*"] == ["t2", "t4"]
     assert report.best_row(rows)["trial_id"] == "t4"
     # hand-made rows: equal points are both on the front; missing values are ignored
     hand = [
@@ -315,7 +341,7 @@ def test_results_table_and_pareto_front():
     text = report.format_table(rows)
     lines = text.splitlines()
     assert lines[0].startswith("trial_id") and len(lines) == 2 + len(rows)
-    assert "100.0MiB" in text and "RuntimeError: boom" in text
+    assert "100.0MiB" in text and "1.10x" in text and "RuntimeError: boom" in text
     assert report.format_table([]) == "(no trials)"
 
 
@@ -341,6 +367,7 @@ def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
     assert run.data.tags["tokentune.best_trial"] == "t4"
     assert run.data.tags["tokentune.pareto_front"] == "t1,t2,t4"
     assert run.data.metrics["best/eval/score"] == pytest.approx(0.85)
+    assert run.data.metrics["best/memory/train_gb"] == pytest.approx(300 / 1024)
     # metric names with '/' need backticks in search filters
     exp_id = tracker.experiment_id
     found = client.search_runs([exp_id], "metrics.`best/eval/score` > 0.8")

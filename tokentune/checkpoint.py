@@ -6,6 +6,18 @@
   last: a checkpoint without it is incomplete and never resumed from).
 - ``final/``: a peft adapter (adapter methods) or a full Hugging Face checkpoint (full fine-tuning),
   written on rank 0 and readable without DeepSpeed, with the tokenizer.
+
+Run identity: every checkpoint carries a copy of ``run_config.json`` and its :func:`config_hash` (in
+``state.json``). The hash covers what decides the trained weights; it leaves out where and how often
+a run writes (``train.output_dir``, ``log_every``, ``eval_every``, ``eval_batches``, ``save_every``,
+``keep_checkpoints``), ``train.max_steps`` (a run may be continued to more steps; the learning-rate
+schedule then follows the new value), the resources ``compute.cpus_per_worker``/``gpus_per_worker``,
+the ``eval`` section and the sections of methods not in ``methods``. :func:`check_output_dir` refuses,
+before anything is loaded, a fresh run into a folder that already holds a run (checkpoints or
+``final/``, of any config: a fresh run never mixes its checkpoints with older ones), a resume into a
+folder holding another config's run, and (:func:`check_resume`) a checkpoint of another config or one
+with no step left before ``train.max_steps``. A checkpoint written before hashes existed is checked
+against the ``run_config.json`` beside it, else resumed with a warning.
 """
 
 from __future__ import annotations
@@ -13,16 +25,29 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tokentune.engine import barrier
+from tokentune.errors import ConfigError
 from tokentune.files import write_json_atomic
 
 if TYPE_CHECKING:
+    from tokentune.config import RunConfig
     from tokentune.methods import MethodStack
+
+RUN_CONFIG = "run_config.json"  # the run's config, written by train() and copied into each checkpoint
+#: keys left out of config_hash: where and how often a run writes, its length, its resources
+UNHASHED = {
+    "train": tuple(
+        "output_dir max_steps log_every eval_every eval_batches save_every keep_checkpoints".split()
+    ),
+    "compute": ("cpus_per_worker", "gpus_per_worker"),
+}
+CORE_SECTIONS = ("model", "data", "train", "compute", "methods")  # + the sections of the listed methods
 
 
 def trainable_state(model: torch.nn.Module, zero_stage: int | None = None) -> dict[str, torch.Tensor]:
@@ -109,7 +134,11 @@ def save_checkpoint(
     engine.save(path)
     barrier()
     if rank == 0:
-        write_json_atomic(path / "state.json", {"step": step})
+        meta: dict[str, Any] = {"step": step}
+        if (out_dir / RUN_CONFIG).is_file():  # written by train() at the start of this run
+            shutil.copyfile(out_dir / RUN_CONFIG, path / RUN_CONFIG)
+            meta["config_hash"] = config_hash(_read_json(path / RUN_CONFIG))
+        write_json_atomic(path / "state.json", meta)
         old = sorted(out_dir.glob("checkpoint-*"))[:-keep]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
@@ -123,13 +152,145 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, engine, methods: MethodStack, zero: int | None) -> int:
-    """Restore weights, optimizer-side state, method states and the RNG; returns the step to resume at."""
+def load_checkpoint(
+    path: Path, model, engine, methods: MethodStack, zero: int | None, cfg: RunConfig | None = None
+) -> int:
+    """Restore weights, optimizer-side state, method states and the RNG; returns the step to resume at.
+
+    With ``cfg``, a checkpoint of another config or past ``train.max_steps`` is refused first
+    (:func:`check_resume`; ``ConfigError``)."""
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.json)")
+    if cfg is not None:
+        check_resume(path, cfg)
     if zero is None:  # DeepSpeed restores the module itself
         load_trainable_state(model, torch.load(path / "trainable.pt", weights_only=True))
     engine.load(path)
     methods.load_state_dict(torch.load(path / "methods.pt", weights_only=True))
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     return int(json.loads((path / "state.json").read_text())["step"])
+
+
+# ---- run identity --------------------------------------------------------------------------------------
+def run_identity(d: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run config (``RunConfig.to_dict()`` or a ``run_config.json``) that decides what
+    is trained: see the module docstring. JSON-normalised, so a dict read back from a file compares
+    equal to the config it was written from."""
+    methods = list(d.get("methods") or [])
+    out = {k: v for k, v in d.items() if k in CORE_SECTIONS or k in methods}
+    for section, keys in UNHASHED.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def config_hash(cfg: RunConfig | dict[str, Any]) -> str:
+    """A short sha256 of :func:`run_identity`: equal hashes mean the same training run."""
+    d = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    text = json.dumps(run_identity(d), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The dotted keys (``train.lr``, ``methods``) whose values differ between two run configs' identities."""
+    ia, ib = run_identity(a), run_identity(b)
+    out = []
+    for section in sorted(set(ia) | set(ib)):
+        x, y = ia.get(section), ib.get(section)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{section}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(section)
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stored_identity(ckpt: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(config hash, run config dict) of a checkpoint; legacy ones: from the ``run_config.json`` beside it."""
+    meta = _read_json(ckpt / "state.json") or {}
+    stored = _read_json(ckpt / RUN_CONFIG) or _read_json(ckpt.parent / RUN_CONFIG)
+    h = meta.get("config_hash") or (config_hash(stored) if stored else None)
+    return h, stored
+
+
+def _differs(stored: dict[str, Any] | None, cfg: RunConfig) -> str:
+    keys = differing_keys(stored, cfg.to_dict()) if stored else []
+    return f"; differing keys: {', '.join(keys[:8])}" if keys else ""
+
+
+def check_resume(path: str | Path, cfg: RunConfig) -> int:
+    """Refuse (``ConfigError``) to resume ``cfg`` from a checkpoint of another config, or from one with no
+    step left before ``train.max_steps``. Returns the checkpoint's step."""
+    path = Path(path)
+    meta = _read_json(path / "state.json")
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no readable state.json)")
+    stored_hash, stored = _stored_identity(path)
+    mine = config_hash(cfg)
+    if stored_hash is None:
+        warnings.warn(f"checkpoint {path} has no config hash (older version): not verified", stacklevel=2)
+    elif stored_hash != mine:
+        raise ConfigError(
+            f"checkpoint {path} belongs to another config (its config hash {stored_hash}, this config's "
+            f"{mine}{_differs(stored, cfg)}): resume it with the config it was trained with, or train this "
+            "config into another train.output_dir without --resume"
+        )
+    step = int(meta["step"])
+    if step >= cfg.train.max_steps:
+        raise ConfigError(
+            f"checkpoint {path} is at step {step} and train.max_steps={cfg.train.max_steps}: nothing is left "
+            f"to train; set train.max_steps above {step} to continue it"
+        )
+    return step
+
+
+def check_output_dir(out_dir: str | Path, cfg: RunConfig, resume_from: str | Path | None = None) -> None:
+    """Refuse (``ConfigError``) an output folder that would mix two runs; call before writing into it.
+
+    Fresh (``resume_from`` None): ``out_dir`` must hold no ``checkpoint-*`` and no ``final/`` (of any
+    config: delete the folder or choose another to train again). Resume: ``resume_from`` passes
+    :func:`check_resume`, and the checkpoints (or ``final/``) already in ``out_dir`` are of this config.
+    """
+    out_dir = Path(out_dir)
+    if resume_from is not None:
+        check_resume(resume_from, cfg)
+    ckpts = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
+    final = (out_dir / "final").is_dir()
+    if not ckpts and not final:
+        return
+    mine = config_hash(cfg)
+    found = [_stored_identity(p) for p in ckpts]
+    if final:
+        stored = _read_json(out_dir / RUN_CONFIG)
+        found.append((config_hash(stored) if stored else None, stored))
+    other = next(((h, d) for h, d in found if h is not None and h != mine), None)
+    where = f"train.output_dir={str(out_dir)!r}"
+    if other is not None:
+        raise ConfigError(
+            f"{where} holds checkpoints of another run (config hash {other[0]}; this config's {mine}"
+            f"{_differs(other[1], cfg)}): choose another train.output_dir, or continue that run with its "
+            "own config and --resume"
+        )
+    if resume_from is not None:
+        return
+    if any(h is None for h, _ in found):
+        raise ConfigError(
+            f"{where} holds checkpoints of a run whose config is unknown: choose another train.output_dir "
+            "or delete that folder"
+        )
+    if ckpts:
+        raise ConfigError(
+            f"{where} already holds checkpoints of this config (config hash {mine}, newest {ckpts[-1].name}): "
+            "use --resume to continue that run, or choose another train.output_dir (or delete it) to train "
+            "again from scratch"
+        )
+    raise ConfigError(
+        f"{where} already holds a finished run of this config (final/, config hash {mine}): choose another "
+        "train.output_dir (or delete it) to train again"
+    )

@@ -266,9 +266,18 @@ def cmd_train(args: argparse.Namespace, distributed: Distributed | None = None) 
     result = train(cfg, resume_from=resume, progress=True)
     print(
         f"done: {result.steps} steps in {result.wall_s:.1f}s, val_loss {result.val_loss:.4f}, "
-        f"peak memory {result.peak_memory_bytes / 2**20:.0f} MiB -> {result.final_dir}"
+        f"{_memory_line(result.memory)} -> {result.final_dir}"
     )
     return 0
+
+
+def _memory_line(memory: dict[str, float]) -> str:
+    """``train memory 12.3 MiB (weights .. + grads .. + optimizer .. + activations ..)`` from ``memory/*``."""
+    mib = {k.removeprefix("memory/").removesuffix("_gb"): v * 1024 for k, v in memory.items()}
+    if "train" not in mib:
+        return f"process RSS {mib.get('process_rss', 0):.0f} MiB"
+    parts = " + ".join(f"{k} {mib[k]:.1f}" for k in ("weights", "grads", "optimizer", "activations"))
+    return f"train memory {mib['train']:.1f} MiB ({parts})"
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -3,11 +3,17 @@
 Rows are ``{"instruction": str, "input": str (optional), "output": str}`` from a local JSON/JSONL
 file or an HF dataset name. The prompt comes from a template (Alpaca by default, or a JSON file with
 ``prompt_input`` and ``prompt_no_input``); prompt tokens get label -100 unless ``train_on_inputs``.
+Files must be UTF-8 (an error names the file and the byte offset); a template may use only the
+placeholders ``{instruction}`` and ``{input}`` (``{instruction}`` in ``prompt_no_input``). A row whose
+answer is truncated away (no supervised token left) is dropped: the count is logged once per file and
+kept on the dataset (``TokenizedDataset.dropped``); a file whose rows are all dropped is an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,11 @@ import torch
 from tokentune.config import DataConfig
 from tokentune.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
+#: template key -> the placeholders it may use
+TEMPLATE_FIELDS = {"prompt_input": ("instruction", "input"), "prompt_no_input": ("instruction",)}
 
 ALPACA_TEMPLATE = {
     "prompt_input": (
@@ -36,22 +46,55 @@ class DataError(ConfigError):
     """Missing or malformed data; the message names the file (and row)."""
 
 
+def read_text(path: str | Path, what: str = "data file") -> str:
+    """A file's text; one that is not UTF-8 is a ``DataError`` naming the file and the byte offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{what} {str(path)!r} is not UTF-8 text: byte {e.start} is {data[e.start : e.start + 1]!r} "
+            "(save it as UTF-8)"
+        ) from None
+
+
 def load_template(spec: str) -> dict[str, str]:
     if spec == "alpaca":
         return dict(ALPACA_TEMPLATE)
+    if not isinstance(spec, str):
+        raise DataError(f"data.template={spec!r} is invalid: expected 'alpaca' or a JSON file that exists")
     p = Path(spec)
     if not p.is_file():
         raise DataError(f"data.template={spec!r} is invalid: expected 'alpaca' or a JSON file that exists")
     try:
-        t = json.loads(p.read_text())
+        t = json.loads(read_text(p, "template file"))
     except json.JSONDecodeError as e:
         raise DataError(f"template file {spec!r} is not valid JSON: {e}") from e
-    missing = [k for k in ("prompt_input", "prompt_no_input") if not isinstance(t.get(k), str)]
+    if not isinstance(t, dict):
+        raise DataError(f"template file {spec!r}: expected a JSON object with prompt_input, prompt_no_input")
+    missing = [k for k in TEMPLATE_FIELDS if not isinstance(t.get(k), str)]
     if missing:
         raise DataError(
             f"template file {spec!r} lacks string key(s) {missing}: expected prompt_input, prompt_no_input"
         )
+    for key, allowed in TEMPLATE_FIELDS.items():
+        _check_placeholders(spec, key, t[key], allowed)
     return t
+
+
+def _check_placeholders(spec: str, key: str, text: str, allowed: tuple[str, ...]) -> None:
+    accepted = ", ".join("{" + a + "}" for a in allowed)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:  # a lone "{" or "}"
+        raise DataError(
+            f"template file {spec!r}: {key} is not a valid template ({e}); write literal braces as {{{{ }}}}"
+        ) from None
+    for f in fields:
+        if f not in allowed:
+            raise DataError(
+                f"template file {spec!r}: {key} has the unknown placeholder {{{f}}}; allowed in {key}: {accepted}"
+            )
 
 
 def format_prompt(row: dict[str, str], template: dict[str, str]) -> str:
@@ -78,13 +121,19 @@ def _check_row(row: Any, where: str) -> dict[str, str]:
     return {"instruction": row["instruction"], "input": inp, "output": row["output"]}
 
 
+def is_local_source(source: str) -> bool:
+    """True when ``data.train``/``data.val`` names a local file (else it is an HF dataset name)."""
+    p = Path(source).expanduser()
+    return p.suffix in (".json", ".jsonl") or p.exists() or source.startswith((".", "/", "~"))
+
+
 def read_rows(source: str) -> list[dict[str, str]]:
     """Read Alpaca rows from a .json/.jsonl path, or an HF dataset name (train split)."""
     p = Path(source).expanduser()
-    if p.suffix in (".json", ".jsonl") or p.exists() or source.startswith((".", "/", "~")):
+    if is_local_source(source):
         if not p.is_file():
             raise DataError(f"data file {source!r} does not exist")
-        text = p.read_text()
+        text = read_text(p)
         rows: list[Any]
         if p.suffix == ".jsonl":
             rows = []
@@ -140,6 +189,8 @@ def tokenize_row(
 class TokenizedDataset(torch.utils.data.Dataset):
     input_ids: list[list[int]]
     labels: list[list[int]]
+    dropped: int = 0  # rows left out: their answer was truncated away (no supervised token)
+    source: str | None = None  # the file or dataset the rows came from
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -148,7 +199,9 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
-def tokenize_rows(rows, tokenizer, cfg: DataConfig) -> TokenizedDataset:
+def tokenize_rows(rows, tokenizer, cfg: DataConfig, source: str | None = None) -> TokenizedDataset:
+    """Tokenize and mask ``rows`` (from ``source``, named in the warning and errors); rows with no
+    supervised token left after truncation are dropped and counted (``dropped``)."""
     template = load_template(cfg.template)
     ids, labels = [], []
     for row in rows:
@@ -156,9 +209,22 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig) -> TokenizedDataset:
         if any(x != IGNORE_INDEX for x in b):  # fully truncated answers teach nothing
             ids.append(a)
             labels.append(b)
+    dropped = len(rows) - len(ids)
+    where = source or "the data"
     if not ids:
-        raise DataError(f"data.max_length={cfg.max_length} truncates every example's answer away; raise it")
-    return TokenizedDataset(ids, labels)
+        raise DataError(
+            f"{where}: data.max_length={cfg.max_length} truncates the answer of all {len(rows)} rows away "
+            "(no supervised token left); raise data.max_length"
+        )
+    if dropped:
+        log.warning(
+            "%s: dropped %d of %d rows whose answer data.max_length=%d truncates away (no supervised token)",
+            where,
+            dropped,
+            len(rows),
+            cfg.max_length,
+        )
+    return TokenizedDataset(ids, labels, dropped=dropped, source=source)
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int, pad_to_multiple_of: int | None = None):
@@ -184,10 +250,9 @@ def load_splits(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedDat
 
     train_src = cfg.train or str(assets.default_train_data())
     train_rows = read_rows(train_src)
-    if cfg.val:
-        val_rows = read_rows(cfg.val)
-    elif cfg.train is None:
-        val_rows = read_rows(str(assets.default_val_data()))
+    val_src = cfg.val or (str(assets.default_val_data()) if cfg.train is None else None)
+    if val_src:
+        val_rows = read_rows(val_src)
     else:  # split a validation share off the training rows, deterministically
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(train_rows), generator=g).tolist()
@@ -196,7 +261,10 @@ def load_splits(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedDat
         train_rows = [train_rows[i] for i in perm[n_val:]]
     if cfg.max_examples:
         train_rows = train_rows[: cfg.max_examples]
-    return tokenize_rows(train_rows, tokenizer, cfg), tokenize_rows(val_rows, tokenizer, cfg)
+    val_name = val_src or f"{train_src} (validation split)"
+    return tokenize_rows(train_rows, tokenizer, cfg, train_src), tokenize_rows(
+        val_rows, tokenizer, cfg, val_name
+    )
 
 
 class StepSampler:

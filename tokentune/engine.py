@@ -67,6 +67,11 @@ class PlainEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+#: ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's
+#: ``stage3_param_persistence_threshold``, its default made explicit; the memory estimate uses it).
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+
+
 def deepspeed_config(
     stage: int, micro_batch: int, grad_accum: int, max_grad_norm: float | None, bf16: bool
 ) -> dict:
@@ -79,6 +84,7 @@ def deepspeed_config(
         "zero_optimization": {
             "stage": stage,
             "stage3_gather_16bit_weights_on_model_save": stage == 3,
+            **({"stage3_param_persistence_threshold": ZERO3_PERSISTENCE_THRESHOLD} if stage == 3 else {}),
         },
         "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},

@@ -1,19 +1,46 @@
-"""Memory and throughput accounting of a training run: peak memory and tokens/s."""
+"""What a training worker holds in memory, measured: the breakdown every run reports, and tokens/s.
+
+    meter = MemoryMeter(model, optimizer, device)     # the client optimizer (also under DeepSpeed)
+    meter.start_step(sampled=True)                    # before a step the breakdown is measured on
+    with meter.saved_tensors(): loss = forward(...)   # per micro-batch (``MethodStack.step``'s forward_context)
+    meter.end_step()
+    meter.metrics()   # {"memory/weights_gb": ..., "memory/train_gb": ..., "memory/process_rss_gb": ...}
+
+The breakdown, per worker, in GB (2**30 bytes), each tensor counted once by its storage:
+
+- ``weights``: the parameters and buffers this worker holds (4-bit weights at their packed size;
+  under ZeRO-3 the partition, plus the small parameters ZeRO-3 keeps whole);
+- ``grads``: the gradients alive when the optimizer steps (the model's ``.grad`` and, under ZeRO,
+  the flat gradient partition the optimizer applies); DeepSpeed's communication buckets are not counted;
+- ``optimizer``: the optimizer's state tensors after the step, plus its own copies of the weights
+  (ZeRO's fp32 partitions), this worker's share;
+- ``activations``: the bytes autograd saves for backward during one micro-batch's forward (logits
+  and loss included, parameters excluded), counted with saved-tensor hooks; the largest micro-batch;
+- ``train``: their sum, what an accelerator needs besides the framework's runtime and buffers.
+
+Values are the peak over the sampled steps so far (IST/RST's saved depth changes from step to step).
+On CUDA ``cuda_peak_gb`` is the allocator's peak since ``reset_peak``; ``process_rss_gb`` is the
+process's peak resident set (the Python/torch runtime included), the only figure that covers
+everything on a CPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
+GB = 1024**3
+COMPONENTS = ("weights", "grads", "optimizer", "activations")
 
-def peak_memory_bytes(device: torch.device | str | None = None) -> int:
-    """CUDA peak allocated on a GPU; the process's peak resident set size on CPU."""
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(dev))
+
+def process_rss_bytes() -> int:
+    """The process's peak resident set size (bytes)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -22,6 +49,152 @@ def reset_peak(device: torch.device | str | None = None) -> None:
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def distinct_bytes(tensors: Iterable[torch.Tensor | None], skip: set[int] | None = None) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared weights counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        ptr, nbytes = _storage_key(t)
+        if nbytes and ptr not in seen and (skip is None or ptr not in skip):
+            seen[ptr] = nbytes
+    return sum(seen.values())
+
+
+def held_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameter and buffer tensors this worker holds (ZeRO-3: its partition, and any gathered data)."""
+    out: list[torch.Tensor] = []
+    for p in model.parameters():
+        part = getattr(p, "ds_tensor", None)
+        if isinstance(part, torch.Tensor):
+            out.append(part)
+        out.append(p.data)
+        out.extend(_quant_state_tensors(getattr(p, "quant_state", None)))
+    out.extend(model.buffers())
+    return out
+
+
+def _quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    """A 4-bit weight's block scales (and their own scales, with double quantization) and code books."""
+    out: list[torch.Tensor] = []
+    while state is not None:
+        out += [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if t is not None]
+        state = getattr(state, "state2", None)
+    return out
+
+
+class MemoryMeter:
+    """Measures one worker's memory breakdown on the steps it is told to sample (see the module doc)."""
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    ) -> None:
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.peak = dict.fromkeys(COMPONENTS, 0)
+        self.sampled_steps = 0
+        self.overhead_s = 0.0
+        self._sampling = False
+        self._activations = 0
+        self._last_forward = 0
+        self.peak_shape: tuple[int, int] | None = (
+            None  # [batch, seq] of the micro-batch at the activation peak
+        )
+        self._param_ptrs: set[int] = set()
+        optimizer.register_step_pre_hook(self._before_optimizer_step)
+        optimizer.register_step_post_hook(self._after_optimizer_step)
+
+    # ---- step protocol ---------------------------------------------------------------------------
+    def start_step(self, sampled: bool) -> None:
+        self._sampling = sampled
+        self._activations = 0
+        if sampled:
+            t0 = time.perf_counter()
+            self._param_ptrs = {_storage_key(w)[0] for w in held_weights(self.model)}
+            self._record("weights", distinct_bytes(held_weights(self.model)))
+            self.overhead_s += time.perf_counter() - t0
+
+    def end_step(self) -> None:
+        if self._sampling:
+            self._record("activations", self._activations)
+            self.sampled_steps += 1
+        self._sampling = False
+
+    @contextlib.contextmanager
+    def saved_tensors(self) -> Iterator[None]:
+        """Count what autograd saves for backward in this forward (a no-op on steps not sampled)."""
+        if not self._sampling:
+            yield
+            return
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            base = t._base if t._base is not None else t
+            if not isinstance(base, torch.nn.Parameter) and t.device.type != "meta":
+                ptr, nbytes = _storage_key(t)
+                if ptr not in self._param_ptrs and ptr not in seen:
+                    seen[ptr] = nbytes
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        self._last_forward = sum(seen.values())
+        self._activations = max(self._activations, self._last_forward)
+
+    def note_batch(self, input_ids: torch.Tensor) -> None:
+        """After a micro-batch's forward: remember its [batch, seq] if its saved bytes are the peak so far."""
+        if (
+            self._sampling
+            and self._last_forward
+            and self._last_forward >= max(self.peak["activations"], self._activations)
+        ):
+            self.peak_shape = (int(input_ids.shape[0]), int(input_ids.shape[-1]))
+
+    # ---- optimizer hooks -------------------------------------------------------------------------
+    def _optimizer_params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _before_optimizer_step(self, *_: Any) -> None:
+        if not self._sampling:
+            return
+        t0 = time.perf_counter()
+        grads = [p.grad for p in self._optimizer_params()]
+        grads += [p.grad for p in self.model.parameters()]
+        self._record("grads", distinct_bytes(grads))
+        self.overhead_s += time.perf_counter() - t0
+
+    def _after_optimizer_step(self, *_: Any) -> None:
+        if not self._sampling:
+            return
+        t0 = time.perf_counter()
+        states = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        # the optimizer's own copies of the weights (ZeRO's fp32 partitions), not the model's tensors
+        masters = [p for p in self._optimizer_params() if _storage_key(p)[0] not in self._param_ptrs]
+        self._record("optimizer", distinct_bytes(states + masters))
+        self.overhead_s += time.perf_counter() - t0
+
+    def _record(self, key: str, nbytes: int) -> None:
+        self.peak[key] = max(self.peak[key], int(nbytes))
+
+    # ---- results ---------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """``memory/*`` in GB: the breakdown (once a step was sampled), its sum, and the process/CUDA peaks."""
+        out: dict[str, float] = {}
+        if self.sampled_steps:
+            out = {f"memory/{k}_gb": v / GB for k, v in self.peak.items()}
+            out["memory/train_gb"] = sum(self.peak.values()) / GB
+            if self.peak_shape is not None:  # the estimate at this shape is comparable (tokentune.estimate)
+                out["memory/peak_batch"], out["memory/peak_seq_len"] = map(float, self.peak_shape)
+        if self.device.type == "cuda":
+            out["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / GB
+        out["memory/process_rss_gb"] = process_rss_bytes() / GB
+        return out
 
 
 class Throughput:

@@ -62,5 +62,21 @@ def build_section(name: str, cls: type, value: Any) -> Any:
         )
     try:
         return cls(**value)
-    except TypeError as e:  # wrong types that slipped through (e.g. a string where a number goes)
-        raise ConfigError(f"{name}: {e}") from e
+    except TypeError as e:  # wrong types that slipped through (e.g. a number where a list goes)
+        key = _type_error_key(cls, value)
+        if key is None:
+            raise ConfigError(f"{name}: {e}") from e
+        expected = next(f.type for f in fields(cls) if f.name == key)
+        raise ConfigError(f"{name}.{key}={value[key]!r} is invalid: expected {expected} ({e})") from e
+
+
+def _type_error_key(cls: type, value: dict[str, Any]) -> str | None:
+    """The key whose value alone makes ``cls(...)`` raise ``TypeError`` (the others at their defaults)."""
+    for key, v in value.items():
+        try:
+            cls(**{key: v})
+        except TypeError:
+            return key
+        except Exception:  # noqa: BLE001 - another error of this value: not the type error's key
+            continue
+    return None

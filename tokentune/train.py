@@ -22,12 +22,19 @@ from typing import Any
 
 import torch
 
-from tokentune.checkpoint import load_checkpoint, save_checkpoint, save_final, state_digest, trainable_state
+from tokentune.checkpoint import (
+    check_output_dir,
+    load_checkpoint,
+    save_checkpoint,
+    save_final,
+    state_digest,
+    trainable_state,
+)
 from tokentune.config import RunConfig
 from tokentune.data import StepSampler, collate, load_splits
 from tokentune.engine import DeepSpeedEngine, PlainEngine, dist_info
 from tokentune.files import write_json_atomic
-from tokentune.memory import Throughput, peak_memory_bytes, reset_peak
+from tokentune.memory import MemoryMeter, Throughput, reset_peak
 from tokentune.methods import MethodStack, StepContext
 from tokentune.models import load_model, load_tokenizer
 
@@ -43,7 +50,7 @@ class TrainResult:
     val_loss: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
-    peak_memory_bytes: int = 0
+    memory: dict[str, float] = field(default_factory=dict)  # ``memory/*`` of this rank (tokentune.memory)
     tokens_per_s: float = 0.0
     trainable_digest: str = ""  # hash of this rank's (gathered) trainable weights: equal on every rank
 
@@ -109,6 +116,7 @@ def train(
     device = device or pick_device(cfg)
     out_dir = Path(tc.output_dir)
     if rank == 0:
+        check_output_dir(out_dir, cfg, resume_from)  # another run's checkpoints, or a wrong resume: refused
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "run_config.json", cfg.to_dict())
     torch.manual_seed(tc.seed)
@@ -175,16 +183,22 @@ def train(
     # ---- resume --------------------------------------------------------------------------------
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(Path(resume_from), model, engine, methods, zero)
+        start_step = load_checkpoint(Path(resume_from), model, engine, methods, zero, cfg)
 
     # ---- the loop ------------------------------------------------------------------------------
     history: list[dict[str, Any]] = []
     speed = Throughput()
+    meter = MemoryMeter(model, optimizer, device)  # hooks the client optimizer (DeepSpeed steps it too)
     reset_peak(device)
     losses: list[float] = []
     val_loss: float | None = None
     step = start_step
     for step in range(start_step, tc.max_steps):
+        done = step + 1
+        # the breakdown is measured on the first step after the first (allocations settled), then at each log
+        meter.start_step(
+            sampled=done % max(tc.log_every, 1) == 0 or done == min(start_step + 2, tc.max_steps)
+        )
         ctx = StepContext(
             step=step, model=model, optimizer=engine.optimizer, probe_batch=probe_batch, device=device,
             autocast=autocast, world_size=world, rank=rank,
@@ -194,16 +208,19 @@ def train(
             (micro_batch(step * tc.grad_accum + k) for k in range(tc.grad_accum)),
             backward=engine.backward,
             optimizer_step=engine.step,
-            forward_context=autocast,
-            on_micro_batch=lambda batch, _loss: speed.add(int(batch["attention_mask"].sum())),
+            forward_context=lambda: _both(autocast(), meter.saved_tensors()),
+            on_micro_batch=lambda batch, _loss: (
+                speed.add(int(batch["attention_mask"].sum())),
+                meter.note_batch(batch["input_ids"]),
+            ),
         )
+        meter.end_step()
         losses.append(step_loss)
         if not math.isfinite(step_loss):
             raise FloatingPointError(
                 f"loss became {step_loss} at step {step}; lower train.lr or check the data"
             )
 
-        done = step + 1
         is_last = done == tc.max_steps
         metrics: dict[str, Any] | None = None
         if tc.eval_every and done % tc.eval_every == 0 or is_last:
@@ -215,10 +232,10 @@ def train(
                 "lr": optimizer.param_groups[0]["lr"] if zero is None else engine.scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "tokens_per_s": speed.tick() * world,
-                "peak_memory_bytes": peak_memory_bytes(device),
                 "epoch": done * tc.grad_accum * tc.batch_size * world / len(train_ds),
             }
             losses = []
+            metrics.update(meter.metrics())
             metrics.update(methods.metrics())
         if val_loss is not None and (tc.eval_every and done % tc.eval_every == 0 or is_last):
             metrics = metrics or {"step": done}
@@ -247,7 +264,7 @@ def train(
         val_loss=val_loss,
         history=history,
         wall_s=wall,
-        peak_memory_bytes=peak_memory_bytes(device),
+        memory=meter.metrics(),
         tokens_per_s=sum(tokens) / len(tokens) if tokens else 0.0,
         trainable_digest=digest,
     )
@@ -255,6 +272,12 @@ def train(
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
         write_json_atomic(out_dir / "result.json", summary)
     return result
+
+
+@contextlib.contextmanager
+def _both(first: Any, second: Any):
+    with first, second:
+        yield
 
 
 def _progress_line(m: dict[str, Any], total: int) -> str:

@@ -51,6 +51,8 @@ class Full(Method):
         terms.trainable_per_layer = terms.linear_params_per_layer + 2 * h  # linears + two norms
         terms.trainable_outside = terms.embedding_params + h  # embeddings (+ head) + final norm
         terms.trainable_bytes = terms.weight_bytes
+        terms.base_trains = True  # norms keep their normalised input, the head its input
+        terms.saved_inputs = set(terms.shape.linear_dims())
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         freeze_matching(model, self.config.freeze)

@@ -118,8 +118,20 @@ class _Adapter(Method):
     @classmethod
     def memory_terms(cls, settings: LoraSettings, terms) -> None:
         dims = terms.shape.linear_dims()
+        targets = [t for t in settings.target_modules if t in dims]
+        r = settings.rank
         terms.trainable_per_layer = adapter_params_per_layer(settings, dims, dora=cls.use_dora)
         terms.trainable_bytes = 4  # adapters train in fp32
+        terms.added_tensors_per_layer = [n for t in targets for n in (r * dims[t][0], r * dims[t][1])]
+        terms.saved_inputs = set(targets)  # lora_A keeps its module's input
+        terms.extra_per_token = r * len(targets)  # lora_A's output, kept by lora_B
+        if cls.use_dora:  # peft's DoRA: magnitudes; per token the base and adapter outputs; an in x in eye
+            terms.added_tensors_per_layer += [dims[t][1] for t in targets]
+            # (gate/up outputs are also the MLP's saved inputs: counted once)
+            terms.extra_per_token += sum(
+                (1 if t in ("gate_proj", "up_proj") else 2) * dims[t][1] for t in targets
+            )
+            terms.extra_per_layer = sum(i * i + i * r + 3 * o for i, o in (dims[t] for t in targets))
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return wrap_with_adapter(model, self.config, use_dora=self.use_dora)

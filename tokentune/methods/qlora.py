@@ -56,7 +56,10 @@ class QLoRA(Method):
 
     @classmethod
     def memory_terms(cls, settings: QLoraSettings, terms) -> None:
-        terms.linear_weight_bytes = 0.56  # 4-bit weights plus (double-quantized) block scales: ~4.5 bits
+        # 4 bits per weight plus one block scale per 64 weights: uint8 (and an fp32 one per 256
+        # blocks) with double quantization, else fp32
+        scales = 1 / 64 + 4 / (64 * 256) if settings.double_quant else 4 / 64
+        terms.linear_weight_bytes = 0.5 + scales
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"quantization_config": bnb_config(self.config)}

@@ -130,12 +130,11 @@ def sdpa(
     dropout: float,
     scale,
 ) -> torch.Tensor:
-    """Attention [B, H, nq, d] -> [B, nq, H * d]; GQA keys/values repeated as the stock sdpa path does."""
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
+    """Attention [B, H, nq, d] -> [B, nq, H * d]; GQA keys/values shared by their query heads in the kernel
+    (``enable_gqa``, as the stock sdpa path does), so backward keeps them at the key/value heads' width."""
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=groups > 1
+    )
     return out.transpose(1, 2).reshape(query.shape[0], query.shape[2], -1)
 
 

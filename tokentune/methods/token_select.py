@@ -169,6 +169,7 @@ class TokenTune(Method):
         terms.token_share = (
             min(1.0, settings.count / max_length) if settings.count is not None else float(settings.ratio)
         )
+        terms.selection_mask = True  # the split forward's [selected x all] attention mask
 
     def __init__(self, config: TokenTuneSettings) -> None:
         super().__init__(config)
