@@ -9,7 +9,9 @@ Rows (``ROWS``): full fine-tuning, LoRA, QLoRA, LoRA + TokenTune and QLoRA + Tok
 ``--ratio`` (0.3), and LoRA + IST / RST at ``--budget`` (25% of the layers). Each row runs
 ``tokentune.train`` itself, in a fresh process, on a Llama with random weights (saved once, so QLoRA
 quantizes it on load as training would) and rows long enough to fill ``--seq`` (every token
-supervised): ``--steps`` steps, the breakdown measured on every step (``train.log_every`` 1).
+supervised): ``--steps`` steps (IST/RST: ``--sparse-steps``, so that every layer has trained and
+the first layer was the lowest trained one at some step: their peak, which the estimate gives), the
+breakdown measured on every step (``train.log_every`` 1).
 
 Columns: ``estimate`` (``tokentune.estimate`` at the measured micro-batch shape), ``train`` (the
 measured ``memory/train_gb``: weights + grads + optimizer + saved activations, per worker),
@@ -83,6 +85,7 @@ def data_file(args: argparse.Namespace) -> Path:
 def run_config(args: argparse.Namespace, methods: list[str], out_dir: str) -> dict[str, Any]:
     from tokentune import assets
 
+    sparse = any(m in methods for m in ("ist", "rst"))
     d: dict[str, Any] = {
         "model": {
             "name_or_path": str(checkpoint_dir(args)),
@@ -92,7 +95,7 @@ def run_config(args: argparse.Namespace, methods: list[str], out_dir: str) -> di
         "data": {"train": str(data_file(args)), "val": str(data_file(args)), "max_length": args.seq,
                  "train_on_inputs": True},
         "methods": methods,
-        "train": {"max_steps": args.steps, "batch_size": args.batch, "log_every": 1, "eval_batches": 1,
+        "train": {"max_steps": args.sparse_steps if sparse else args.steps, "batch_size": args.batch, "log_every": 1, "eval_batches": 1,
                   "warmup_steps": 0, "output_dir": out_dir, "lr": 1e-4},
         "compute": {"use_gpu": args.device == "cuda"},
         "lora": {"rank": args.lora_rank},
@@ -247,6 +250,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=0.25, help="IST/RST's layer budget (a fraction)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--sparse-steps", type=int, default=12, help="steps of the IST/RST rows")
     p.add_argument("--rows", type=lambda s: s.split(","), default=list(ROWS), help=",".join(ROWS))
     p.add_argument("--overhead", action="store_true", help="measure the meter's cost on step time")
     p.add_argument("--rounds", type=int, default=7, help="--overhead: interleaved rounds")
@@ -263,6 +267,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.intermediate = int(round(args.hidden * 2.6875 / 16) * 16) if not args.preset else args.intermediate
     args.kv_heads = args.kv_heads or args.heads
+    from tokentune import assets
+
+    tokens = json.loads((assets.default_model_path() / "config.json").read_text())["vocab_size"]
+    if args.vocab < tokens:
+        p.error(f"--vocab {args.vocab}: at least {tokens} (the shipped tokenizer's size; its ids must fit)")
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"--rows: unknown {', '.join(unknown)}; known: {', '.join(ROWS)}")
@@ -280,7 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_dir(args)  # saved once, before the rows' processes
     if args.overhead:
         res = overhead(args)
-        print(json.dumps(res, indent=1))
+        print(
+            "step (median)   unsampled  sampled   sampled/unsampled: median [min, max] over rounds   "
+            "amortised (log_every 10)\n"
+            f"lora+tokentune  {res['step_s_unsampled']:.4f}s    {res['step_s_sampled']:.4f}s   "
+            f"{res['sampled_over_unsampled_median']:.3f} [{res['sampled_over_unsampled_min']:.3f}, "
+            f"{res['sampled_over_unsampled_max']:.3f}] ({args.rounds} rounds)"
+            f"{'':20s}{100 * res['amortised_overhead_log_every_10']:+.2f}%"
+        )
+        if args.json:
+            print(json.dumps(res))
         return 0
     results = run_rows(args, argv)
     print(table(results, args.device))

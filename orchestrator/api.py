@@ -4,9 +4,10 @@
     res = run_sweep("search_spaces/quickstart.yaml", ["train.max_steps=20"])
     res.best.trial_id, res.best.metrics["eval/score"], res.results_csv
 
-Steps: load + validate the spec (no cluster resource is touched before this succeeds) -> sweep folder
-``<storage>/<name>/`` with the resolved ``sweep.yaml`` -> Ray (local or ``address``) -> MLflow parent
-run (get-or-create) -> Ray Tune (a fresh Tuner, or ``Tuner.restore`` with ``resume=True``) -> results
+Steps: load + validate the spec (no cluster resource is touched before this succeeds) -> Ray (local or
+``address``; a file tracking store, e.g. the default SQLite, is refused when the cluster has nodes on
+other machines: their trials' runs would be lost) -> sweep folder ``<storage>/<name>/`` with the
+resolved ``sweep.yaml`` -> MLflow parent run (get-or-create) -> Ray Tune (a fresh Tuner, or ``Tuner.restore`` with ``resume=True``) -> results
 table (console, results.csv/.json, Pareto plot, logged on the parent) -> merged checkpoints pruned per
 ``after_trial.keep_merged`` -> the parent run ended. With a URI ``storage`` the trial folders are synced
 through it (``orchestrator.storage_sync``; see ``sweep_location``).
@@ -38,6 +39,7 @@ from orchestrator.results import SweepResult, TrialResult
 from orchestrator.spec import SpecError, SweepSpec, load_spec
 from orchestrator.spec_parts import value_label
 from orchestrator.storage_sync import download_trials, is_uri, read_text, upload_file
+from orchestrator.validate import check_sweep_name, refuse_local_store_on_cluster
 from tokentune.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,7 @@ def run_sweep(
     t0 = time.perf_counter()
     sweep = load_spec(spec, overrides)
     if name:
-        if "/" in name or not name.strip():
-            raise SpecError("name", f"{name!r} is invalid: expected a folder name without '/'")
+        check_sweep_name(name.strip())  # a plain folder name: never leads outside storage
         sweep.name = name.strip()
     sweep_dir, storage_uri = sweep_location(sweep)
     if resume:
@@ -175,7 +176,7 @@ def _run(
 ) -> SweepResult:
     from orchestrator import report
     from orchestrator.post_trial import prune_merged
-    from orchestrator.ray_cluster import init_ray
+    from orchestrator.ray_cluster import init_ray, nodes_on_other_machines
     from orchestrator.tracking import SweepTracker, default_tracking_uri
     from orchestrator.trial import TrialContext
     from orchestrator.tuner import best_trial as pick_best
@@ -209,6 +210,10 @@ def _run(
                 f"sweep {spec.name!r} already exists at {where}: resume it (--resume / resume=True) or "
                 "give a new name (--name / name=...)",
             )
+    set_tune_env()
+    cluster = init_ray(address)
+    # before anything is written: a refused sweep can be started again with another tracking URI
+    refuse_local_store_on_cluster(tracking_uri, _tracking_origin(spec), nodes_on_other_machines())
     found = _stored_file(sweep_dir, remote or "") if resume else None
     sweep_id = (found[1].get("sweep_id") if found else None) or str(uuid.uuid4())
     legacy = bool(found) and not found[1].get("sweep_id")  # stored before sweeps had ids: adopt its parent
@@ -221,8 +226,6 @@ def _run(
     if progress:
         print(plan, flush=True)
 
-    set_tune_env()
-    cluster = init_ray(address)
     tracker = SweepTracker(tracking_uri, experiment, spec.name, sweep_id=sweep_id)
     parent = tracker.start_parent(spec.to_dict(), adopt_untagged=legacy)
     ctx.parent_run_id = parent
@@ -275,6 +278,15 @@ def _run(
         wall_s=time.perf_counter() - t0,
         spec=spec,
     )
+
+
+def _tracking_origin(spec: SweepSpec) -> str:
+    """Where the sweep's tracking URI comes from (``default_tracking_uri``'s order), for messages."""
+    if spec.tracking.uri:
+        return "tracking.uri"
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return "from MLFLOW_TRACKING_URI"
+    return "the default: a SQLite file in the sweep folder"
 
 
 def _row_input(t: TrialResult) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tokentune import cli as base
+from tokentune.redact import redact_text
 
 DESCRIPTION = (
     base.DESCRIPTION.rstrip(".")
@@ -81,7 +82,7 @@ def train_job(cfg, args: argparse.Namespace) -> int:
         storage_path=str(Path(cfg.train.output_dir).parent / "ray"),
     )
     if getattr(res, "error", None):
-        print(f"error: training failed: {res.error}", file=sys.stderr)
+        print(f"error: training failed: {redact_text(str(res.error))}", file=sys.stderr)
         return 1
     print(json.dumps({"final_dir": res.final_dir, **res.metrics}, default=str))
     return 0

@@ -7,12 +7,18 @@
 provider's ``defaults.yaml``, setup commands, min/max workers; no SDK or network use) and then
 ``validate_config`` (``ray/autoscaler/ray-schema.json`` + Ray's cross-field checks). ``ray up`` does
 the same two steps before it asks the cloud for anything (``_bootstrap_config``). The KubeRay
-``RayJob`` manifest has no schema offline (no CRDs here), so its required fields are checked by hand.
+manifest (a ``RayJob`` and its ``NetworkPolicy``) has no schema offline (no CRDs here), so its required
+fields are checked by hand.
 
 Security rules, for every file (:func:`security_problems`): the Ray dashboard binds to 127.0.0.1;
 Ray's token authentication stays on (``RAY_AUTH_MODE=token`` for every ``ray start``, or KubeRay's
-``authOptions``); the MLflow server never binds to every interface (0.0.0.0 / ::); and no secret
-(cloud keys, tokens, private keys, URL passwords) is written in the file.
+``authOptions``); the MLflow server requires a login (``--app-name basic-auth``) and every Ray node
+gets the client credentials (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``: from a file on the nodes, or a
+Kubernetes Secret); the MLflow server never binds to every interface (0.0.0.0 / ::) -- except inside
+a pod of a KubeRay manifest, where that is the pod's own IP and loopback; a KubeRay manifest has a
+NetworkPolicy that admits traffic to the Ray pods (Ray's ports, MLflow's) only from this Ray cluster's
+pods (``orchestrator.cluster_policy``); and no secret (cloud keys, tokens, private keys, URL or literal
+passwords) is written in the file.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from orchestrator.cluster_policy import network_policy_problems
+from orchestrator.redaction import is_secret_key, redact_text
 
 HEAD_DASHBOARD_HOST = "127.0.0.1"
 RAYJOB_API = "ray.io/v1"
@@ -42,6 +51,8 @@ _SECRET_ASSIGN = re.compile(
 )
 _MLFLOW_HOST = re.compile(r"mlflow\s+(?:server|ui)\b(?P<args>[^;&|\n]*)")
 _HOST_ARG = re.compile(r"(?:--host|-h)[=\s]+['\"]?(?P<host>[^\s'\";]+)")
+_BASIC_AUTH = re.compile(r"--app-name[=\s]+['\"]?basic-auth\b")
+CLIENT_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 class ClusterFileError(ValueError):
@@ -49,15 +60,23 @@ class ClusterFileError(ValueError):
 
 
 # ---- loading -------------------------------------------------------------------------------------------
-def load_cluster_file(path: str | Path) -> dict[str, Any]:
+def load_documents(path: str | Path) -> list[dict[str, Any]]:
+    """Every YAML document of the file (a Kubernetes manifest may hold several), each a mapping."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
     except (OSError, yaml.YAMLError) as e:
         raise ClusterFileError(f"{p}: cannot be read as YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ClusterFileError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    for d in docs or [None]:
+        if not isinstance(d, dict):
+            raise ClusterFileError(f"{p}: expected a mapping at the top level, got {type(d).__name__}")
+    return docs
+
+
+def load_cluster_file(path: str | Path) -> dict[str, Any]:
+    """The file's main document: its only one, or (a Kubernetes manifest) its RayJob."""
+    docs = load_documents(path)
+    return next((d for d in docs if d.get("kind") == "RayJob"), docs[0])
 
 
 def is_rayjob(config: dict[str, Any]) -> bool:
@@ -74,6 +93,8 @@ def validate_cluster_yaml(path: str | Path) -> dict[str, Any]:
     raw = load_cluster_file(p)
     if is_rayjob(raw):
         raise ClusterFileError(f"{p}: a Kubernetes manifest, not a `ray up` file (use validate_rayjob)")
+    if len(load_documents(p)) > 1:
+        raise ClusterFileError(f"{p}: several YAML documents; `ray up` reads one")
     try:
         prepared = _prepare_and_validate(copy.deepcopy(raw))
     except jsonschema.ValidationError as e:
@@ -174,8 +195,9 @@ def security_problems(path: str | Path) -> list[str]:
     p = Path(path)
     text = p.read_text()
     config = load_cluster_file(p)
+    docs = load_documents(p)
     problems: list[str] = []
-    strings = list(_strings(config))
+    strings = list(_strings(docs))
     commands = [s for s in strings if "ray start" in s or "mlflow" in s]
 
     for s in strings:
@@ -192,7 +214,7 @@ def security_problems(path: str | Path) -> list[str]:
             problems.append(f"{p}: token authentication is not on (authOptions.mode: token)")
         for c in _containers(cluster):
             for e in c.get("env") or []:
-                if e.get("name") in ("RAY_AUTH_TOKEN", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY") and "value" in e:
+                if is_secret_key(str(e.get("name", ""))) and "value" in e:
                     problems.append(f"{p}: {e['name']} is written in the file; use valueFrom.secretKeyRef")
     else:
         starts = [s for s in commands if "ray start" in s]
@@ -210,22 +232,58 @@ def security_problems(path: str | Path) -> list[str]:
         strings += [
             " ".join(map(str, (c.get("command") or []) + (c.get("args") or []))) for c in _containers(cluster)
         ]
-    for s in strings:
-        for m in _MLFLOW_HOST.finditer(s):
-            hm = _HOST_ARG.search(m["args"])
-            host = hm["host"] if hm else "127.0.0.1"
-            if host in ANY_INTERFACE:
-                problems.append(
-                    f"{p}: the MLflow server binds to every interface ({host}); bind 127.0.0.1 or "
-                    "the head's private IP"
-                )
+    servers = [m["args"] for s in strings for m in _MLFLOW_HOST.finditer(s)]
+    in_pod_ok = is_rayjob(config) and not _host_network(config) and not network_policy_problems(p, docs)
+    for args in servers:
+        hm = _HOST_ARG.search(args)
+        host = hm["host"] if hm else "127.0.0.1"
+        if host in ANY_INTERFACE and not in_pod_ok:
+            problems.append(
+                f"{p}: the MLflow server binds to every interface ({host}); bind 127.0.0.1 or "
+                "the head's private IP"
+            )
+        if not _BASIC_AUTH.search(args):
+            problems.append(
+                f"{p}: the MLflow server runs without authentication: add `--app-name basic-auth` (admin "
+                f"user and password from a secret, see cluster/README.md): {args.strip()[:100]!r}"
+            )
+    if servers:
+        problems += _client_credential_problems(p, config, commands)
+    if is_rayjob(config):
+        problems += network_policy_problems(p, docs)
     problems += _secret_problems(p, text)
     return problems
 
 
-def _secret_problems(p: Path, text: str) -> list[str]:
-    from orchestrator.redaction import redact_text
+def _client_credential_problems(p: Path, config: dict[str, Any], commands: list[str]) -> list[str]:
+    """Every Ray node's processes (sweep driver, trials) get the MLflow login from a secret."""
+    missing = "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+    if not is_rayjob(config):
+        return [
+            f"{p}: a `ray start` gives its node no MLflow login ({missing} in its environment, read from "
+            f"the credentials file): trials there cannot log to the server: {s.strip()[:100]!r}"
+            for s in commands
+            if "ray start" in s and not all(re.search(rf"\b{k}=", s) for k in CLIENT_CREDENTIALS)
+        ]
+    cluster = (config.get("spec") or {}).get("rayClusterSpec") or {}
+    out = []
+    for c in _containers(cluster):
+        env = {e.get("name"): e for e in c.get("env") or []}
+        refs = [((env.get(k) or {}).get("valueFrom") or {}).get("secretKeyRef") for k in CLIENT_CREDENTIALS]
+        if c.get("name", "").startswith("ray-") and not all(refs):
+            out.append(
+                f"{p}: container {c.get('name')!r} gets no MLflow login ({missing} from a Secret, "
+                "valueFrom.secretKeyRef): trials there cannot log to the server"
+            )
+    return out
 
+
+def _host_network(config: dict[str, Any]) -> bool:
+    head = ((config.get("spec") or {}).get("rayClusterSpec") or {}).get("headGroupSpec") or {}
+    return bool(((head.get("template") or {}).get("spec") or {}).get("hostNetwork"))
+
+
+def _secret_problems(p: Path, text: str) -> list[str]:
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if _SECRET_SHAPES.search(line) or redact_text(line) != line:

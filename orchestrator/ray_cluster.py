@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,6 +94,27 @@ def init_ray(
             **kwargs,
         )
     return dict(ray.cluster_resources())
+
+
+def nodes_on_other_machines(nodes: list[dict[str, Any]] | None = None, hostname: str | None = None) -> list[str]:
+    """Addresses of the connected cluster's alive nodes that run on another machine than this process.
+
+    A machine is told by its hostname (``NodeManagerHostname``; with ``docker --net=host`` a container
+    has its host's): several nodes started on one machine (the local multi-node tests) share this
+    machine's disk, nodes of a real cluster (VMs, pods) do not. ``nodes`` defaults to ``ray.nodes()``.
+    """
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    here = hostname or socket.gethostname()
+    return sorted(
+        {
+            str(n.get("NodeManagerAddress") or n.get("NodeManagerHostname") or "?")
+            for n in nodes
+            if n.get("Alive") and n.get("NodeManagerHostname") != here
+        }
+    )
 
 
 def without_job_conflicts(runtime_env: dict[str, Any]) -> dict[str, Any]:

@@ -4,12 +4,13 @@
 
 What is checked: the sweep's name (a plain folder name: no '/', not '..'); the settings sections
 against ``SETTING_RULES`` and their cross-rules (ASHA needs a training metric, an ``eval/*`` objective
-needs evaluation, Optuna takes no grid); no credentials inside ``tracking.uri`` or ``storage`` (they
-would be printed and stored: environment variables or an instance role carry them); ``base`` built into
-a ``RunConfig``; each searched key's candidates (every grid/choice value, the bounds of a range) built
-one key at a time, so that an error names that key; then every combination of the candidates (e.g.
-``methods`` x a method's settings). Every built config is also checked against the model's shape by
-the methods themselves (``MethodStack.check_shape``: e.g. a layer budget above the layer count).
+needs evaluation, Optuna takes no grid); no credentials inside ``tracking.uri``, ``storage`` or the
+``MLFLOW_TRACKING_URI`` the sweep would use (they would be printed and stored: environment variables or
+an instance role carry them); ``base`` built into a ``RunConfig``; each searched key's candidates (every
+grid/choice value, the bounds of a range) built one key at a time, so that an error names that key;
+then every combination of the candidates (e.g. ``methods`` x a method's settings). Every built config is
+also checked against the model's shape by the methods themselves (``MethodStack.check_shape``: e.g. a
+layer budget above the layer count).
 
 Then the inputs exist (``orchestrator.inputs``: model, tokenizer, data files, template, eval tasks;
 ``validate_spec(spec, check_inputs=False)`` skips that); what cannot be checked here goes to
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +64,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 CREDENTIALS_FROM = {
     "tracking.uri": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
     "in the environment",
+    "MLFLOW_TRACKING_URI": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+    "MLFLOW_TRACKING_TOKEN) in the environment instead",
     "storage": "give them by environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
     "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN) or use an "
     "instance role",
@@ -112,7 +116,12 @@ def check_sweep_name(name: Any, key: str = "name") -> None:
 
 
 def _refuse_credentials(spec: SweepSpec) -> None:
-    for key, uri in (("tracking.uri", spec.tracking.uri), ("storage", spec.storage)):
+    """``tracking.uri`` and ``storage`` (and ``MLFLOW_TRACKING_URI`` when the sweep takes its tracking
+    URI from there) must not embed credentials."""
+    uris = [("tracking.uri", spec.tracking.uri), ("storage", spec.storage)]
+    if not spec.tracking.uri:
+        uris.append(("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")))
+    for key, uri in uris:
         what = secret_in_uri(uri) if isinstance(uri, str) else None
         if what:
             raise SpecError(
@@ -120,6 +129,30 @@ def _refuse_credentials(spec: SweepSpec) -> None:
                 f"{redact_text(uri)!r} embeds credentials ({what}), which would be printed by the dry run and "
                 f"stored in sweep.yaml, MLflow and Ray's state: remove them and {CREDENTIALS_FROM[key]}",
             )
+
+
+def is_local_store(tracking_uri: str) -> bool:
+    """A tracking store that is a file of this machine: ``sqlite:``, ``file:`` or a plain path."""
+    uri = tracking_uri.strip()
+    return uri.startswith(("sqlite:", "file:")) or ("://" not in uri and ":" not in uri.split("/")[0])
+
+
+def refuse_local_store_on_cluster(tracking_uri: str, origin: str, elsewhere: list[str]) -> None:
+    """Refuse a file tracking store (SQLite, ``file:``) when the Ray cluster has alive nodes on other
+    machines (``elsewhere``: their addresses): trials placed there would log to their own copy of the
+    file and their runs would be lost. ``origin`` says where the URI came from (for the message)."""
+    if not elsewhere or not is_local_store(tracking_uri):
+        return
+    nodes = ", ".join(elsewhere[:3]) + (f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else "")
+    raise SpecError(
+        "tracking.uri",
+        f"{redact_text(tracking_uri)!r} ({origin}) is a file on this machine, but the Ray cluster has nodes "
+        f"on other machines ({nodes}): trials placed there would log to their own copy and their runs "
+        "would be lost. Run `mlflow server` on the head (see cluster/README.md: the `ray up` files start "
+        "one) and pass `tracking.uri: http://<head>:5000` (--set tracking.uri=...) or set "
+        "MLFLOW_TRACKING_URI; a SQLite file on a shared file system is not accepted either (SQLite's "
+        "locking is not safe over NFS)",
+    )
 
 
 def _checked_config(d: dict[str, Any], where: str) -> RunConfig:

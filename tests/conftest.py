@@ -169,3 +169,13 @@ def tiny_run_dict(ws, methods, out_dir, **sections):
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory):
     return build_tiny_workspace(tmp_path_factory.mktemp("tiny_ws"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where CUDA is visible and are skipped (with the reason) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

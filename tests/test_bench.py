@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -75,3 +77,27 @@ def test_quality_bench_rejects_unknown_variant(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--variants", "lora,lisa"])
     assert "--variants: unknown ['lisa']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_memory_bench_rows_shares_and_overhead(tmp_path, capsys):
+    """bench/memory.py: every row trains through tokentune.train (a subprocess each) and reports the
+    estimate next to the measured breakdown; full fine-tuning is 100%; the methods save what they claim."""
+    import memory as bench
+
+    tiny = [*TINY[:-4], "--vocab", "1700", *TINY[-2:]]  # the shipped tokenizer's ids must fit
+    args = [*tiny, "--sparse-steps", "8", "--cache-dir", str(tmp_path), "--json"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    rows = {r["row"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
+    assert list(rows) == list(bench.ROWS)
+    assert "train %full" in out and "100%" in out
+    for r in rows.values():
+        assert abs(r["estimate_gb"] / r["train_gb"] - 1) < 0.15, r
+    train = {k: r["train_gb"] for k, r in rows.items()}
+    assert train["qlora"] < train["lora"] < train["full"]
+    assert train["lora+tokentune"] < train["lora"] and train["qlora+tokentune"] < train["qlora"]
+    assert rows["lora+ist"]["grads_gb"] < rows["lora"]["grads_gb"]
+    assert bench.main([*tiny, "--cache-dir", str(tmp_path), "--overhead", "--rounds", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert res["step_s_sampled"] > 0 and res["step_s_unsampled"] > 0

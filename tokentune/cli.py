@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tokentune.redact import redact_text
+
 DESCRIPTION = "Memory-efficient LLM fine-tuning (TokenTune, IST/RST, LoRA/QLoRA/DoRA, full)."
 EXAMPLES = """\
   tokentune train examples/tiny_lora.yaml                      # one run on this machine, no Ray
@@ -309,7 +311,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             merged_dir=args.merged_dir,
         )
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     print(metrics_table(summary["results"], summary["score"]))
     if args.output:
@@ -371,7 +373,8 @@ def run(
     argv: list[str] | None = None,
 ) -> int:
     """Parse ``argv`` and run its command: no command prints the help (exit 2); a ``ConfigError``
-    (a bad or missing config, an unknown key or value) prints ``error: ...`` (exit 2)."""
+    (a bad or missing config, an unknown key or value) prints ``error: ...`` (exit 2), redacted
+    (``tokentune.redact``: a token or password in a URI or value never reaches the console)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser.parse_args(argv)
     if not args.command:
@@ -382,7 +385,7 @@ def run(
     try:
         return int(handlers[args.command](args) or 0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         return 2
 
 

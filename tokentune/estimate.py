@@ -175,7 +175,8 @@ def _activation_bytes(t: MemoryTerms, active: int) -> float:
     s, cfg = t.shape, t.cfg
     h, inter, heads = s.hidden, s.intermediate, s.heads
     q = heads * s.head_dim
-    abytes = 2 if cfg.train.bf16 == "true" else t.weight_bytes
+    bf16 = cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and cfg.compute.use_gpu is True)
+    abytes = 2 if bf16 else t.weight_bytes  # autocast's matmul outputs (norms and logits stay fp32)
     seq = cfg.data.max_length
     tokens = cfg.train.batch_size * seq
     share = t.token_share

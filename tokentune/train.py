@@ -6,7 +6,8 @@ the optimizer step), report, validate, checkpoint (``tokentune.checkpoint``). Ra
 call this same function (see ``orchestrator/``).
 
 ``report(metrics, checkpoint_dir=None)`` is called every ``train.log_every`` steps, at every
-checkpoint and at the end, on every rank (Ray Train's report is a barrier).
+checkpoint and at the end, on every rank (Ray Train's report is a barrier). The first report also
+carries ``data/dropped_rows`` (``TokenizedDataset.dropped`` of the training data).
 """
 
 from __future__ import annotations
@@ -245,6 +246,8 @@ def train(
             ckpt_dir = save_checkpoint(out_dir, done, model, engine, methods, zero, rank, tc.keep_checkpoints)
         if metrics is not None or ckpt_dir is not None:
             metrics = metrics or {"step": done}
+            if not history:  # the first report: training rows the data left out (answer truncated away)
+                metrics["data/dropped_rows"] = train_ds.dropped
             history.append(metrics)
             if progress and rank == 0:
                 print(_progress_line(metrics, tc.max_steps), flush=True)
