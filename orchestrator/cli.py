@@ -106,10 +106,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(
         f"sweep {result.name}: {len(result.trials) - len(failed)} finished, {len(failed)} failed -> {result.sweep_dir}"
     )
-    if result.best is not None:
-        m = result.best.metrics
-        keys = ("eval/score", "memory/train_gb", "memory/cuda_peak_gb", "memory/estimate_gb")
-        print(f"best trial: {result.best.trial_id} " + " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m))
+    # (the results table and the best trial were printed by the sweep itself)
+    if result.results_csv:
+        print(f"results: {result.results_csv} and pareto.png beside it")
+    uri = result.tracking_uri
+    if uri and uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: {uri}")
+    elif uri:
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return 0 if result.trials and len(failed) < len(result.trials) else 1
 
 

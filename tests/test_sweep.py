@@ -202,6 +202,11 @@ def test_quickstart_sweep_end_to_end(tmp_path):
         "memory/estimate_gb",
     } <= set(rows[0])
     assert len(json.loads(Path(res.sweep_dir, "results.json").read_text())) == len(res.trials)
+    # the memory axis is measured: LoRA + TokenTune + IST needs at most half of LoRA's training memory
+    by = {(r["methods"], r["lora.rank"]): float(r["memory/train_gb"]) for r in rows}
+    for rank in ("4", "16"):
+        assert by[("lora,tokentune,ist", rank)] <= 0.5 * by[("lora", rank)], by
+    assert sorted(r["trial_id"] for r in rows if r["pareto"] == "*")  # the front is marked
     assert Path(res.sweep_dir, "sweep.yaml").is_file() and Path(res.sweep_dir, "pareto.png").is_file()
     # MLflow: one parent, one FINISHED child per trial, with loss curves and eval scores
     parents, children = _mlflow_runs(res.tracking_uri, "quickstart")
