@@ -7,10 +7,11 @@
 Steps: load + validate the spec (no cluster resource is touched before this succeeds) -> Ray (local or
 ``address``; a file tracking store, e.g. the default SQLite, is refused when the cluster has nodes on
 other machines: their trials' runs would be lost) -> sweep folder ``<storage>/<name>/`` with the
-resolved ``sweep.yaml`` -> MLflow parent run (get-or-create) -> Ray Tune (a fresh Tuner, or ``Tuner.restore`` with ``resume=True``) -> results
-table (console, results.csv/.json, Pareto plot, logged on the parent) -> merged checkpoints pruned per
-``after_trial.keep_merged`` -> the parent run ended. With a URI ``storage`` the trial folders are synced
-through it (``orchestrator.storage_sync``; see ``sweep_location``).
+resolved ``sweep.yaml`` -> MLflow parent run (get-or-create) -> Ray Tune (a fresh Tuner, or
+``Tuner.restore`` with ``resume=True``) -> results table (console, results.csv/.json, Pareto plot,
+logged on the parent) -> merged checkpoints pruned per ``after_trial.keep_merged`` -> the parent run
+ended. With a URI ``storage`` the trial folders are synced through it (``orchestrator.storage_sync``;
+see ``sweep_location``).
 
 Identity: a sweep is a UUID made when it is created (``sweep_id`` in ``sweep.yaml``; kept on resume),
 not its name: its MLflow parent run is found by that id, so another sweep of the same name on a shared

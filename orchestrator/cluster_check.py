@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.cluster_policy import network_policy_problems
+from orchestrator.cluster_policy import network_policy_problems, strings_in
 from orchestrator.redaction import is_secret_key, redact_text
 
 HEAD_DASHBOARD_HOST = "127.0.0.1"
@@ -197,7 +197,7 @@ def security_problems(path: str | Path) -> list[str]:
     config = load_cluster_file(p)
     docs = load_documents(p)
     problems: list[str] = []
-    strings = list(_strings(docs))
+    strings = list(strings_in(docs))
     commands = [s for s in strings if "ray start" in s or "mlflow" in s]
 
     for s in strings:
@@ -232,7 +232,7 @@ def security_problems(path: str | Path) -> list[str]:
         strings += [
             " ".join(map(str, (c.get("command") or []) + (c.get("args") or []))) for c in _containers(cluster)
         ]
-    servers = [m["args"] for s in strings for m in _MLFLOW_HOST.finditer(s)]
+    servers = list(dict.fromkeys(m["args"] for s in strings for m in _MLFLOW_HOST.finditer(s)))
     in_pod_ok = is_rayjob(config) and not _host_network(config) and not network_policy_problems(p, docs)
     for args in servers:
         hm = _HOST_ARG.search(args)
@@ -284,9 +284,12 @@ def _host_network(config: dict[str, Any]) -> bool:
 
 
 def _secret_problems(p: Path, text: str) -> list[str]:
+    """Secrets by shape or by key, per line; a line that writes a file (``printf 'a = 1\\nb = 2'``) is
+    also read per written line."""
     out = []
     for n, line in enumerate(text.splitlines(), 1):
-        if _SECRET_SHAPES.search(line) or redact_text(line) != line:
+        parts = [line, *line.split("\\n")] if "\\n" in line else [line]
+        if any(_SECRET_SHAPES.search(s) or redact_text(s) != s for s in parts):
             out.append(f"{p}:{n}: looks like a secret is written here")
             continue
         m = _SECRET_ASSIGN.search(line)
@@ -298,17 +301,6 @@ def _secret_problems(p: Path, text: str) -> list[str]:
 def _is_reference(value: str) -> bool:
     """``$VAR``, ``${VAR}``, ``$(VAR)``, ``valueFrom``-style or an obvious PLACEHOLDER is no secret."""
     return value.startswith("$") or value.isupper() or value in ("null", "~", "''", '""', "valueFrom")
-
-
-def _strings(obj: Any):
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _strings(v)
 
 
 # ---- one call for any file in cluster/ --------------------------------------------------------------------

@@ -21,7 +21,11 @@ from typing import Any
 
 CLUSTER_LABEL = "ray.io/cluster"
 #: Ray's fixed default ports (rayStartParams key -> default) and what they are
-RAY_PORTS = {"port": (6379, "GCS"), "dashboard-port": (8265, "dashboard"), "ray-client-server-port": (10001, "client")}
+RAY_PORTS = {
+    "port": (6379, "GCS"),
+    "dashboard-port": (8265, "dashboard"),
+    "ray-client-server-port": (10001, "client"),
+}
 MLFLOW_PORT = 5000
 _MLFLOW_PORT_ARG = re.compile(r"mlflow\s+server\b[^\n;&|]*?--port[=\s]+(\d+)")
 
@@ -52,7 +56,9 @@ def network_policy_problems(path: str | Path, docs: list[dict[str, Any]]) -> lis
     for pol in policies:
         name = (pol.get("metadata") or {}).get("name", "?")
         for i, rule in enumerate((pol.get("spec") or {}).get("ingress") or []):
-            outside = [_describe(peer) for peer in rule.get("from") or [{}] if not _cluster_peer(peer, templates)]
+            outside = [
+                _describe(peer) for peer in rule.get("from") or [{}] if not _cluster_peer(peer, templates)
+            ]
             if outside:
                 problems.append(
                     f"{p}: NetworkPolicy {name!r}: ingress[{i}] admits {', '.join(outside)}, not only this "
@@ -77,7 +83,7 @@ def _needed_ports(groups: list[dict[str, Any]], docs: list[dict[str, Any]]) -> l
         rp = g.get("rayStartParams") or {}
         if "min-worker-port" in rp and "max-worker-port" in rp:
             out.append(("Ray's worker", range(int(rp["min-worker-port"]), int(rp["max-worker-port"]) + 1)))
-    text = "\n".join(_strings(docs))
+    text = "\n".join(strings_in(docs))
     if "mlflow server" in text or "mlflow ui" in text:
         m = _MLFLOW_PORT_ARG.search(text)
         out.append(("MLflow's", int(m.group(1)) if m else MLFLOW_PORT))
@@ -145,12 +151,13 @@ def _admits(ports: list[dict[str, Any]] | None, port: int | range, groups: list[
     return all(n in covered for n in want)
 
 
-def _strings(obj: Any):
+def strings_in(obj: Any):
+    """Every string inside a YAML value (mappings' values and lists, recursively)."""
     if isinstance(obj, str):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _strings(v)
+            yield from strings_in(v)
     elif isinstance(obj, list):
         for v in obj:
-            yield from _strings(v)
+            yield from strings_in(v)

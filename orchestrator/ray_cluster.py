@@ -96,7 +96,9 @@ def init_ray(
     return dict(ray.cluster_resources())
 
 
-def nodes_on_other_machines(nodes: list[dict[str, Any]] | None = None, hostname: str | None = None) -> list[str]:
+def nodes_on_other_machines(
+    nodes: list[dict[str, Any]] | None = None, hostname: str | None = None
+) -> list[str]:
     """Addresses of the connected cluster's alive nodes that run on another machine than this process.
 
     A machine is told by its hostname (``NodeManagerHostname``; with ``docker --net=host`` a container

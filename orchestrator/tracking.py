@@ -72,7 +72,9 @@ def sqlite_uri(path: str | Path) -> str:
 
 
 def absolute_uri(uri: str) -> str:
-    """Make a local tracking URI absolute; server and database URIs pass unchanged."""
+    """Make a local tracking URI absolute; server, database and named (``databricks``) URIs pass unchanged."""
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return uri
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :]
         if path in ("", ":memory:"):

@@ -131,9 +131,15 @@ def _refuse_credentials(spec: SweepSpec) -> None:
             )
 
 
+#: tracking URIs that are a name, not a path (MLflow's Databricks and Unity Catalog stores)
+NAMED_STORES = ("databricks", "databricks-uc", "uc")
+
+
 def is_local_store(tracking_uri: str) -> bool:
     """A tracking store that is a file of this machine: ``sqlite:``, ``file:`` or a plain path."""
     uri = tracking_uri.strip()
+    if uri in NAMED_STORES:
+        return False
     return uri.startswith(("sqlite:", "file:")) or ("://" not in uri and ":" not in uri.split("/")[0])
 
 

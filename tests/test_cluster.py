@@ -2,8 +2,11 @@
 
 Fast: every ``ray up`` file passes Ray's own ``prepare_config`` + ``validate_config`` (the schema
 ``ray up`` checks before it calls a cloud), the KubeRay RayJob has its required fields, every file keeps
-the security rules (dashboard on 127.0.0.1, token auth on, MLflow not on 0.0.0.0, no secrets), and the
-DeepSpeed reference configs are what ``tokentune.engine.deepspeed_config`` generates.
+the security rules (dashboard on 127.0.0.1, token auth on, MLflow with a login and not on 0.0.0.0, every
+node given the MLflow login from a secret, the KubeRay NetworkPolicy, no secrets) and unsafe edits of
+copies are caught, a file tracking store is refused on a cluster with nodes on other machines (the node
+list simulated), and the DeepSpeed reference configs are what ``tokentune.engine.deepspeed_config``
+generates.
 
 Slow (``-m slow``): a real local Ray cluster started with ``ray start`` (its own temp dir, its own
 token, loopback addresses only) takes the quickstart sweep through ``ray job submit`` and a second node
@@ -150,10 +153,10 @@ def test_kuberay_rayjob_has_the_required_fields():
 
 
 def test_rayjob_check_names_what_is_missing(tmp_path):
-    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    job, policy = yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text())
     del job["spec"]["rayClusterSpec"]["authOptions"]
     bad = tmp_path / "job.yaml"
-    bad.write_text(yaml.safe_dump(job))
+    bad.write_text(yaml.safe_dump_all([job, policy]))
     with pytest.raises(ClusterFileError, match="authOptions"):
         validate_rayjob(bad)
 
@@ -200,6 +203,235 @@ def test_security_check_catches_unsafe_edits(tmp_path):
     )
 
 
+# ---- MLflow authentication, the nodes' MLflow login, the KubeRay NetworkPolicy ------------------------------
+WEAK = "hunter2" + "hunter2"  # a literal password, spelled in two parts like the other secrets here
+
+
+def _policy_edit(tmp_path, change):
+    """security_problems of a copy of the KubeRay manifest after ``change(job, docs)`` edits its documents."""
+    docs = list(yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text()))
+    change(docs[0], docs)
+    out = tmp_path / "kuberay-rayjob.yaml"
+    out.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return security_problems(out)
+
+
+def _head(job):
+    return job["spec"]["rayClusterSpec"]["headGroupSpec"]
+
+
+def _container(job, name):
+    groups = [_head(job), *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    return next(c for g in groups for c in g["template"]["spec"]["containers"] if c["name"] == name)
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_the_mlflow_server_requires_a_login(tmp_path, name):
+    assert "mlflow server --app-name basic-auth" in (CLUSTER / name).read_text()
+    problems = _edit(tmp_path, name, "mlflow server --app-name basic-auth", "mlflow server")
+    assert any("without authentication" in p and "--app-name basic-auth" in p for p in problems), problems
+
+
+def test_a_literal_mlflow_password_is_caught(tmp_path):
+    admin = "MLFLOW_AUTH_ADMIN_PASSWORD=$(cut -d: -f2- /home/ray/.tokentune/mlflow_auth)"
+    assert any(
+        "secret" in p for p in _edit(tmp_path, "aws.yaml", admin, f"MLFLOW_AUTH_ADMIN_PASSWORD={WEAK}")
+    )
+    client = "MLFLOW_TRACKING_PASSWORD=$(cut -d: -f2- ~/.tokentune/mlflow_auth);\n    ray start --address"
+    literal = f"MLFLOW_TRACKING_PASSWORD={WEAK};\n    ray start --address"
+    assert any("secret" in p for p in _edit(tmp_path, "onprem.yaml", client, literal))
+    ini = "default_permission = READ\\n"
+    assert any("secret" in p for p in _edit(tmp_path, "gcp.yaml", ini, ini + f"admin_password = {WEAK}\\n"))
+    uri = "MLFLOW_TRACKING_URI=$(cat /home/ray/mlflow/tracking_uri)"
+    in_uri = f"MLFLOW_TRACKING_URI=http://admin:{WEAK}@10.0.0.1:5000"
+    assert any("secret" in p for p in _edit(tmp_path, "aws.yaml", uri, in_uri))
+
+    def literal_admin(job, docs):
+        env = _container(job, "mlflow")["env"]
+        next(e for e in env if e["name"] == "MLFLOW_AUTH_ADMIN_PASSWORD").update(value=WEAK)
+
+    problems = _policy_edit(tmp_path, literal_admin)
+    assert any("MLFLOW_AUTH_ADMIN_PASSWORD is written" in p for p in problems), problems
+
+
+def test_every_node_gets_the_mlflow_login(tmp_path):
+    login = (
+        "\n    MLFLOW_TRACKING_USERNAME=$(cut -d: -f1 /home/ray/.tokentune/mlflow_auth)"
+        "\n    MLFLOW_TRACKING_PASSWORD=$(cut -d: -f2- /home/ray/.tokentune/mlflow_auth);"
+        "\n    ray start --address"
+    )
+    problems = _edit(tmp_path, "gcp.yaml", login, ";\n    ray start --address")
+    assert any("no MLflow login" in p and "--address" in p for p in problems), problems
+
+    def no_login(job, docs):
+        worker = _container(job, "ray-worker")
+        worker["env"] = [e for e in worker["env"] if not e["name"].startswith("MLFLOW_TRACKING_")]
+
+    problems = _policy_edit(tmp_path, no_login)
+    assert any("'ray-worker' gets no MLflow login" in p for p in problems), problems
+
+
+def test_the_kuberay_manifest_needs_a_network_policy(tmp_path):
+    docs = list(yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["RayJob", "NetworkPolicy"]
+    policy = docs[1]["spec"]
+    assert policy["policyTypes"] == ["Ingress"] and "ports" not in policy["ingress"][0]  # every port
+    (peer,) = policy["ingress"][0]["from"]
+    assert {"key": "ray.io/cluster", "operator": "Exists"} in peer["podSelector"]["matchExpressions"]
+
+    problems = _policy_edit(tmp_path, lambda job, docs: docs.pop())
+    assert any("no NetworkPolicy" in p and "MLflow's 5000" in p and "GCS 6379" in p for p in problems)
+    # without the policy, MLflow on every interface of the pod is no longer acceptable
+    assert any("binds to every interface" in p for p in problems), problems
+
+    def other_pods(job, docs):
+        docs[1]["spec"]["podSelector"] = {"matchLabels": {"app": "something-else"}}
+
+    assert any("no NetworkPolicy" in p for p in _policy_edit(tmp_path, other_pods))
+
+
+@pytest.mark.parametrize(
+    "peer, said",
+    [
+        ({"namespaceSelector": {}}, "namespaceSelector"),
+        ({"ipBlock": {"cidr": "0.0.0.0/0"}}, "ipBlock"),
+        ({"podSelector": {}}, "pods {}"),
+        (
+            {"podSelector": {"matchLabels": {"tokentune.io/rayjob": "tokentune-sweep"}}},
+            "pods",
+        ),  # no ray.io/cluster
+        (None, "every source"),
+    ],
+)
+def test_the_network_policy_admits_only_this_ray_clusters_pods(tmp_path, peer, said):
+    def widen(job, docs):
+        rules = docs[1]["spec"]["ingress"]
+        if peer is None:
+            rules.append({"ports": [{"port": 5000}]})  # a rule without `from`: anyone
+        else:
+            rules[0]["from"].append(peer)
+
+    problems = _policy_edit(tmp_path, widen)
+    assert any("not only this Ray cluster's pods" in p and said in p for p in problems), problems
+
+
+def test_the_network_policy_admits_the_ray_and_mlflow_ports(tmp_path):
+    def ports(listed, worker_range=None):
+        def change(job, docs):
+            docs[1]["spec"]["ingress"][0]["ports"] = [{"port": n} for n in listed]
+            if worker_range:
+                for g in [_head(job), *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]:
+                    g["rayStartParams"].update({"min-worker-port": "10002", "max-worker-port": "10100"})
+                    docs[1]["spec"]["ingress"][0]["ports"].append(worker_range)
+
+        return _policy_edit(tmp_path, change)
+
+    problems = ports([6379, 8265, 10001])
+    assert [p for p in problems if "port" in p] == [
+        f"{tmp_path / 'kuberay-rayjob.yaml'}: the NetworkPolicy does not admit MLflow's port 5000 from this Ray "
+        "cluster's pods"
+    ]
+    assert ports([6379, 8265, 10001, 5000]) == []
+    assert ports([6379, 8265, 10001, "mlflow"]) == []  # a named container port
+    assert ports([6379, 8265, 10001, 5000], {"port": 10002, "endPort": 10100}) == []
+    short = ports([6379, 8265, 10001, 5000], {"port": 10002, "endPort": 10050})
+    assert any("worker port range(10002, 10101)" in p for p in short), short
+
+
+def test_mlflow_on_every_interface_of_a_pod_needs_the_pods_own_network(tmp_path):
+    def host_network(job, docs):
+        _head(job)["template"]["spec"]["hostNetwork"] = True
+
+    assert any("binds to every interface" in p for p in _policy_edit(tmp_path, host_network))
+    assert any("MLflow" in p for p in _edit(tmp_path, "aws.yaml", '--host "$HEAD_IP"', "--host 0.0.0.0"))
+
+
+# ---- a file tracking store on a cluster of several machines ------------------------------------------------
+def test_nodes_on_other_machines_are_told_by_hostname():
+    from orchestrator.ray_cluster import nodes_on_other_machines
+
+    nodes = [
+        {"Alive": True, "NodeManagerHostname": "head", "NodeManagerAddress": "10.0.0.1"},
+        {"Alive": True, "NodeManagerHostname": "head", "NodeManagerAddress": "127.0.0.3"},  # same machine
+        {"Alive": True, "NodeManagerHostname": "gpu-1", "NodeManagerAddress": "10.0.0.2"},
+        {"Alive": False, "NodeManagerHostname": "gpu-2", "NodeManagerAddress": "10.0.0.3"},  # dead
+    ]
+    assert nodes_on_other_machines(nodes, hostname="head") == ["10.0.0.2"]
+    assert nodes_on_other_machines(nodes[:2], hostname="head") == []  # the local multi-node tests
+
+
+@pytest.mark.parametrize(
+    "uri, refused",
+    [
+        ("sqlite:////tmp/s/mlflow.db", True),
+        ("file:///tmp/s/mlruns", True),
+        ("/tmp/s/mlflow.db", True),
+        ("http://10.0.0.1:5000", False),
+        ("postgresql://mlflow@db:5432/mlflow", False),
+        ("databricks", False),
+    ],
+)
+def test_a_file_tracking_store_is_refused_when_nodes_run_elsewhere(tmp_path, uri, refused):
+    from orchestrator.spec import SpecError
+    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.validate import refuse_local_store_on_cluster
+
+    uri = default_tracking_uri(tmp_path, uri)  # as the sweep resolves it (absolute; names unchanged)
+    refuse_local_store_on_cluster(uri, "tracking.uri", [])  # one machine: always fine
+    if not refused:
+        refuse_local_store_on_cluster(uri, "tracking.uri", ["10.0.0.2"])
+        return
+    with pytest.raises(SpecError) as info:
+        refuse_local_store_on_cluster(uri, "tracking.uri", ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"])
+    err = str(info.value)
+    assert (
+        info.value.key == "tracking.uri"
+        and repr(uri) in err
+        and "10.0.0.2, 10.0.0.3, 10.0.0.4 and 1 more" in err
+    )
+    assert "mlflow server" in err and "http://<head>:5000" in err and "MLFLOW_TRACKING_URI" in err
+
+
+def test_a_sweep_on_a_multi_machine_cluster_refuses_sqlite_before_anything_is_written(tmp_path, monkeypatch):
+    """The Ray cluster is simulated: init_ray returns at once and two nodes run on other machines."""
+    import orchestrator.ray_cluster as rc
+    import orchestrator.tracking
+    import orchestrator.tuner
+    from orchestrator import run_sweep
+    from orchestrator.spec import SpecError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(orchestrator.tuner, "set_tune_env", lambda: None)
+    monkeypatch.setattr(rc, "init_ray", lambda address=None: {"CPU": 16.0})
+    monkeypatch.setattr(rc, "nodes_on_other_machines", lambda: ["10.0.0.2", "10.0.0.3"])
+    sweep = ["search_spaces/quickstart.yaml", [f"storage={tmp_path}"]]
+    with pytest.raises(SpecError) as info:
+        run_sweep(*sweep, progress=False)
+    err = str(info.value)
+    assert info.value.key == "tracking.uri" and "the default: a SQLite file" in err
+    assert f"sqlite:///{tmp_path}" in err and "10.0.0.2, 10.0.0.3" in err and "cluster/README.md" in err
+    sweep_dir = tmp_path / "quickstart"
+    assert not (sweep_dir / "sweep.yaml").exists() and not (sweep_dir / "mlflow.db").exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    with pytest.raises(SpecError, match="from MLFLOW_TRACKING_URI"):
+        run_sweep(*sweep, progress=False)
+
+    class Reached(Exception):
+        pass
+
+    def tracker(*args, **kwargs):
+        raise Reached  # past the check: the sweep would start its MLflow parent run now
+
+    monkeypatch.setattr(orchestrator.tracking, "SweepTracker", tracker)
+    with pytest.raises(Reached):  # a tracking server is fine on any cluster
+        run_sweep(sweep[0], [*sweep[1], "tracking.uri=http://10.0.0.1:5000"], progress=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setattr(rc, "nodes_on_other_machines", lambda: [])
+    with pytest.raises(Reached):  # every node on this machine: the SQLite file is theirs too
+        run_sweep(*sweep, name="one_machine", progress=False)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_reference_configs_are_what_the_engine_generates(stage):
     """cluster/deepspeed/zero{2,3}.json = deepspeed_config(...) for 2 workers, batch 16, grad_accum 1,
@@ -223,6 +455,12 @@ def test_readme_walks_through_launch_submit_follow_resume_teardown():
         "ray down",
         "ray start --head",
         "zero_stage",
+        "--app-name basic-auth",  # MLflow with a login: the secret, opening the UI, the NetworkPolicy
+        "~/.tokentune/mlflow_auth",
+        "kubectl create secret generic tokentune-mlflow-auth",
+        "kubectl port-forward $HEAD_POD 5000:5000",
+        "NetworkPolicy",
+        "log in",
     ):
         assert needle in text, needle
 

@@ -193,6 +193,22 @@ def test_plain_names_pass_and_a_rename_is_checked_again():
     assert info.value.key == "name"
 
 
+@pytest.mark.parametrize("name", ["..", "with space", "-dash", "x" * 129, "a/b"])
+def test_run_sweep_checks_its_name_argument_like_a_spec_name(tmp_path, monkeypatch, name):
+    """run_sweep(name=...) is checked by check_sweep_name before anything is read or written (a resumed
+    '..' would otherwise read and run the sweep of storage's parent folder)."""
+    import orchestrator.api as api
+
+    def went_on(*args, **kwargs):
+        raise AssertionError(f"run_sweep went on with the name {name!r}")
+
+    monkeypatch.setattr(api, "_stored_spec", went_on)
+    monkeypatch.setattr(api, "sweep_lock", went_on)
+    with pytest.raises(SpecError) as info:
+        api.run_sweep({"name": "ok", "storage": str(tmp_path / "sweeps")}, name=name, resume=True)
+    assert info.value.key == "name" and "plain folder name" in str(info.value)
+
+
 # ---- dropped rows -------------------------------------------------------------------------------------------
 def _tokenizer():
     from transformers import AutoTokenizer
@@ -228,6 +244,22 @@ def test_dropped_count_from_load_splits(tmp_path):
     train, val = load_splits(DataConfig(train=str(path), max_length=64, val_fraction=0.5), _tokenizer())
     assert train.dropped + val.dropped == 3 and train.source == str(path)
     assert val.source == f"{path} (validation split)"
+
+
+def test_the_first_report_carries_the_dropped_rows(tiny_workspace, tmp_path):
+    from tests.conftest import tiny_run_dict
+    from tokentune.train import train
+
+    rows = [{"instruction": f"Say {i}", "output": str(i)} for i in range(12)]
+    rows += [{"instruction": " ".join(["word"] * 200), "output": "x"}] * 3  # prompts past max_length
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = tiny_run_dict(tiny_workspace, ["lora"], tmp_path / "run", train={"max_steps": 2, "log_every": 1})
+    d["data"]["train"] = str(path)
+    reports = []
+    train(RunConfig.from_dict(d), report=lambda metrics, checkpoint_dir=None: reports.append(metrics))
+    assert len(reports) == 2
+    assert reports[0]["data/dropped_rows"] == 3 and "data/dropped_rows" not in reports[1]
 
 
 # ---- merge + eval timeout -----------------------------------------------------------------------------------

@@ -197,7 +197,8 @@ def test_train_worker_checks_the_hash_of_a_finished_checkpoint(base_run, tmp_pat
 
 # ---- sweeps: a UUID, a lock, their own MLflow parent --------------------------------------------------------
 class _RayStarted(Exception):
-    """Raised instead of starting Ray: everything before it (checks, sweep.yaml) has happened."""
+    """Raised where the sweep would start its MLflow parent run: everything before it (checks, a Ray
+    cluster on this machine, sweep.yaml) has happened."""
 
 
 @pytest.fixture
@@ -205,7 +206,9 @@ def no_ray(monkeypatch):
     def refuse(*a, **k):
         raise _RayStarted()
 
-    monkeypatch.setattr("orchestrator.ray_cluster.init_ray", refuse)
+    monkeypatch.setattr("orchestrator.ray_cluster.init_ray", lambda *a, **k: {"CPU": 1.0})  # not started
+    monkeypatch.setattr("orchestrator.ray_cluster.nodes_on_other_machines", lambda: [])
+    monkeypatch.setattr("orchestrator.tracking.SweepTracker", refuse)
 
 
 def _spec(tmp_path: Path) -> dict:

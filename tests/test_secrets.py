@@ -1,8 +1,9 @@
 """No secret leaves a sweep: one table of secret shapes (Hugging Face, AWS, GCP, Azure, Databricks, URL
 userinfo, query tokens) goes through every output path (``status.json`` and ``events.jsonl``,
 ``eval.json``, the results' ``error`` column, the dry-run plan, MLflow tags, ``error.txt`` and text
-artifacts), and nowhere does the secret come out. Credentials inside ``tracking.uri`` or ``storage`` are
-refused, naming the key and never echoing the secret."""
+artifacts), and nowhere does the secret come out. Credentials inside ``tracking.uri``, ``storage`` or the
+``MLFLOW_TRACKING_URI`` a sweep would use are refused, naming the key and never echoing the secret; the
+console errors of both CLIs are redacted."""
 
 from __future__ import annotations
 
@@ -263,3 +264,58 @@ def test_uris_without_credentials_are_fine(tmp_path):
         assert load_spec({"name": "ok", "tracking": {"uri": uri}}).tracking.uri == uri
     for storage in ("s3://bucket/sweeps", "gs://bucket/sweeps?versioned=1", str(tmp_path)):
         assert load_spec({"name": "ok", "storage": storage}).storage == storage
+
+
+@pytest.mark.parametrize(
+    "uri, secret",
+    [
+        ("https://admin:" + "s3cretpassw0rd@mlflow.example.com", "s3cretpassw0rd"),
+        ("https://mlflow.example.com/?token=" + "abcdef123456", "abcdef123456"),
+    ],
+)
+def test_credentials_in_mlflow_tracking_uri_are_refused(monkeypatch, uri, secret):
+    """The sweep takes its tracking URI from MLFLOW_TRACKING_URI when tracking.uri is unset: the same
+    refusal as for tracking.uri, naming the variable and never echoing the secret."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(SpecError) as info:
+        load_spec({"name": "creds"})
+    err = str(info.value)
+    assert info.value.key == "MLFLOW_TRACKING_URI" and err.startswith("MLFLOW_TRACKING_URI: ")
+    assert secret not in err and "MLFLOW_TRACKING_USERNAME" in err
+    # an explicit tracking.uri wins over the variable: it is not used, so not refused
+    assert (
+        load_spec({"name": "ok", "tracking": {"uri": "http://head:5000"}}).tracking.uri == "http://head:5000"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
+    assert load_spec({"name": "ok"}).tracking.uri is None
+
+
+def test_console_errors_of_the_cli_are_redacted(tmp_path, capsys):
+    """`tokentune train` prints a ConfigError as `error: ...`: through redact_text (tokentune.redact,
+    which orchestrator.redaction re-exports: the Ray-free CLI imports nothing of orchestrator)."""
+    import orchestrator.redaction as orch
+    import tokentune.redact as core
+    from tokentune.cli import main
+
+    assert orch.redact_text is core.redact_text and orch.secret_in_uri is core.secret_in_uri
+    password = "s3cret" + "passw0rd"
+    argv = ["train", "--output-dir", str(tmp_path / "run"), "--set", f"train.lr=https://u:{password}@host/x"]
+    assert main(argv) == 2  # refused when the config is built: nothing is loaded or written
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.lr=") and password not in err and f"u:{REDACTED}@host" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_trial_errors_printed_by_the_orchestrator_cli_are_redacted(monkeypatch, capsys):
+    import orchestrator.ray_cluster
+    import orchestrator.train_driver
+    from orchestrator.cli import train_job
+
+    token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
+    monkeypatch.setattr(orchestrator.ray_cluster, "init_ray", lambda address=None: {})
+    failed = SimpleNamespace(error=f"OSError: 401 for url https://huggingface.co (token {token})")
+    monkeypatch.setattr(orchestrator.train_driver, "run_train_job", lambda cfg, **kw: failed)
+    cfg = SimpleNamespace(train=SimpleNamespace(output_dir="/tmp/x/run"))
+    assert train_job(cfg, SimpleNamespace(address=None)) == 1
+    err = capsys.readouterr().err
+    assert "training failed" in err and token not in err and REDACTED in err
