@@ -21,6 +21,9 @@ start-up, one import of torch/transformers/deepspeed): for tests and benchmarks 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,11 @@ from orchestrator.train_worker import (
 )
 from tokentune.checkpoint import config_hash
 from tokentune.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+#: Ray Train's list of a run's checkpoints, in ``<storage>/<name>``; rewritten in place at every report
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 @dataclass
@@ -113,6 +121,7 @@ def run_train_job(
     checkpoint).
     """
     (cfg,), storage, use_gpu = _prepare([cfg], storage_path)
+    set_aside_unreadable_snapshot(storage, name)
     if resume:
         finished = _finished_run(storage, name, cfg)
         if finished is not None:
@@ -163,6 +172,30 @@ def run_train_batch(
             )
         )
     return out
+
+
+def set_aside_unreadable_snapshot(storage: str, name: str) -> Path | None:
+    """Rename an unreadable Ray Train checkpoint list of run ``name`` to ``<file>.corrupt-<time>``.
+
+    Ray Train truncates and rewrites that file at every checkpoint; a full disk (or a kill mid-write)
+    leaves it empty or cut, and every later start of the run then fails in Ray Train's controller
+    (``CheckpointManagerInitializationError``), so the trial could never finish. Set aside, the run
+    starts over from step 0 (its checkpoint folders stay on disk). Local storage only. Returns the
+    new name, or None when the file is readable or missing.
+    """
+    if "://" in storage:
+        return None
+    path = Path(storage, name, RAY_SNAPSHOT)
+    try:
+        json.loads(path.read_text())
+        return None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        bad = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        os.replace(path, bad)
+        log.warning("%s is unreadable (%s): set aside as %s; run %r starts over", path, err, bad.name, name)
+        return bad
 
 
 def _finished_run(storage: str, name: str, cfg: RunConfig) -> TrainJobResult | None:

@@ -337,6 +337,7 @@ class Launch:
     killed: bool = False
     wall_s: float = 0.0
     failed_trials: dict = field(default_factory=dict)
+    train_retries: int = 0  # Ray Train restarts of a worker group in this run (after a worker kill)
 
 
 class Episode:
@@ -393,15 +394,16 @@ class Episode:
             )
             t0 = time.time()
             armed = fire_at = target = None
+            armed_at = t0
             try:
                 while proc.poll() is None:
                     if time.time() - t0 > LAUNCH_TIMEOUT_S:
                         raise AssertionError(f"seed {self.seed} run {launch.index} hung:\n{_tail(log_path)}")
                     pending = [c for c in self.cycles if c.launch < 0]
                     if armed is None and pending:
-                        armed, fire_at, target = pending[0], None, None
+                        armed, fire_at, target, armed_at = pending[0], None, None, time.time()
                     if armed is not None and fire_at is None:
-                        fire_at, target = self._trigger(armed, proc.pid, t0, done_before)
+                        fire_at, target = self._trigger(armed, proc.pid, armed_at, done_before)
                     if armed is not None and fire_at is not None and time.time() >= fire_at:
                         if self._fire(armed, proc, target, t0, launch):
                             armed = None
@@ -420,6 +422,7 @@ class Episode:
                 # Ray's own processes may outlive a finished driver for a moment; nothing may survive
                 _kill_tree(proc)
         launch.wall_s = round(time.time() - t0, 1)
+        launch.train_retries = _tail(log_path, 10**8).count("[FailurePolicy] RETRY")
         launch.failed_trials = {
             d.name: str(_status(d).get("error"))[:160]
             for d in _trial_dirs(self.sweep_dir)
@@ -434,10 +437,11 @@ class Episode:
             raise AssertionError(f"seed {self.seed} run {launch.index}: rc {launch.rc}\n{_tail(log_path)}")
         return launch
 
-    def _trigger(self, c: Cycle, root: int, t0: float, done_before: set[str]):
-        """(time to fire, target pid) once the cycle's phase is reached in this run, else (None, None)."""
+    def _trigger(self, c: Cycle, root: int, armed_at: float, done_before: set[str]):
+        """(time to fire, target pid) once the cycle's phase is reached in this run, else (None, None).
+        ``startup``: the delay counts from the start of the run, or from the previous kill in it."""
         if c.phase == "startup":
-            return t0 + c.delay_s, root
+            return armed_at + c.delay_s, root
         if c.phase == "commit":
             fresh = [
                 d
@@ -524,6 +528,7 @@ def test_seeded_kills_of_driver_worker_and_post_trial_always_resume(tmp_path):
         "resumes_total": sum(e["resumes"] for e in episodes),
         "torn_jsonl": sum(1 for c in cycles if c.torn),
         "misses": sum(c.misses for c in cycles),
+        "train_retries_in_run": sum(x["train_retries"] for e in episodes for x in e["launches"]),
         "wall_s": round(time.time() - t0, 1),
     }
     (tmp_path / "fault_figures.json").write_text(json.dumps(figures, indent=2, default=str))
@@ -534,3 +539,143 @@ def test_seeded_kills_of_driver_worker_and_post_trial_always_resume(tmp_path):
     )
     assert all(c.outcome == "finished" for c in cycles)
     assert all(by_kind[k] >= 1 for k in KINDS) or FAULT_RUNS < 3
+
+
+# ---- a full disk -----------------------------------------------------------------------------------------
+DISK_ERRORS = ("File too large", "Errno 27", "disk is full", "No space left", "EFBIG")
+
+
+def _limit_writes(procs: list, limit: int) -> list[str]:
+    """``prlimit(RLIMIT_FSIZE)`` on the running Python processes among ``procs``: past ``limit`` bytes
+    every write to a file fails with EFBIG, an ``OSError`` (Python ignores SIGXFSZ). Ray's C++ daemons
+    (GCS, raylet) are left alone: SIGXFSZ would kill them, which a full disk does not do. Returns the
+    titles of the processes it reached."""
+    import psutil
+
+    done = []
+    for p in procs:
+        try:
+            if "python" not in Path(p.exe()).name:
+                continue
+            p.rlimit(psutil.RLIMIT_FSIZE, (limit, limit))
+            done.append(_title(p)[:40])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            pass
+    return done
+
+
+def _reader(stream, sink: list[str]) -> threading.Thread:
+    def pump():
+        for line in iter(stream.readline, ""):
+            sink.append(line)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_full_disk_fails_clearly_and_resumes(tmp_path):
+    """The disk fills up mid-sweep: a seeded time after the Train worker starts, every Python process
+    of the sweep (the driver, the trial, the Train controller and worker, Ray's Python agents) gets
+    RLIMIT_FSIZE 0, so any write that grows a file fails (EFBIG) as on a full disk. Limits: Ray's C++
+    daemons are spared (SIGXFSZ would kill them), and processes Ray starts later do not inherit the
+    limit. The run must end (no hang) with a disk error on record (console or a trial's status); once
+    the disk has room again (a new run, no limit) ``--resume`` finishes the sweep with the invariants
+    of the kill tests. The driver's console is a pipe (no size limit there), so its last words are
+    kept. This test found the unreadable Ray Train snapshot (see the next test)."""
+    rng = random.Random(FIRST_SEED)
+    delay = round(rng.uniform(3, 9), 2)
+    name, storage = "fulldisk", tmp_path / "sweeps"
+    sweep_dir = storage / name
+    cmd = sweep_args(storage, name, [2])  # one trial: the disk fills up while it trains
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.time()
+    out: list[str] = []
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    reader = _reader(proc.stdout, out)
+    limited_at = None
+    limited: list[int] = []
+    try:
+        while proc.poll() is None and time.time() - t0 < LAUNCH_TIMEOUT_S:
+            if limited_at is None and _ray_procs(proc.pid, TRAIN_WORKER):
+                limited_at = time.time() + delay
+            if limited_at is not None and not limited and time.time() >= limited_at:
+                import psutil
+
+                limited = _limit_writes([psutil.Process(proc.pid), *_descendants(proc.pid)], 0)
+                full_at = time.time()
+                deadline = full_at + 240
+            if limited and time.time() > deadline:
+                break
+            time.sleep(POLL_S)
+        hung = proc.poll() is None
+    finally:
+        _kill_tree(proc)
+        reader.join(timeout=10)
+    console = "".join(out)
+    (tmp_path / "full_disk_run0.log").write_text(console)
+    assert limited, f"the sweep ended before the disk filled up:\n{console[-3000:]}"
+    assert not hung, f"a full disk hung the sweep (no exit 240 s after):\n{console[-3000:]}"
+    statuses = {d.name: _status(d) for d in _trial_dirs(sweep_dir)}
+    errors = [str(s.get("error")) for s in statuses.values() if s.get("status") == "failed"]
+    where = [e for e in [console, *errors] if any(k in e for k in DISK_ERRORS)]
+    assert proc.returncode != 0 or errors, "a sweep that hit a full disk reported success"
+    assert where, f"no disk error on record (rc {proc.returncode}):\n{console[-3000:]}\n{errors}"
+    first = {
+        "delay_s": delay,
+        "rc": proc.returncode,
+        "limited_processes": sorted(limited),
+        "ended_after_s": round(time.time() - full_at, 1),
+        "failed_trials": {
+            k: str(v.get("error"))[:200] for k, v in statuses.items() if v.get("status") == "failed"
+        },
+        "last_line": next(
+            (ln for ln in reversed(console.splitlines()) if any(k in ln for k in DISK_ERRORS)), None
+        ),
+    }
+    before = check_between_runs(sweep_dir, name, {})
+    resumes = 0
+    while True:  # the disk has room again
+        resumes += 1
+        assert resumes <= 3, "the sweep did not finish after 3 resumes once the disk had room"
+        run = subprocess.run(
+            cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        (tmp_path / f"full_disk_run{resumes}.log").write_text(run.stdout + run.stderr)
+        before = check_between_runs(sweep_dir, name, before)
+        if run.returncode == 0 and all(
+            _status(d).get("status") == "finished" for d in _trial_dirs(sweep_dir)
+        ):
+            break
+    check_finished_sweep(sweep_dir, name, 1, {})
+    figures = {**first, "resumes": resumes, "wall_s": round(time.time() - t0, 1)}
+    (tmp_path / "full_disk_figures.json").write_text(json.dumps(figures, indent=2))
+    print(f"full disk: {figures}")
+
+
+def test_unreadable_ray_train_snapshot_is_set_aside(tmp_path):
+    """What the full-disk test found: Ray Train rewrites its checkpoint list in place, a full disk left
+    it empty and every later start of that Train run failed. The driver now sets such a file aside."""
+    from orchestrator.train_driver import RAY_SNAPSHOT, set_aside_unreadable_snapshot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert set_aside_unreadable_snapshot(str(tmp_path), "run") is None  # none there
+    (run / RAY_SNAPSHOT).write_text('{"checkpoint_results": []}')
+    assert set_aside_unreadable_snapshot(str(tmp_path), "run") is None  # readable: kept
+    for torn in ("", '{"checkpoint_res'):
+        (run / RAY_SNAPSHOT).write_text(torn)
+        bad = set_aside_unreadable_snapshot(str(tmp_path), "run")
+        assert bad is not None and bad.read_text() == torn and not (run / RAY_SNAPSHOT).exists()
+        bad.unlink()
+    assert set_aside_unreadable_snapshot("s3://bucket/x", "run") is None  # local storage only
