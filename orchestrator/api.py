@@ -175,7 +175,7 @@ def _run(
     plan: str,
     t0: float,
 ) -> SweepResult:
-    from orchestrator import report
+    from orchestrator import mlflow_ui, report
     from orchestrator.post_trial import prune_merged
     from orchestrator.ray_cluster import init_ray, nodes_on_other_machines
     from orchestrator.tracking import SweepTracker, default_tracking_uri
@@ -243,21 +243,19 @@ def _run(
         best = pick_best(trials, spec.objective.metric, spec.objective.mode)
         rows = report.results_table([_row_input(t) for t in trials], search_keys=list(spec.search))
         budget = spec.objective.memory_budget_gb
-        paths = tracker.log_summary(rows, sweep_dir, memory_budget_gb=budget)
         fit_row = report.best_within(rows, budget) if budget is not None else None
         fit = next((t for t in trials if fit_row and t.trial_id == fit_row["trial_id"]), None)
         table = report.format_table(rows)
+        best_id = best and (best.trial_id, spec.objective.metric, best.metrics.get(spec.objective.metric))
+        summary = report.summary_lines(rows, best_id, budget, fit_row)
+        description = mlflow_ui.sweep_description(spec.name, table, summary)
+        paths = tracker.log_summary(rows, sweep_dir, memory_budget_gb=budget, description=description)
+        compare = mlflow_ui.compare_url(
+            mlflow_ui.ui_base(tracking_uri), tracker.child_run_ids(), tracker.experiment_id
+        )
         if progress:
             print(table, flush=True)
-            print(
-                report.summary_lines(
-                    rows,
-                    best and (best.trial_id, spec.objective.metric, best.metrics.get(spec.objective.metric)),
-                    budget,
-                    fit_row,
-                ),
-                flush=True,
-            )
+            print(summary, flush=True)
         if spec.after_trial.merge or spec.after_trial.evaluate:
             prune_merged(
                 sweep_dir, best.trial_id if best else None, PRUNE_POLICY[spec.after_trial.keep_merged]
@@ -271,6 +269,7 @@ def _run(
         trials=trials,
         best=best,
         best_within_budget=fit,
+        mlflow_compare_url=compare,
         results_csv=str(paths["csv"]),
         mlflow_parent_run_id=parent,
         tracking_uri=tracking_uri,

@@ -109,11 +109,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # (the results table and the best trial were printed by the sweep itself)
     if result.results_csv:
         print(f"results: {result.results_csv} and pareto.png beside it")
-    uri = result.tracking_uri
-    if uri and uri.startswith(("http://", "https://")):
-        print(f"MLflow UI: {uri}")
-    elif uri:
-        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    if result.tracking_uri:
+        from orchestrator.mlflow_ui import serve_hint
+
+        print(f"MLflow: {serve_hint(result.tracking_uri)}, then compare the trials at")
+        print(f"  {result.mlflow_compare_url}")
     return 0 if result.trials and len(failed) < len(result.trials) else 1
 
 

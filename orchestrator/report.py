@@ -184,6 +184,19 @@ def columns_of(rows: list[dict[str, Any]]) -> list[str]:
     return columns
 
 
+def column_table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """``{column: [cell per row]}`` with JSON-friendly cells (MLflow's table artifact)."""
+
+    def cell(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return None if math.isnan(value) else value
+        return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+    return {c: [cell(r.get(c)) for r in rows] for c in columns_of(rows)}
+
+
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     columns = columns_of(rows) or ["trial_id"]
     buf = io.StringIO(newline="")

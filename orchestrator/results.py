@@ -36,6 +36,7 @@ class SweepResult:
     best_within_budget: TrialResult | None = None  # with objective.memory_budget_gb: best measured within it
     results_csv: str | None = None
     mlflow_parent_run_id: str | None = None
+    mlflow_compare_url: str | None = None  # the compare view of the trials (``mlflow ui`` or the server)
     tracking_uri: str | None = None
     plan_text: str = ""  # the dry run's plan (also set for real runs)
     table_text: str = ""  # the results table as printed

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import report
+from orchestrator.mlflow_ui import DESCRIPTION_TAG, KIND_TAGS
 from orchestrator.redaction import redact, redact_text, redacted_file
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class SweepTracker:
                     self._experiment_id = self.client.create_experiment(
                         self.experiment_name,
                         artifact_location=default_artifact_location(self.tracking_uri, self.experiment_name),
+                        tags=KIND_TAGS,  # the UI opens on the runs table, not the GenAI overview
                     )
                 except MlflowException:  # lost the race; it exists now
                     exp = self.client.get_experiment_by_name(self.experiment_name)
@@ -196,6 +197,8 @@ class SweepTracker:
             if exp is not None:
                 if exp.lifecycle_stage == "deleted":
                     self.client.restore_experiment(exp.experiment_id)
+                for key, value in KIND_TAGS.items():  # an experiment made before, or by someone else
+                    exp.tags.get(key) or self.client.set_experiment_tag(exp.experiment_id, key, value)
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 
@@ -351,6 +354,7 @@ class SweepTracker:
         score_key: str = "eval/score",
         memory_key: str | None = None,
         memory_budget_gb: float | None = None,
+        description: str | None = None,
     ) -> dict[str, Path]:
         """Write results.csv, results.json and pareto.png to ``out_dir`` and log them on the parent.
 
@@ -374,8 +378,7 @@ class SweepTracker:
         for path in paths.values():
             self.client.log_artifact(self.parent_run_id, str(path))
         if rows:
-            columns = report.columns_of(rows)
-            table = {c: [_table_cell(r.get(c)) for r in rows] for c in columns}
+            table = report.column_table(rows)
             try:
                 self.client.log_table(self.parent_run_id, table, "results_table.json")
             except Exception as err:  # pandas missing or an odd column type: fall back to plain JSON
@@ -394,17 +397,16 @@ class SweepTracker:
         if memory_budget_gb is not None:
             fit = report.best_within(rows, memory_budget_gb, score_key, memory_key)
             tags["tokentune.best_within_budget"] = fit.get("trial_id") if fit else "none"
+        if description:  # the parent run's description in the UI (markdown)
+            tags[DESCRIPTION_TAG] = description
         self.set_tags(self.parent_run_id, tags)
         return paths
+
+    def child_run_ids(self) -> list[str]:
+        """The trial runs under the parent, oldest first."""
+        runs = self._matches(f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'") if self.parent_run_id else []
+        return [r.info.run_id for r in sorted(runs, key=lambda r: r.info.start_time or 0)]
 
 
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
-
-
-def _table_cell(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return None if math.isnan(value) else value
-    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.mlflow_ui import compare_url, experiment_url, runs_url
 from orchestrator.tracking import SweepTracker
 from tests.conftest import free_port
 
@@ -47,21 +48,6 @@ CHROMIUM_FLAGS = [
     "--disable-dev-shm-usage",
     "--window-size=1600,1000",
 ]
-
-
-def experiment_url(base: str, experiment_id: str) -> str:
-    """The UI's runs table of one experiment (MLflow 3's plain experiment page is a GenAI overview
-    without runs); the sweep's trials are nested under its parent row."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-
-
-def compare_url(base: str, run_ids: list[str], experiment_id: str) -> str:
-    """The UI's compare view, e.g. ``http://127.0.0.1:5000/#/compare-runs?runs=[...]&experiments=[...]``."""
-    query = urllib.parse.urlencode(
-        {"runs": json.dumps(list(run_ids)), "experiments": json.dumps([experiment_id])},
-        quote_via=urllib.parse.quote,
-    )
-    return f"{base.rstrip('/')}/#/compare-runs?{query}"
 
 
 def _healthy(url: str) -> bool:
@@ -203,18 +189,31 @@ def _selenium_available() -> bool:
 def test_mlflow_ui_shows_sweep_runs(sweep, mlflow_server):
     tracker, name, parent, children = sweep
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    runs_url = experiment_url(mlflow_server, tracker.experiment_id)
-    assert runs_url.endswith(f"/#/experiments/{tracker.experiment_id}/runs")
+    landing = experiment_url(mlflow_server, tracker.experiment_id)  # what a user clicks in the list
+    table_url = runs_url(mlflow_server, tracker.experiment_id)
+    assert table_url.endswith(f"/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning")
     compare = compare_url(mlflow_server, list(children.values()), tracker.experiment_id)
     assert compare.startswith(f"{mlflow_server}/#/compare-runs?runs=%5B%22")
-    shots = {"runs": ARTIFACTS / "experiment_runs.png", "compare": ARTIFACTS / "compare_runs.png"}
+    shots = {
+        "landing": ARTIFACTS / "experiment_landing.png",
+        "runs": ARTIFACTS / "experiment_runs.png",
+        "compare": ARTIFACTS / "compare_runs.png",
+    }
 
     if _selenium_available():
         from selenium.webdriver.common.by import By
 
         driver = _selenium_driver()
         try:
-            driver.get(runs_url)
+            # the URL a sweep prints opens the model-training view on the runs, not MLflow 3's GenAI
+            # overview (traces, "no data") that the experiment's plain page shows
+            driver.get(landing)
+            assert _wait_for(driver, [name]), "the experiment's landing page did not show the sweep's runs"
+            time.sleep(1)
+            driver.save_screenshot(str(shots["landing"]))
+
+            driver.get("about:blank")
+            driver.get(table_url)
             assert _wait_for(driver, [name]), f"the runs table never showed the parent run {name!r}"
             # the trials are nested under the parent row: expand it (the "+" in the run-name cell)
             for button in driver.find_elements(
@@ -237,7 +236,9 @@ def test_mlflow_ui_shows_sweep_runs(sweep, mlflow_server):
         if not nested_shown:
             print("note: could not expand the parent row in the runs table (UI changed?)")
     else:
-        dom = _chromium_cli(runs_url, shots["runs"])
+        dom = _chromium_cli(landing, shots["landing"])
+        assert name in dom, "the experiment's landing page did not show the sweep's runs"
+        dom = _chromium_cli(table_url, shots["runs"])
         assert name in dom, "the runs table never showed the parent run"
         dom = _chromium_cli(compare, shots["compare"])
         assert all(trial in dom for trial in children), "the compare view never showed the trial run names"

@@ -351,7 +351,7 @@ def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
     parent = tracker.start_parent({"name": "s"})
     children = [tracker.trial_run(f"t{i}", {}) for i in (1, 2)]
     rows = report.results_table(_trials(), search_keys=SEARCHED)
-    paths = tracker.log_summary(rows, tmp_path)
+    paths = tracker.log_summary(rows, tmp_path, description="**Sweep `s`**\n\nbest trial: t4")
     for name in ("results.csv", "results.json", "pareto.png"):
         assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -368,6 +368,10 @@ def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
     assert run.data.tags["tokentune.pareto_front"] == "t1,t2,t4"
     assert run.data.metrics["best/eval/score"] == pytest.approx(0.85)
     assert run.data.metrics["best/memory/train_gb"] == pytest.approx(300 / 1024)
+    assert run.data.tags["mlflow.note.content"].startswith("**Sweep `s`**")  # the parent's description
+    # the UI opens the experiment on its runs (model development), not the GenAI overview
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracker.child_run_ids() == children
     # metric names with '/' need backticks in search filters
     exp_id = tracker.experiment_id
     found = client.search_runs([exp_id], "metrics.`best/eval/score` > 0.8")
