@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.redaction import redact, redact_text
+from orchestrator.trial_status import log_event
 from tokentune.config import EvalConfig
 from tokentune.files import write_json_atomic
 from tokentune.settings import build_section
@@ -129,11 +130,14 @@ def merge_and_evaluate(
     made = False
     target: Path | None = None
     try:
+        log_event(trial_dir, "merge_started")
         target, made = prepare_checkpoint(final_dir, trial_dir / "merged")
+        log_event(trial_dir, "merge_finished")
         out["merged_dir"] = str(target)
         out["metrics"]["merge_s"] = time.perf_counter() - t0
         if evaluate:
             stage = "evaluation"
+            log_event(trial_dir, "eval_started")
             t1 = time.perf_counter()
             summary = evaluate_checkpoint(
                 target,
@@ -147,6 +151,7 @@ def merge_and_evaluate(
             out["raw"] = summary.get("raw")
             out["metrics"].update(summary["metrics"])
             out["metrics"]["eval/wall_s"] = time.perf_counter() - t1
+            log_event(trial_dir, "eval_finished")
     except Exception as err:
         out["error"] = redact_text(f"{stage} failed: {type(err).__name__}: {err}")
         out["traceback"] = redact_text(traceback.format_exc())

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.trial_status import log_event
 from tokentune.checkpoint import config_hash
 from tokentune.config import RunConfig
 from tokentune.engine import barrier
@@ -103,6 +104,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             _clear_stale(out_dir, after_step=start)
         attempt = _next_attempt(history_file, launch) if rank == 0 else 0
         barrier()
+        phase = (lambda name: log_event(out_dir, name)) if rank == 0 else None  # the trial's timing
+        if phase:
+            phase("workers_ready")
 
         def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
             metrics = _mean_loss_over_ranks(dict(metrics), world, device)
@@ -111,7 +115,14 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 append_jsonl(history_file, {"launch": launch, "attempt": attempt, **metrics})
 
-        res = train(cfg, report, resume_from=resume_dir, device=device, progress=loop_config["progress"])
+        res = train(
+            cfg,
+            report,
+            resume_from=resume_dir,
+            device=device,
+            progress=loop_config["progress"],
+            on_phase=phase,
+        )
 
     digests = _gather_strings(res.trainable_digest, world)
     final = {
@@ -143,6 +154,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if stage is not None:
         shutil.rmtree(stage, ignore_errors=True)
     if rank == 0:
+        log_event(out_dir, "checkpoint_reported")  # the final adapter is in Ray storage
         append_jsonl(history_file, {"launch": launch, "attempt": attempt, **final})
         info["history"] = read_history(history_file, launch)
     return info

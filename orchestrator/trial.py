@@ -38,7 +38,14 @@ from orchestrator.plan import over_memory_limit
 from orchestrator.redaction import redact_text
 from orchestrator.spec import SweepSpec
 from orchestrator.spec_parts import max_memory_gb
-from orchestrator.trial_status import STATUS_FILE, log_event, read_status, trial_dir, write_status
+from orchestrator.trial_status import (
+    STATUS_FILE,
+    log_event,
+    phase_durations,
+    read_status,
+    trial_dir,
+    write_status,
+)
 from tokentune.errors import is_number
 from tokentune.estimate import MemoryEstimate, estimate_measured, estimate_memory
 
@@ -89,6 +96,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tdir.mkdir(parents=True, exist_ok=True)
 
     tracker = _tracker(ctx, spec)
+    log_event(tdir, "trial started", trial_id=trial_id)
     done = read_status(tdir)
     if ctx.storage_uri and (done is None or done.get("status") != "finished"):
         from orchestrator.storage_sync import fetch_status, stored_wins
@@ -119,6 +127,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 tracker.end_trial(run_id, "KILLED", "stopped by Ray Tune (early stopping or time limit)")
             raise
         msg = redact_text(_error_text(err))
+        log_event(tdir, "failed", error=msg)
         detail = redact_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))[-20000:]
         write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, config=_jsonable(config))
         _upload(ctx, tdir, trial_id)
@@ -130,11 +139,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             raise
         raise TrialFailed(msg) from None  # the original may quote a secret; Tune stores what is raised
 
+    metrics.update(phase_durations(tdir))
     write_status(
         tdir, "finished", trial_id=trial_id, metrics=metrics, config=_jsonable(config), run_id=run_id
     )
     _upload(ctx, tdir, trial_id)
     _close_finished_run(tracker, run_id, tdir, metrics, cfg.train.max_steps)
+    log_event(tdir, "logged")
     ray.tune.report({**metrics, FINAL_FLAG: 1})
 
 
@@ -208,6 +219,7 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             resources={"num_cpus": a.cpus, "num_gpus": a.gpus},
             timeout_s=a.timeout_s,  # on timeout the task is cancelled and this trial fails
         )
+        log_event(tdir, "post-trial finished")
         if post.get("error"):
             raise TrialFailed(post["error"])
         metrics.update({k: v for k, v in (post.get("metrics") or {}).items() if is_number(v)})

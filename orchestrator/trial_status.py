@@ -4,6 +4,12 @@ storage sync read them too).
     <sweep_dir>/trials/<trial_id>/status.json    {"status": "finished" | "failed", ...}: the commit point
     <sweep_dir>/trials/<trial_id>/events.jsonl   one line per event (``train started``, ...)
 
+The events time a trial's phases (``PHASES``, in order; ``phase_durations`` turns the last attempt's
+events into seconds per phase): the trial driver writes ``trial started``, ``train started``,
+``train finished``, ``post-trial started``/``finished``, ``logged`` (or ``failed``); rank 0 of the
+Train workers ``workers_ready``, ``model_loaded``, ``first_step``, ``last_step``, ``final_saved``,
+``checkpoint_reported``; the merge + eval task ``merge_started``/``finished``, ``eval_started``/``finished``.
+
 ``status.json`` is written under a temporary name and renamed into place, so a folder that has one
 holds a complete record. Both files pass through ``orchestrator.redaction`` first: an error or a
 traceback that quotes a token, a key or a URL password is stored masked.
@@ -47,4 +53,45 @@ def write_status(path: Path, status: str, **info: Any) -> None:
 def log_event(path: Path, event: str, **info: Any) -> None:
     """Append ``event`` (with the time, this process's id and ``info``) to ``events.jsonl``."""
     row = {"event": event, "time": time.time(), "pid": os.getpid(), **info}
-    append_jsonl(path / EVENTS_FILE, redact(row))
+    append_jsonl(Path(path) / EVENTS_FILE, redact(row))
+
+
+#: the events of one trial attempt, in the order they happen (post-trial ones only with after_trial)
+PHASES = (
+    "trial started", "train started", "workers_ready", "model_loaded", "first_step", "last_step",
+    "final_saved", "checkpoint_reported", "train finished", "post-trial started", "merge_started",
+    "merge_finished", "eval_started", "eval_finished", "post-trial finished", "logged",
+)  # fmt: skip
+#: seconds between two events: ``phase/<name>_s``
+SPANS = {
+    "start": ("train started", "workers_ready"),  # Ray Train controller + worker group + imports
+    "load": ("workers_ready", "model_loaded"),  # model, tokenizer, methods
+    "first_step": ("model_loaded", "first_step"),  # data, optimizer, engine, the first step
+    "train": ("first_step", "last_step"),  # the training steps after the first
+    "save": ("last_step", "checkpoint_reported"),  # final adapter, report to Ray storage
+    "train_exit": ("checkpoint_reported", "train finished"),  # worker group shutdown
+    "post_start": ("post-trial started", "merge_started"),  # the merge + eval task's start
+    "merge": ("merge_started", "merge_finished"),
+    "eval": ("eval_started", "eval_finished"),
+    "post_exit": ("eval_finished", "post-trial finished"),
+    "trial": ("trial started", "post-trial finished"),
+}
+
+
+def phase_durations(path: str | Path) -> dict[str, float]:
+    """``phase/<span>_s`` of the trial's last attempt (the events after its last ``trial started``),
+    plus ``phase/overhead_s`` = trial wall - training steps; spans whose events are missing are left out."""
+    from tokentune.files import read_jsonl
+
+    events = read_jsonl(Path(path) / EVENTS_FILE) if (Path(path) / EVENTS_FILE).is_file() else []
+    starts = [i for i, e in enumerate(events) if e.get("event") == "trial started"]
+    last: dict[str, float] = {}
+    for e in events[starts[-1] if starts else 0 :]:
+        last[e.get("event")] = float(e.get("time", 0.0))
+    last.setdefault("post-trial finished", last.get("train finished", 0.0))  # no after_trial: train ends it
+    if "train finished" not in last:
+        last.pop("post-trial finished")
+    out = {f"phase/{k}_s": last[b] - last[a] for k, (a, b) in SPANS.items() if a in last and b in last}
+    if "phase/trial_s" in out and "phase/train_s" in out:
+        out["phase/overhead_s"] = out["phase/trial_s"] - out["phase/train_s"]
+    return out

@@ -146,6 +146,26 @@ def _events(trial_dir) -> list[str]:
     return [json.loads(line)["event"] for line in p.read_text().splitlines()] if p.exists() else []
 
 
+def assert_phases(
+    trial_dir, until: str, after_trial: bool = True, missing: tuple[str, ...] = ()
+) -> list[str]:
+    """The trial's last attempt logged every phase event (``trial_status.PHASES``) up to ``until``, each
+    once and in order (``failed`` ends a failed attempt, after the last phase it reached)."""
+    from orchestrator.trial_status import PHASES
+
+    events = _events(trial_dir)
+    last = events[len(events) - 1 - events[::-1].index("trial started") :]
+    want = [p for p in PHASES if (after_trial or p not in POST_PHASES) and p not in missing]
+    want = want[: want.index(until) + 1]
+    seen = [e for e in last if e in PHASES]
+    assert seen == want, f"{trial_dir}: phases {seen}, expected {want}"
+    return last
+
+
+POST_PHASES = ("post-trial started", "merge_started", "merge_finished", "eval_started", "eval_finished",
+               "post-trial finished")  # fmt: skip
+
+
 def _csv_rows(path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -184,6 +204,8 @@ def test_quickstart_sweep_end_to_end(tmp_path):
             t.metrics["memory/estimate_gb"] / t.metrics["memory/train_gb"]
         )
         assert _events(t.trial_dir).count("train started") == 1
+        assert_phases(t.trial_dir, "logged")  # every phase, once, in order
+        assert t.metrics["phase/overhead_s"] > 0 and t.metrics["phase/train_s"] > 0
         status = json.loads((Path(t.trial_dir) / "status.json").read_text())
         assert status["status"] == "finished"
         assert (Path(t.trial_dir) / "final").is_dir() and (Path(t.trial_dir) / "eval.json").is_file()
@@ -282,6 +304,13 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
             assert t.status == "failed" and "no_such_data" in t.error, t.error
     assert bad_task.status == "failed" and "no_such_task_xyz" in bad_task.error, bad_task.error
     assert _events(bad_task.trial_dir).count("post-trial started") == 1  # it trained, then eval failed
+    # phase events of a failed trial: complete and ordered up to where it failed, then "failed"
+    phases = assert_phases(bad_task.trial_dir, "post-trial finished", missing=("eval_finished",))
+    assert phases[-1] == "failed"
+    for (data, _), t in by.items():
+        if data == bad:  # the Train job failed before its workers loaded a model
+            assert _events(t.trial_dir)[-1] == "failed" and "train started" in _events(t.trial_dir)
+    assert_phases(ok.trial_dir, "logged")
     for t in res.trials:
         status = json.loads((Path(t.trial_dir) / "status.json").read_text())
         assert status["status"] == t.status

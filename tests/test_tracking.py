@@ -370,7 +370,10 @@ def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
     assert run.data.metrics["best/memory/train_gb"] == pytest.approx(300 / 1024)
     assert run.data.tags["mlflow.note.content"].startswith("**Sweep `s`**")  # the parent's description
     # the UI opens the experiment on its runs (model development), not the GenAI overview
-    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (
+        client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
     assert tracker.child_run_ids() == children
     # metric names with '/' need backticks in search filters
     exp_id = tracker.experiment_id
@@ -419,3 +422,27 @@ def test_resume_closes_a_run_left_open_after_the_trial_committed(store, tmp_path
     assert "status.json" in [a.path for a in client.list_artifacts(run_id)]
     assert close_open_run(tracker, tmp_path, done) is False  # already closed: nothing to do
     assert len(client.get_metric_history(run_id, "eval/score")) == 1
+
+
+def test_phase_durations_of_the_last_attempt(tmp_path):
+    """``phase/<span>_s`` from a trial's events: the last attempt only, overhead = trial - train steps."""
+    from orchestrator.trial_status import EVENTS_FILE, PHASES, phase_durations
+
+    t = {name: 100.0 + i for i, name in enumerate(PHASES)}
+    rows = [
+        {"event": "trial started", "time": 1.0},
+        {"event": "train started", "time": 2.0},
+    ]  # an attempt killed
+    rows += [{"event": name, "time": t[name]} for name in PHASES]
+    (tmp_path / EVENTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = phase_durations(tmp_path)
+    assert d["phase/start_s"] == t["workers_ready"] - t["train started"]
+    assert d["phase/train_s"] == t["last_step"] - t["first_step"]
+    assert d["phase/trial_s"] == t["post-trial finished"] - t["trial started"]  # not the killed attempt's
+    assert d["phase/overhead_s"] == d["phase/trial_s"] - d["phase/train_s"]
+    assert d["phase/merge_s"] == 1.0 and d["phase/eval_s"] == 1.0
+    # without after_trial the trial ends when training does; missing events leave their spans out
+    short = [r for r in rows[2:] if r["event"] in PHASES[:9]]
+    (tmp_path / EVENTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in short))
+    d = phase_durations(tmp_path)
+    assert d["phase/trial_s"] == t["train finished"] - t["trial started"] and "phase/merge_s" not in d

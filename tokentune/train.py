@@ -109,8 +109,14 @@ def train(
     resume_from: str | Path | None = None,
     device: torch.device | None = None,
     progress: bool = False,
+    on_phase: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune ``cfg.model`` with ``cfg.methods`` on ``cfg.data``; see the module docstring."""
+    """Fine-tune ``cfg.model`` with ``cfg.methods`` on ``cfg.data``; see the module docstring.
+
+    ``on_phase(name)`` (timing, e.g. a trial's events) is called with ``model_loaded``, ``first_step``
+    (the first optimizer step of this call done), ``last_step`` and ``final_saved``.
+    """
+    phase = on_phase or (lambda name: None)
     t_start = time.perf_counter()
     tc = cfg.train
     rank, world = dist_info()
@@ -128,6 +134,7 @@ def train(
     tokenizer = load_tokenizer(cfg.model)
     model = methods.prepare(load_model(cfg.model, methods.load_kwargs(), device=device))
     model.train()
+    phase("model_loaded")
 
     # ---- data --------------------------------------------------------------------------------
     train_ds, val_ds = load_splits(cfg.data, tokenizer, seed=tc.seed)
@@ -216,6 +223,8 @@ def train(
             ),
         )
         meter.end_step()
+        if step == start_step:
+            phase("first_step")
         losses.append(step_loss)
         if not math.isfinite(step_loss):
             raise FloatingPointError(
@@ -254,8 +263,10 @@ def train(
             report(metrics, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None)
 
     # ---- final artifact --------------------------------------------------------------------------
+    phase("last_step")
     final_dir = out_dir / "final"
     is_adapter = save_final(engine.model, tokenizer, final_dir, zero, rank)
+    phase("final_saved")
     digest = state_digest(trainable_state(engine.model, zero))
     wall = time.perf_counter() - t_start
     tokens = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
