@@ -102,10 +102,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(result.plan_text)
         return 0
-    failed = [t for t in result.trials if t.status != "finished"]
-    print(
-        f"sweep {result.name}: {len(result.trials) - len(failed)} finished, {len(failed)} failed -> {result.sweep_dir}"
-    )
+    counts = {
+        s: sum(t.status == s for t in result.trials) for s in ("finished", "stopped", "failed", "pending")
+    }
+    parts = [f"{counts['finished']} finished"]
+    parts += [f"{counts['stopped']} stopped early (scheduler or time limit)"] if counts["stopped"] else []
+    parts += [f"{counts['failed']} failed"] + ([f"{counts['pending']} not run"] if counts["pending"] else [])
+    print(f"sweep {result.name}: {', '.join(parts)} -> {result.sweep_dir}")
+    failed = [t for t in result.trials if t.status == "failed"]
     # (the results table and the best trial were printed by the sweep itself)
     if result.results_csv:
         print(f"results: {result.results_csv} and pareto.png beside it")

@@ -113,3 +113,25 @@ def test_tokentune_cli_runs_without_the_orchestrator(tiny_workspace, tmp_path, c
         text=True,
     )
     assert r.stdout.strip() == "False False", r.stderr[-2000:]
+
+
+def test_sweep_summary_counts_stopped_trials_apart_from_failed(monkeypatch, capsys):
+    """Trials an ASHA scheduler stopped early are reported as stopped, not failed; the last lines say
+    where the results and the MLflow compare view are."""
+    import orchestrator.api as api
+    from orchestrator.results import SweepResult, TrialResult
+
+    trials = [TrialResult(f"t{i}", {}, {}, s) for i, s in enumerate(["finished"] * 6 + ["stopped"] * 2)]
+    result = SweepResult(
+        name="joint", sweep_dir="/s/joint", trials=trials, results_csv="/s/joint/results.csv",
+        tracking_uri="sqlite:////s/joint/mlflow.db", mlflow_compare_url="http://127.0.0.1:5000/#/compare-runs?x",
+    )  # fmt: skip
+    monkeypatch.setattr(api, "run_sweep", lambda *a, **k: result)
+    assert main(["sweep", "search_spaces/joint_search.yaml"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        out[0] == "sweep joint: 6 finished, 2 stopped early (scheduler or time limit), 0 failed -> /s/joint"
+    )
+    assert out[1] == "results: /s/joint/results.csv and pareto.png beside it"
+    assert "mlflow ui --backend-store-uri sqlite:////s/joint/mlflow.db --host 127.0.0.1" in out[2]
+    assert out[3].strip() == "http://127.0.0.1:5000/#/compare-runs?x"
