@@ -8,6 +8,7 @@ so no process group leaks into other tests).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import re
@@ -38,6 +39,8 @@ from tokentune.methods.sparse_layers import (
     GROUP_KEY,
     adapter_output_modules,
     find_decoder_layers,
+    probe_losses,
+    probe_plan,
     scaled_outputs,
 )
 
@@ -593,6 +596,185 @@ def test_composes_with_tokentune():
             if layer_of(n) not in r["active"]:
                 assert torch.equal(before, r["after"][n])
     assert ist.probe_losses
+
+
+# ---- probe rounds with shared layer prefixes ---------------------------------------------------
+def test_probe_plan_orders_patterns_and_starts_at_the_first_difference():
+    patterns = [(1, 0, 1, 0), (0, 1, 1, 0), (1, 1, 0, 0), (0, 1, 0, 1), (0, 0, 1, 1)]
+    patterns = [tuple(bool(b) for b in p) for p in patterns]
+    plan = probe_plan(patterns)
+    assert [k for k, _ in plan] == [4, 3, 1, 0, 2]  # lexicographic
+    assert [start for _, start in plan] == [0, 1, 2, 0, 1]  # first layer differing from the previous
+    # every distinct prefix (trie node) of the patterns is computed exactly once
+    computed = sum(len(patterns[k]) - start for k, start in plan)
+    assert computed == len({p[:d] for p in patterns for d in range(1, 5)})
+    assert probe_plan([patterns[0]]) == [(0, 0)] and probe_plan([]) == []
+
+
+def full_probe_losses(model, batch, sets, modules, factor=0.25):
+    """The reference: one complete forward per suppression set."""
+    losses = []
+    with torch.no_grad():
+        for s in sets:
+            with scaled_outputs([m for j in s for m in modules[j]], factor):
+                losses.append(model(**batch).loss.float())
+    return losses
+
+
+def count_layer_runs(layers):
+    """Counts each layer's attention calls (a hook on a sub-module leaves the fast path on)."""
+    runs = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.self_attn.register_forward_pre_hook(lambda *_a, i=i: runs.__setitem__(i, runs[i] + 1))
+    return runs
+
+
+def quantized_adapted_model(tmp_path, num_layers):
+    """A 4-bit (bitsandbytes NF4) tiny Llama with LoRA, as QLoRA loads it (CPU)."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from tokentune.methods.qlora import QLoRA, QLoraSettings
+
+    make_tiny_causal_lm(num_layers=num_layers, hidden=64, heads=4, kv_heads=2, vocab=64).save_pretrained(
+        tmp_path
+    )
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant)
+    model = QLoRA(QLoraSettings(compute_dtype="float32")).prepare(model)
+    model = LoRA(LoraSettings(rank=4)).prepare(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "qlora"])
+def test_shared_prefix_probe_losses_are_bit_identical(adapter, tmp_path):
+    """Every set of 2 of 5 layers: the shared-prefix losses equal full forwards bit for bit."""
+    if adapter == "qlora":
+        model = quantized_adapted_model(tmp_path, 5)
+    else:
+        model = adapted_model(5, dora=adapter == "dora")
+    model.eval()
+    layers = find_decoder_layers(model)
+    modules = [adapter_output_modules(layer) for layer in layers]
+    batch = make_batch(3)
+    sets = [list(c) for c in itertools.combinations(range(5), 2)]
+    want = full_probe_losses(model, batch, sets, modules)
+    assert len({float(x) for x in want}) > len(want) // 2  # the sets really differ
+    runs = count_layer_runs(layers)
+    with torch.no_grad():
+        got = probe_losses(
+            model, batch, layers, sets, [[m for j in s for m in modules[j]] for s in sets], 0.25
+        )
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), (got, want)
+    plan = probe_plan([tuple(i in s for i in range(5)) for s in sets])
+    assert sum(runs) == sum(5 - start for _, start in plan) < 5 * len(sets)  # layers were skipped
+    assert runs[0] < len(sets) and runs[4] == len(sets)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_probe_rounds_shared_and_full_give_identical_scores(dora):
+    """IST's probe rounds on a fixed seed: losses and scores bit-identical with and without sharing."""
+    settings = ISTSettings(budget=2, start_step=0, update_every=1, probe_sets=4, seed=5)
+    results = {}
+    for share in (False, True):
+        ist = IST(settings)
+        ist.share_probe_prefix = share
+        model = ist.prepare(adapted_model(6, dora=dora))
+        model.train()
+        rounds = []
+        for step in range(6):
+            ctx = StepContext(
+                step=step, model=model, probe_batch=lambda size, step=step: make_batch(step, size)
+            )
+            rounds.append((ist.probe(ctx), ist.scores.clone(), ist.last_probe_sets))
+            assert model.training
+        results[share] = rounds
+    for (la, sa, pa), (lb, sb, pb) in zip(results[False], results[True]):
+        assert pa == pb and torch.equal(la, lb) and torch.equal(sa, sb)
+    assert not torch.equal(results[True][-1][1], torch.zeros(6, dtype=torch.float64))
+
+
+def test_probe_falls_back_to_full_forwards_with_layer_hooks():
+    model = adapted_model(4).eval()
+    layers = find_decoder_layers(model)
+    modules = [adapter_output_modules(layer) for layer in layers]
+    sets = [[0, 1], [0, 2], [1, 3]]
+    want = full_probe_losses(model, make_batch(2), sets, modules)
+    calls = [0]
+    handle = layers[2].register_forward_hook(lambda *_a: calls.__setitem__(0, calls[0] + 1))  # e.g. ZeRO-3
+    runs = count_layer_runs(layers)
+    with torch.no_grad():
+        got = probe_losses(
+            model, make_batch(2), layers, sets, [[m for j in s for m in modules[j]] for s in sets], 0.25
+        )
+    handle.remove()
+    assert runs == [3, 3, 3, 3] and calls[0] == 3
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class _Chain(torch.nn.Module):
+    """A toy LM; with ``rebuild`` its layers are no plain chain (a new hidden tensor between layers)."""
+
+    def __init__(self, rebuild: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(64, 16)
+        self.layers = torch.nn.ModuleList(_Block() for _ in range(3))
+        self.head = torch.nn.Linear(16, 64)
+        self.rebuild = rebuild
+
+    def forward(self, input_ids, labels, **_):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+            x = x * 1.0 if self.rebuild else x
+        loss = torch.nn.functional.cross_entropy(self.head(x).flatten(0, 1), labels.flatten())
+        return type("Out", (), {"loss": loss})()
+
+
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_probe_checks_the_layer_chain_before_skipping(rebuild):
+    model = _Chain(rebuild)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(0, 64, (2, 5), generator=g),
+        "labels": torch.randint(0, 64, (2, 5), generator=g),
+    }
+    modules = [[block.lin] for block in model.layers]
+    sets = [[1], [1, 2], [0, 2]]  # plan: 010 from 0, 011 from layer 2, 101 from 0
+    want = full_probe_losses(model, batch, sets, modules)
+    runs = [0, 0, 0]
+    for i, block in enumerate(model.layers):
+        block.lin.register_forward_pre_hook(lambda *_a, i=i: runs.__setitem__(i, runs[i] + 1))
+    with torch.no_grad():
+        got = probe_losses(
+            model, batch, model.layers, sets, [[m for j in s for m in modules[j]] for s in sets], 0.25
+        )
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert runs == ([3, 3, 3] if rebuild else [2, 2, 3])
+    # a suppressed module that is a whole layer: a skipped layer with a hook is never skipped
+    layers = [[block] for block in model.layers]
+    want = full_probe_losses(model, batch, [[0], [0, 1]], layers)
+    with torch.no_grad():
+        got = probe_losses(
+            model, batch, model.layers, [[0], [0, 1]], [layers[0], layers[0] + layers[1]], 0.25
+        )
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 # ---- DeepSpeed ZeRO-2 / ZeRO-3 (one subprocess each) ---------------------------------------------

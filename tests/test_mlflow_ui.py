@@ -9,7 +9,6 @@ skipped when Chromium is missing. Uses selenium when installed, else plain ``chr
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -17,7 +17,9 @@ from tokentune.methods.token_select import (
     TokenTune,
     TokenTuneSettings,
     num_selected,
+    select_labelled,
     select_tokens,
+    supervised_positions,
     tokentune_loss,
 )
 from tokentune.methods.token_select_decoder import selected_logits
@@ -463,3 +465,157 @@ def test_unsupported_architecture_is_a_clear_error():
     with pytest.raises(ConfigError) as err:
         TokenTune(TokenTuneSettings()).prepare(model)
     assert "GPT2LMHeadModel" in str(err.value) and all(name in str(err.value) for name in SUPPORTED)
+
+
+# ---- select: labelled (our extension) ------------------------------------------------------------
+def sft_batch(rows=64, length=40, seed=0, left_pad=False):
+    """Random lengths and prompt lengths; labels -100 on the prompt and padding (short answers)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (rows,), generator=g)
+    answers = torch.minimum(torch.randint(0, 6, (rows,), generator=g), lengths)
+    pos = torch.arange(length)[None]
+    if left_pad:
+        start = length - lengths[:, None]
+        mask, answer = pos >= start, pos >= length - answers[:, None]
+    else:
+        mask, answer = (
+            pos < lengths[:, None],
+            (pos < lengths[:, None]) & (pos >= (lengths - answers)[:, None]),
+        )
+    ids = torch.randint(3, VOCAB, (rows, length), generator=g).masked_fill(~mask, 0)
+    labels = ids.masked_fill(~answer, -100)
+    return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+
+
+@pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
+def test_labelled_selection_rules(left_pad):
+    batch = sft_batch(left_pad=left_pad)
+    mask, labels = batch["attention_mask"], batch["labels"]
+    real = mask.bool()
+    sup = supervised_positions(labels, mask)
+    # a position predicts a supervised label when its next token is real and labelled (shifted)
+    assert torch.equal(sup[:, :-1], real[:, :-1] & real[:, 1:] & (labels[:, 1:] != -100))
+    assert not sup[:, -1].any()
+    rows = torch.arange(mask.shape[0])
+    first = real.long().argmax(1)
+    last = mask.shape[1] - 1 - real.flip(1).long().argmax(1)
+    g = torch.Generator().manual_seed(0)
+    for ratio, count in [(0.1, None), (0.3, None), (0.77, None), (1.0, None), (None, 2), (None, 5)]:
+        sel = select_labelled(mask, labels, ratio, count, generator=g)
+        assert sel.dtype == torch.bool and sel.shape == mask.shape
+        assert torch.equal(sel.sum(1), num_selected(real.sum(1), ratio, count))  # same k as uniform
+        assert sel[rows, first].all() and sel[rows, last].all()  # first and last real token forced
+        assert not (sel & ~real).any()  # never padding
+        forced = torch.zeros_like(real)
+        forced[rows, first] = forced[rows, last] = True
+        free = sel.sum(1) - forced.sum(1)  # slots left after first/last
+        sup_free = sup & ~forced
+        # priority: supervised positions fill the free slots first, all of them when they fit
+        assert torch.equal((sel & sup_free).sum(1), torch.minimum(free, sup_free.sum(1)))
+        others_taken = (sel & real & ~sup & ~forced).any(1)
+        assert not (others_taken & (sup_free & ~sel).any(1)).any()
+    # every supervised position gets selected when the answer fits into k
+    fits = select_labelled(mask, labels, count=8, generator=g)
+    assert not (sup & ~fits)[sup.sum(1) <= 6].any()
+
+
+def test_labelled_draws_uniformly_within_each_tier():
+    """More supervised positions than free slots: each is drawn about equally often; same for the rest."""
+    ids = torch.arange(3, 23)[None]
+    labels = torch.full_like(ids, -100)
+    labels[0, 11:] = ids[0, 11:]  # positions 10..18 predict a label (9 of them), 1..9 do not
+    mask = torch.ones_like(ids)
+    g = torch.Generator().manual_seed(0)
+    hits = sum(select_labelled(mask, labels, count=6, generator=g).long() for _ in range(2000))[0]
+    assert hits[0] == hits[19] == 2000 and hits[1:10].sum() == 0  # 4 free slots < 9 supervised
+    assert hits[10:19].sum() == 4 * 2000
+    assert (hits[10:19] - 2000 * 4 / 9).abs().max() < 120
+    hits = sum(select_labelled(mask, labels, count=14, generator=g).long() for _ in range(2000))[0]
+    assert (hits[10:19] == 2000).all() and hits[1:10].sum() == 3 * 2000  # 12 free: 9 + 3 uniform rest
+    assert (hits[1:10] - 2000 * 3 / 9).abs().max() < 120
+
+
+def test_labelled_is_deterministic_from_the_seed():
+    batch = sft_batch()
+    mask, labels = batch["attention_mask"], batch["labels"]
+    a = [select_labelled(mask, labels, 0.3, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+    g = torch.Generator().manual_seed(7)
+    assert not torch.equal(
+        select_labelled(mask, labels, 0.3, generator=g), select_labelled(mask, labels, 0.3, generator=g)
+    )
+    # the same generator consumption as the uniform rule (B * L uniforms per call)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    select_labelled(mask, labels, 0.3, generator=g1)
+    select_tokens(mask, 0.3, generator=g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    # no supervised position: exactly the uniform rule's draw
+    none = torch.full_like(labels, -100)
+    torch.testing.assert_close(
+        select_labelled(mask, none, 0.3, generator=torch.Generator().manual_seed(5)),
+        select_tokens(mask, 0.3, generator=torch.Generator().manual_seed(5)),
+    )
+
+
+def test_labelled_checkpoint_round_trip_and_metrics():
+    batch = make_batch(prompt=11)  # short answers: 3 of 14 tokens labelled, none in the others
+    model = make_tiny_causal_lm("llama").train()
+    cfg = TokenTuneSettings(ratio=0.3, seed=11, select="labelled")
+    first = TokenTune(cfg)
+    first.prepare(model)
+    first.on_step_start(None)
+    loss = first.compute_loss(model, batch, None)
+    assert torch.isfinite(loss)
+    metrics = first.metrics()
+    assert metrics["tokentune/label_coverage"] == 1.0  # every supervised position fits into k
+    assert metrics["tokentune/selected_tokens"] == int(num_selected(torch.tensor(LENGTHS), 0.3).sum())
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    mask, labels = batch["attention_mask"], batch["labels"]
+    expected = [select_labelled(mask, labels, 0.3, generator=first.generator) for _ in range(3)]
+    resumed = TokenTune(TokenTuneSettings(ratio=0.3, seed=11, select="labelled"))
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf))
+    resumed.prepare(model)
+    got = [select_labelled(mask, labels, 0.3, generator=resumed.generator) for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(expected, got))
+    # the uniform rule reports coverage too (here: less than all supervised positions, on average)
+    uniform = TokenTune(TokenTuneSettings(ratio=0.3, seed=11))
+    covered = []
+    for _ in range(20):
+        uniform.on_step_start(None)
+        uniform.compute_loss(model, batch, None)
+        covered.append(uniform.metrics()["tokentune/label_coverage"])
+    assert all(0 <= c <= 1 for c in covered) and sum(covered) / len(covered) < 1
+
+
+def test_labelled_trains_and_is_searchable():
+    configs = {"lora": LORA, "tokentune": {"ratio": 0.3, "select": "labelled"}}
+    train(make_tiny_causal_lm("llama"), ["lora", "tokentune"], configs, make_batch(prompt=11))
+    from orchestrator.spec import parse_spec
+    from orchestrator.spec_parts import SpecError
+    from orchestrator.validate import validate_spec
+
+    base = {"methods": ["lora", "tokentune"]}
+    spec = parse_spec(
+        {"name": "sel", "base": base, "search": {"tokentune.select": {"grid": ["uniform", "labelled"]}}}
+    )
+    assert [c.method_configs["tokentune"].select for c in spec.trial_configs()] == ["uniform", "labelled"]
+    validate_spec(spec, check_inputs=False)
+    typo = parse_spec({"name": "sel", "base": base, "search": {"tokentune.select": {"grid": ["labeled"]}}})
+    with pytest.raises(SpecError, match=r"search\.tokentune\.select: value 'labeled' is not accepted"):
+        validate_spec(typo, check_inputs=False)
+
+
+def test_labelled_settings_and_encoder_errors():
+    assert TokenTuneSettings().select == "uniform"
+    with pytest.raises(
+        ConfigError, match=r"tokentune\.select='random' is invalid: expected one of uniform, labelled"
+    ):
+        TokenTuneSettings(select="random")
+    with pytest.raises(ConfigError, match=r"tokentune\.select"):
+        RunConfig.from_dict({"methods": ["lora", "tokentune"], "tokentune": {"select": "labeled"}})
+    method = TokenTune(TokenTuneSettings(select="labelled"))
+    with pytest.raises(ConfigError, match=r"tokentune\.select='labelled' needs per-token labels"):
+        method.prepare(make_encoder("bert"))
+    TokenTune(TokenTuneSettings(select="uniform")).prepare(make_encoder("bert"))  # the paper's rule works

@@ -11,7 +11,8 @@ of the suppressed layers by ``score_lr * r_j * p (1 - p)`` with the centred rewa
 public IST code has no RST file; this is our definition).
 
 This module holds the settings and the registered methods (when things happen); the math is in
-``layer_sampling`` and the per-step layer freezing (DeepSpeed-safe) in ``sparse_layers``.
+``layer_sampling``; the per-step layer freezing (DeepSpeed-safe) and the probe forwards
+(``probe_losses``: the K probes share the layers below their first difference) in ``sparse_layers``.
 
 Scope: IST needs peft LoRA/DoRA adapters inside the layers (suppression scales adapter outputs). RST
 works with lora, dora and full fine-tuning (layer-wise; parameters outside the layers always train).
@@ -43,8 +44,8 @@ from tokentune.methods.sparse_layers import (
     adapter_output_modules,
     find_decoder_layers,
     pause_groups,
+    probe_losses,
     restore_groups,
-    scaled_outputs,
     trainable_leaves,
 )
 from tokentune.settings import setting
@@ -182,13 +183,14 @@ class _SparseLayerTuning(Method):
         self.last_probe_sets: list[list[int]] = []  # model layer indices suppressed in the last probe round
         self.probe_s = 0.0  # probe wall time in the last completed step
         self.probe_s_total = 0.0
+        self._layers: nn.ModuleList | None = None
         self._stop = GradientStop()
         self._paused: list[tuple[dict, Any, Any]] = []
         self._pending_state: dict[str, Any] | None = None
 
     # ---- hooks ---------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        layers = find_decoder_layers(model)
+        layers = self._layers = find_decoder_layers(model)
         self.layer_index, self._leaves, self._adapter_outputs = [], [], []
         for i, layer in enumerate(layers):
             leaves = trainable_leaves(layer)
@@ -307,6 +309,9 @@ class IST(_SparseLayerTuning):
     requires_any = ("lora", "dora")
     conflicts = ("rst",)
     probes = True
+    #: run the K probes from the first layer where their suppressed sets differ (``probe_losses``);
+    #: False: a full forward per probe (the same losses, bit for bit; kept for tests and comparisons)
+    share_probe_prefix: bool = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = super().prepare(model)
@@ -327,15 +332,21 @@ class IST(_SparseLayerTuning):
         sets = sample_suppression_sets(self.scores, c.probe_sets, self.n_suppress, self.generator)
         batch = _probe_inputs(_draw_probe_batch(ctx.probe_batch, c.probe_batch_size), ctx.device)
         model = ctx.model
+        suppressed = [[self.layer_index[j] for j in layer_set.tolist()] for layer_set in sets]
+        modules = [[m for j in layer_set.tolist() for m in self._adapter_outputs[j]] for layer_set in sets]
         was_training = model.training
         model.eval()
-        losses = []
         try:
             with torch.no_grad(), ctx.autocast() if ctx.autocast is not None else contextlib.nullcontext():
-                for layer_set in sets:
-                    modules = [m for j in layer_set.tolist() for m in self._adapter_outputs[j]]
-                    with scaled_outputs(modules, c.suppress_factor):
-                        losses.append(model(**batch).loss.detach().float())
+                losses = probe_losses(
+                    model,
+                    batch,
+                    self._layers,
+                    suppressed,
+                    modules,
+                    c.suppress_factor,
+                    self.share_probe_prefix,
+                )
         finally:
             model.train(was_training)
         loss_t = torch.stack(losses)
@@ -347,7 +358,7 @@ class IST(_SparseLayerTuning):
         loss_t = loss_t.cpu()
         self.scores = update_scores(self.scores, sets, centred_rewards(loss_t), c.score_lr)
         self.probe_losses = loss_t.tolist()
-        self.last_probe_sets = [[self.layer_index[j] for j in layer_set.tolist()] for layer_set in sets]
+        self.last_probe_sets = suppressed
         self.probe_s = time.perf_counter() - t0
         self.probe_s_total += self.probe_s
         return loss_t

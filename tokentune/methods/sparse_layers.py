@@ -1,6 +1,6 @@
 """The model and optimizer plumbing of IST/RST: find the decoder layers, freeze a layer for one
 step in a way that works with plain PyTorch and under DeepSpeed ZeRO, and scale adapter outputs
-(IST's suppression probes).
+(IST's suppression probes, run by ``probe_losses`` with shared layer prefixes).
 
 Toggling ``requires_grad`` per step breaks DeepSpeed's gradient partitioning, so a layer is frozen
 for a step like this instead:
@@ -28,6 +28,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from tokentune.errors import ConfigError
@@ -166,3 +167,154 @@ def restore_groups(paused: list[tuple[dict, Any, Any]]) -> None:
             g["lr"] = lr
         if wd is not None:
             g["weight_decay"] = wd
+
+
+# ---- IST's probe forwards ------------------------------------------------------------------------
+def probe_plan(patterns: list[tuple[bool, ...]]) -> list[tuple[int, int]]:
+    """The order to run the probes in and the layer each starts at: ``[(probe, start layer), ...]``.
+
+    ``patterns[k][i]``: probe k suppresses layer i. Below the first layer where two probes' patterns
+    differ their forwards are identical, so in lexicographic order each probe starts where it first
+    differs from the probe run before it, from that probe's input to that layer; every shared prefix
+    of layers is then computed once (the first probe starts at 0).
+    """
+    order = sorted(range(len(patterns)), key=lambda k: patterns[k])
+    plan, prev = [], None
+    for k in order:
+        start = 0
+        if prev is not None:
+            while start < len(patterns[k]) and patterns[k][start] == prev[start]:
+                start += 1
+            start = min(start, len(patterns[k]) - 1)  # equal patterns: still run the top layer
+        plan.append((k, start))
+        prev = patterns[k]
+    return plan
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> Any:
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def _plain_layers(layers: nn.ModuleList) -> bool:
+    """No forward hooks (global or on a layer) and no instance-level ``forward`` (accelerate's hooks)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return False
+    return not any(x._forward_hooks or x._forward_pre_hooks or "forward" in x.__dict__ for x in layers)
+
+
+class _ChainCheck:
+    """Checks, as a forward runs, that layers 0..n-1 are called once each, in order, each one's input
+    being the previous one's output object (a tensor); holds no more than the last output."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls, self.good, self.last = n, [], True, None
+
+    def enter(self, i: int, _m: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _hidden_arg(args, kwargs)
+        self.calls.append(("in", i))
+        self.good &= isinstance(x, torch.Tensor) and (i == 0 or x is self.last)
+        self.last = None
+
+    def leave(self, i: int, _m: nn.Module, _args: tuple, out: Any) -> None:
+        self.calls.append(("out", i))
+        self.good &= isinstance(out, torch.Tensor)
+        self.last = out
+
+    def held(self) -> bool:
+        self.last = None
+        return self.good and self.calls == [(kind, i) for i in range(self.n) for kind in ("in", "out")]
+
+
+class _PrefixRunner:
+    """Runs ``model(**batch)`` from layer ``start``: the layers below it are skipped (they return the
+    input of layer ``start`` captured in an earlier run) and the inputs of the layers in ``needed``
+    above ``start`` are captured for later runs.
+
+    Entry d of ``inputs`` is the input of layer d under the suppression pattern of the latest run
+    (a run from ``start`` leaves the entries d <= start valid: below ``start`` its pattern is the
+    previous run's). The first run (start 0) also checks the protocol the skipping relies on: the
+    model calls its layers once each, in order, each layer's input being the previous layer's output
+    object (a tensor), as transformers 5.x Llama-style decoders do; ``ok`` is False otherwise.
+    """
+
+    def __init__(self, layers: nn.ModuleList, needed: set[int]) -> None:
+        self.layers = layers
+        self.needed = needed
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.ok = True
+
+    @contextlib.contextmanager
+    def run(self, start: int) -> Iterator[None]:
+        handles, found = [], {}
+        chain = _ChainCheck(len(self.layers))
+        if start == 0:  # check the layer protocol on this full forward
+            for i, layer in enumerate(self.layers):
+                handles.append(
+                    layer.register_forward_pre_hook(functools.partial(chain.enter, i), with_kwargs=True)
+                )
+                handles.append(layer.register_forward_hook(functools.partial(chain.leave, i)))
+        else:
+            cached = self.inputs[start]
+            for layer in self.layers[:start]:
+                layer.forward = lambda *_a, **_k: cached
+        for d in sorted(x for x in self.needed if x > start):
+            hook = functools.partial(self._capture, found, d)
+            handles.append(self.layers[d].register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for layer in self.layers[:start]:
+                del layer.forward
+        if start == 0:
+            self.ok = self.ok and chain.held()
+        for d in (x for x in self.needed if x > start):
+            if len(found.get(d, ())) != 1 or not isinstance(found[d][0], torch.Tensor):
+                self.ok = False
+            else:
+                self.inputs[d] = found[d][0]
+
+    @staticmethod
+    def _capture(found: dict, d: int, _m: nn.Module, args: tuple, kwargs: dict) -> None:
+        found.setdefault(d, []).append(_hidden_arg(args, kwargs))
+
+
+def probe_losses(
+    model: nn.Module,
+    batch: dict[str, Any],
+    layers: nn.ModuleList,
+    suppressed: list[list[int]],
+    modules: list[list[nn.Module]],
+    factor: float,
+    share_prefix: bool = True,
+) -> list[torch.Tensor]:
+    """The loss of ``model(**batch)`` with each set's ``modules`` outputs scaled by ``factor``.
+
+    ``suppressed[k]``: the indices into ``layers`` that probe k suppresses (their adapter-output
+    modules: ``modules[k]``). Runs under the caller's grad mode and autocast; returns detached float32
+    losses in the order of ``suppressed``. With ``share_prefix`` (the default) the probes run in
+    ``probe_plan``'s order and skip the layers they share with earlier probes, starting from a
+    captured layer input: the same computation on the same inputs, hence bit-identical losses. It
+    falls back to a full forward per probe when a layer or the process has forward hooks (e.g.
+    DeepSpeed ZeRO-3's parameter gathering) or an instance-level forward (accelerate's offloading),
+    or when the model does not call its layers as a plain chain (checked on the first, full forward).
+    """
+    n = len(layers)
+    patterns = [tuple(i in set(s) for i in range(n)) for s in suppressed]
+    losses: list[torch.Tensor | None] = [None] * len(suppressed)
+    plan = probe_plan(patterns) if share_prefix and _plain_layers(layers) else []
+    runner = _PrefixRunner(layers, {start for _, start in plan if start > 0})
+    for k, start in plan:
+        with scaled_outputs(modules[k], factor):
+            if start > 0 and not (runner.ok and _plain_layers(layers[:start])):
+                break  # a skipped layer would run hooks (or the chain check failed): full forwards
+            with runner.run(start):
+                losses[k] = model(**batch).loss.detach().float()
+    for k, loss in enumerate(losses):  # the fallback: a full forward per probe
+        if loss is None:
+            with scaled_outputs(modules[k], factor):
+                losses[k] = model(**batch).loss.detach().float()
+    return losses  # type: ignore[return-value]

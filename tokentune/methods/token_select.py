@@ -1,7 +1,8 @@
 """TokenTune: backpropagate through a random subset of tokens (Simoulin et al., EMNLP 2024).
 
 Per sequence and micro-batch a subset S of real (unpadded) token positions is drawn
-(``select_tokens``); the rest R get no gradient. The split forward computes every token exactly as
+(``select_tokens``: the paper's uniform rule; ``select_labelled``: our label-aware extension, same k);
+the rest R get no gradient. The split forward computes every token exactly as
 the stock model does, but runs R's rows of every layer under ``torch.no_grad()``, so only S's
 activations (plus the keys and values S attends to) are saved for backward.
 
@@ -23,7 +24,7 @@ from torch import nn
 from tokentune.errors import ConfigError, is_int, is_number
 from tokentune.methods.base import Method, StepContext, register
 from tokentune.methods.split_forward import first_last_real, unwrap_model
-from tokentune.methods.token_select_decoder import tokentune_decoder_loss
+from tokentune.methods.token_select_decoder import IGNORE_INDEX, next_token_targets, tokentune_decoder_loss
 from tokentune.methods.token_select_encoder import tokentune_encoder_loss
 from tokentune.settings import setting
 
@@ -36,6 +37,7 @@ DECODERS = (
 )
 ENCODERS = ("BertForSequenceClassification", "RobertaForSequenceClassification")
 SUPPORTED = DECODERS + ENCODERS
+SELECT_RULES = ("uniform", "labelled")
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -47,8 +49,11 @@ class TokenTuneSettings:
         k = ceil(ratio * n) (with a 1e-9 tolerance, so 0.3 * 10 gives 3), at least min(n, 2), at most n.
     count: a fixed number of tokens per sequence (>= 2): k = min(count, n). When set, it takes
         precedence and ``ratio`` is reset to None, so a saved config shows the rule that applied.
-    The first and last real tokens are always among the k; the other k - 2 are drawn uniformly
-    without replacement, redrawn for every micro-batch from a dedicated generator seeded by ``seed``.
+    The first and last real tokens are always among the k; the other k - 2 are drawn without
+    replacement, redrawn for every micro-batch from a dedicated generator seeded by ``seed``:
+    select: ``uniform`` (the paper's rule) draws them uniformly; ``labelled`` (our extension, not the
+        paper's; decoders only) draws the positions that predict a supervised label first (all of
+        them when they fit), then uniformly among the others. Same k, so the same memory.
     """
 
     ratio: float | None = setting(
@@ -58,8 +63,17 @@ class TokenTuneSettings:
     )
     count: int | None = setting(None, "a fixed number of tokens per sequence (>= 2) instead of a ratio")
     seed: int = setting(0, "seed of the dedicated selection generator (saved in checkpoints)")
+    select: str = setting(
+        "uniform",
+        "which k tokens: uniform (the paper's rule) or labelled (ours, decoders only: positions that "
+        "predict a supervised label first, same k)",
+    )
 
     def __post_init__(self) -> None:
+        if self.select not in SELECT_RULES:
+            raise ConfigError(
+                f"tokentune.select={self.select!r} is invalid: expected one of {', '.join(SELECT_RULES)}"
+            )
         if self.count is not None:
             if not (is_int(self.count) and self.count >= 2):
                 raise ConfigError(
@@ -107,15 +121,47 @@ def select_tokens(
     per call, so the same generator state and batch shape give the same mask on any device.
     """
     real = attention_mask.detach().to("cpu", torch.bool)
-    k = num_selected(real.sum(1), ratio, count)
     scores = torch.rand(real.shape, generator=generator)
+    return _lowest_k(scores, real, num_selected(real.sum(1), ratio, count)).to(attention_mask.device)
+
+
+def _lowest_k(scores: torch.Tensor, real: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row, the k positions of lowest score, the first and last real token forced, never padding."""
     scores = torch.where(real, scores, math.inf)  # padding last: never among the k smallest (k <= n)
     first, last = first_last_real(real)
     rows = torch.arange(real.shape[0])
     scores[rows, first] = torch.where(real[rows, first], -1.0, scores[rows, first])
     scores[rows, last] = torch.where(real[rows, last], -1.0, scores[rows, last])
     rank = scores.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-    return (rank < k[:, None]).to(attention_mask.device)
+    return rank < k[:, None]
+
+
+def supervised_positions(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """BoolTensor[B, L] (CPU): real positions i whose logits carry loss in a decoder, i.e. whose next
+    token i + 1 is real and labelled (``labels[b, i + 1] != -100``), as ``tokentune_decoder_loss``."""
+    real = attention_mask.detach().to("cpu", torch.bool)
+    targets = next_token_targets(labels.detach().cpu(), real)
+    return real & (targets != IGNORE_INDEX)
+
+
+def select_labelled(
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    ratio: float | None = None,
+    count: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``tokentune.select: labelled`` (our extension): BoolTensor[B, L] on ``attention_mask``'s device.
+
+    The same k per sequence as ``select_tokens``, in this order of priority: the first and last real
+    token; the positions that predict a supervised label (``supervised_positions``), uniformly among
+    them when they do not all fit; then the other real tokens uniformly. Draws the same B * L CPU
+    uniforms from ``generator`` as ``select_tokens``.
+    """
+    real = attention_mask.detach().to("cpu", torch.bool)
+    u = torch.rand(real.shape, generator=generator)  # [0, 1): supervised keep u, the others 1 + u
+    scores = torch.where(supervised_positions(labels, real), u, 1.0 + u)
+    return _lowest_k(scores, real, num_selected(real.sum(1), ratio, count)).to(attention_mask.device)
 
 
 # ---- the split-forward loss --------------------------------------------------------------------
@@ -174,18 +220,25 @@ class TokenTune(Method):
     def __init__(self, config: TokenTuneSettings) -> None:
         super().__init__(config)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self._selected = self._real = 0
+        self._selected = self._real = self._supervised = self._covered = 0
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Fail before training on an unsupported architecture; the model is returned unchanged.
 
         The generator is created (seeded) in ``__init__``, so ``load_state_dict`` may come before or after.
         """
-        check_supported(model)
+        self._check_select(check_supported(model))
         return model
 
+    def _check_select(self, kind: str) -> None:
+        if self.config.select == "labelled" and kind != "decoder":
+            raise ConfigError(
+                "tokentune.select='labelled' needs per-token labels (a decoder's next-token loss); "
+                "sequence classifiers have one label per sequence: use tokentune.select: uniform"
+            )
+
     def on_step_start(self, ctx: StepContext) -> None:
-        self._selected = self._real = 0
+        self._selected = self._real = self._supervised = self._covered = 0
 
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: StepContext | None = None):
         if not model.training:
@@ -193,19 +246,35 @@ class TokenTune(Method):
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(batch["input_ids"])
-        selected = select_tokens(attention_mask, self.config.ratio, self.config.count, self.generator)
+        kind = check_supported(model)
+        self._check_select(kind)
+        c, labels = self.config, batch.get("labels")
+        if c.select == "labelled":
+            if labels is None:
+                raise ValueError("tokentune.select='labelled' needs labels in the batch")
+            selected = select_labelled(attention_mask, labels, c.ratio, c.count, self.generator)
+        else:
+            selected = select_tokens(attention_mask, c.ratio, c.count, self.generator)
         self._selected += int(selected.sum())
         self._real += int(attention_mask.bool().sum())
+        if kind == "decoder" and labels is not None:
+            supervised = supervised_positions(labels, attention_mask)
+            self._supervised += int(supervised.sum())
+            self._covered += int((supervised & selected.cpu()).sum())
         return tokentune_loss(model, batch, selected)
 
     def metrics(self) -> dict[str, float]:
-        """Selected tokens and their fraction of real tokens over the last step's micro-batches."""
+        """Over the last step's micro-batches: selected tokens, their fraction of real tokens and
+        (decoders) ``label_coverage``, the share of supervised positions that were selected."""
         if not self._real:
             return {}
-        return {
+        out = {
             "tokentune/selected_frac": self._selected / self._real,
             "tokentune/selected_tokens": self._selected,
         }
+        if self._supervised:
+            out["tokentune/label_coverage"] = self._covered / self._supervised
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
