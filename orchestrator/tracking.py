@@ -198,7 +198,8 @@ class SweepTracker:
                 if exp.lifecycle_stage == "deleted":
                     self.client.restore_experiment(exp.experiment_id)
                 for key, value in KIND_TAGS.items():  # an experiment made before, or by someone else
-                    exp.tags.get(key) or self.client.set_experiment_tag(exp.experiment_id, key, value)
+                    if not exp.tags.get(key):
+                        self.client.set_experiment_tag(exp.experiment_id, key, value)
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 

@@ -88,9 +88,8 @@ def phase_durations(path: str | Path) -> dict[str, float]:
     last: dict[str, float] = {}
     for e in events[starts[-1] if starts else 0 :]:
         last[e.get("event")] = float(e.get("time", 0.0))
-    last.setdefault("post-trial finished", last.get("train finished", 0.0))  # no after_trial: train ends it
-    if "train finished" not in last:
-        last.pop("post-trial finished")
+    if "post-trial finished" not in last and "train finished" in last:
+        last["post-trial finished"] = last["train finished"]  # no after_trial: training ends the trial
     out = {f"phase/{k}_s": last[b] - last[a] for k, (a, b) in SPANS.items() if a in last and b in last}
     if "phase/trial_s" in out and "phase/train_s" in out:
         out["phase/overhead_s"] = out["phase/trial_s"] - out["phase/train_s"]

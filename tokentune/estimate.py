@@ -86,8 +86,8 @@ class MemoryEstimate:
 
     def metrics(self) -> dict[str, float]:
         """``memory/estimate_*`` keys, next to the measured ``memory/*`` of a run."""
-        out = {f"memory/estimate_{k}_gb": getattr(self, f"{k}_gb") for k in ("weights", "grads", "optimizer")}
-        out["memory/estimate_activations_gb"] = self.activations_gb
+        parts = ("weights", "grads", "optimizer", "activations")
+        out = {f"memory/estimate_{k}_gb": getattr(self, f"{k}_gb") for k in parts}
         out["memory/estimate_gb"] = self.total_gb
         return out
 

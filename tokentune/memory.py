@@ -99,7 +99,6 @@ class MemoryMeter:
         self.model, self.optimizer, self.device = model, optimizer, device
         self.peak = dict.fromkeys(COMPONENTS, 0)
         self.sampled_steps = 0
-        self.overhead_s = 0.0
         self._sampling = False
         self._activations = 0
         self._last_forward = 0
@@ -115,10 +114,9 @@ class MemoryMeter:
         self._sampling = sampled
         self._activations = 0
         if sampled:
-            t0 = time.perf_counter()
-            self._param_ptrs = {_storage_key(w)[0] for w in held_weights(self.model)}
-            self._record("weights", distinct_bytes(held_weights(self.model)))
-            self.overhead_s += time.perf_counter() - t0
+            weights = held_weights(self.model)
+            self._param_ptrs = {_storage_key(w)[0] for w in weights}
+            self._record("weights", distinct_bytes(weights))
 
     def end_step(self) -> None:
         if self._sampling:
@@ -163,21 +161,17 @@ class MemoryMeter:
     def _before_optimizer_step(self, *_: Any) -> None:
         if not self._sampling:
             return
-        t0 = time.perf_counter()
         grads = [p.grad for p in self._optimizer_params()]
         grads += [p.grad for p in self.model.parameters()]
         self._record("grads", distinct_bytes(grads))
-        self.overhead_s += time.perf_counter() - t0
 
     def _after_optimizer_step(self, *_: Any) -> None:
         if not self._sampling:
             return
-        t0 = time.perf_counter()
         states = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         # the optimizer's own copies of the weights (ZeRO's fp32 partitions), not the model's tensors
         masters = [p for p in self._optimizer_params() if _storage_key(p)[0] not in self._param_ptrs]
         self._record("optimizer", distinct_bytes(states + masters))
-        self.overhead_s += time.perf_counter() - t0
 
     def _record(self, key: str, nbytes: int) -> None:
         self.peak[key] = max(self.peak[key], int(nbytes))

@@ -199,6 +199,11 @@ def train(
     meter = MemoryMeter(model, optimizer, device)  # hooks the client optimizer (DeepSpeed steps it too)
     reset_peak(device)
     losses: list[float] = []
+
+    def seen_micro_batch(batch: dict[str, torch.Tensor], _loss: torch.Tensor) -> None:
+        speed.add(int(batch["attention_mask"].sum()))
+        meter.note_batch(batch["input_ids"])  # the shape of the activation peak (estimate at that shape)
+
     val_loss: float | None = None
     step = start_step
     for step in range(start_step, tc.max_steps):
@@ -217,10 +222,7 @@ def train(
             backward=engine.backward,
             optimizer_step=engine.step,
             forward_context=lambda: _both(autocast(), meter.saved_tensors()),
-            on_micro_batch=lambda batch, _loss: (
-                speed.add(int(batch["attention_mask"].sum())),
-                meter.note_batch(batch["input_ids"]),
-            ),
+            on_micro_batch=seen_micro_batch,
         )
         meter.end_step()
         if step == start_step:
