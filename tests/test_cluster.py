@@ -851,7 +851,7 @@ def test_job_submit_runs_a_two_node_sweep_that_survives_losing_a_node(cluster):
     job = "tt-2n-" + uuid.uuid4().hex[:6]
     # 3 trials whose Train worker takes a whole node (2 CPUs): two run at once, necessarily one per node;
     # the short one (4 steps, then merge + a small lm-eval) finishes first and the third starts in its
-    # place, so when the first trial is finished a long one (40 steps, a checkpoint every 8) is still
+    # place, so when the first trial is finished a long one (120 steps, a checkpoint every 8) is still
     # training on node2 whichever way the first two were placed.
     cluster.submit(
         job,
@@ -860,7 +860,7 @@ def test_job_submit_runs_a_two_node_sweep_that_survives_losing_a_node(cluster):
             storage,
             "methods=[lora]",
             "lora.rank=4",
-            "search.train.max_steps={grid: [4, 40, 41]}",
+            "search.train.max_steps={grid: [4, 120, 121]}",
             "compute.cpus_per_worker=2",
             "train.save_every=8",
             "train.log_every=4",
