@@ -60,8 +60,15 @@ def run_sweep(
     dry_run: bool = False,
     address: str | None = None,
     progress: bool = True,
+    quiet: bool = False,
+    verbose: bool = False,
 ) -> SweepResult:
     """Run (or resume, or dry-run) a sweep; see the module docstring.
+
+    Console: ``progress`` prints the plan, a line per trial event with the counts and ETA
+    (``orchestrator.console``), the results table and the best trial; ``quiet`` only the progress
+    lines and the table; ``verbose`` also streams Ray's worker logs and Tune's status tables (else
+    they stay in Ray's log folder). ``progress=False`` prints nothing.
 
     ``spec``: a YAML path, a spec dict, or a ``SweepSpec``; ``overrides``: ``--set`` items
     (``tune.num_samples=2``, ``train.lr=3e-4`` = ``base.train.lr``); ``name``: the sweep folder
@@ -84,7 +91,16 @@ def run_sweep(
     plan = sweep.plan_text(PLAN_ROWS)
     with sweep_lock(sweep_dir, sweep.name):
         return _run(
-            sweep, sweep_dir, storage_uri, resume=resume, address=address, progress=progress, plan=plan, t0=t0
+            sweep,
+            sweep_dir,
+            storage_uri,
+            resume=resume,
+            address=address,
+            progress=progress,
+            plan=plan,
+            t0=t0,
+            quiet=quiet,
+            verbose=verbose,
         )
 
 
@@ -174,8 +190,11 @@ def _run(
     progress: bool,
     plan: str,
     t0: float,
+    quiet: bool = False,
+    verbose: bool = False,
 ) -> SweepResult:
     from orchestrator import mlflow_ui, report
+    from orchestrator.console import RAY_LOGS, config_text
     from orchestrator.post_trial import prune_merged
     from orchestrator.ray_cluster import init_ray, nodes_on_other_machines
     from orchestrator.tracking import SweepTracker, default_tracking_uri
@@ -187,6 +206,7 @@ def _run(
         collect_trials,
         restore_tuner,
         set_tune_env,
+        start_sweep_actors,
     )
 
     tracking_uri = default_tracking_uri(sweep_dir, spec.tracking.uri)
@@ -211,8 +231,8 @@ def _run(
                 f"sweep {spec.name!r} already exists at {where}: resume it (--resume / resume=True) or "
                 "give a new name (--name / name=...)",
             )
-    set_tune_env()
-    cluster = init_ray(address)
+    set_tune_env(verbose)
+    cluster = init_ray(address, log_to_driver=verbose)  # worker logs stay in Ray's log folder
     # before anything is written: a refused sweep can be started again with another tracking URI
     refuse_local_store_on_cluster(tracking_uri, _tracking_origin(spec), nodes_on_other_machines())
     found = _stored_file(sweep_dir, remote or "") if resume else None
@@ -224,18 +244,25 @@ def _run(
         upload_file(sweep_dir / SPEC_FILE, remote, SPEC_FILE)
         if resume:  # trials that finished on other nodes (or machines) must not run again
             download_trials(remote, sweep_dir)
-    if progress:
+    if progress and not quiet:
         print(plan, flush=True)
+        if not verbose:
+            print(f"Ray worker logs: {RAY_LOGS} (--verbose prints them here)", flush=True)
 
     tracker = SweepTracker(tracking_uri, experiment, spec.name, sweep_id=sweep_id)
     parent = tracker.start_parent(spec.to_dict(), adopt_untagged=legacy)
     ctx.parent_run_id = parent
+    actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
     restoring = resume and can_restore(ctx)
     if resume and not restoring:
         log.warning("resume: no Tune experiment to restore under %s; starting the sweep", sweep_dir)
     status = "FAILED"
     try:
-        tuner = restore_tuner(spec, ctx) if restoring else build_tuner(spec, ctx, cluster, progress=progress)
+        tuner = (
+            restore_tuner(spec, ctx)
+            if restoring
+            else build_tuner(spec, ctx, cluster, progress=progress, verbose=verbose)
+        )
         grid = tuner.fit()
         if remote:  # the trials that ran on other nodes
             download_trials(remote, sweep_dir)
@@ -247,7 +274,8 @@ def _run(
         fit = next((t for t in trials if fit_row and t.trial_id == fit_row["trial_id"]), None)
         table = report.format_table(rows)
         best_id = best and (best.trial_id, spec.objective.metric, best.metrics.get(spec.objective.metric))
-        summary = report.summary_lines(rows, best_id, budget, fit_row)
+        best_config = config_text(dict(_row_input(best)["config"])) if best else ""
+        summary = report.summary_lines(rows, best_id, budget, fit_row, best_config=best_config)
         description = mlflow_ui.sweep_description(spec.name, table, summary)
         paths = tracker.log_summary(rows, sweep_dir, memory_budget_gb=budget, description=description)
         compare = mlflow_ui.compare_url(
@@ -255,6 +283,7 @@ def _run(
         )
         if progress:
             print(table, flush=True)
+        if progress and not quiet:
             print(summary, flush=True)
         if spec.after_trial.merge or spec.after_trial.evaluate:
             prune_merged(

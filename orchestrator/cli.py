@@ -48,6 +48,12 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "--dry-run", action="store_true", help="validate and print the trials, resources and memory"
     )
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    s.add_argument("--quiet", action="store_true", help="print only the progress lines and the results table")
+    s.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also stream Ray's worker logs and Tune's status tables (default: they stay in Ray's log folder)",
+    )
     return s
 
 
@@ -98,6 +104,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         resume=args.resume,
         dry_run=args.dry_run,
         address=args.address,
+        quiet=args.quiet,
+        verbose=args.verbose,
     )
     if args.dry_run:
         print(result.plan_text)
@@ -108,9 +116,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     parts = [f"{counts['finished']} finished"]
     parts += [f"{counts['stopped']} stopped early (scheduler or time limit)"] if counts["stopped"] else []
     parts += [f"{counts['failed']} failed"] + ([f"{counts['pending']} not run"] if counts["pending"] else [])
-    print(f"sweep {result.name}: {', '.join(parts)} -> {result.sweep_dir}")
     failed = [t for t in result.trials if t.status == "failed"]
-    # (the results table and the best trial were printed by the sweep itself)
+    code = 0 if result.trials and len(failed) < len(result.trials) else 1
+    if args.quiet:  # the results table was the last line
+        return code
+    # after the results table and the best trial (printed by the sweep itself): where to look
+    print(f"sweep {result.name}: {', '.join(parts)} -> {result.sweep_dir}")
     if result.results_csv:
         print(f"results: {result.results_csv} and pareto.png beside it")
     if result.tracking_uri:
@@ -118,7 +129,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         print(f"MLflow: {serve_hint(result.tracking_uri)}, then compare the trials at")
         print(f"  {result.mlflow_compare_url}")
-    return 0 if result.trials and len(failed) < len(result.trials) else 1
+    return code
 
 
 HANDLERS = {

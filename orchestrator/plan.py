@@ -86,7 +86,8 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
         f"  trials: {spec.num_trials()} ({'grid x ' if spec.grid_dims() else ''}num_samples {t.num_samples});  "
         f"max_concurrent: {t.max_concurrent};  time limit: {t.time_limit_s or 'none'}",
         f"  after each trial: merge={a.merge} evaluate={a.evaluate} (cpus {a.cpus}, gpus {a.gpus}, "
-        f"timeout {'none' if a.timeout_s is None else f'{a.timeout_s:g} s'}); keep merged: {a.keep_merged}",
+        f"timeout {'none' if a.timeout_s is None else f'{a.timeout_s:g} s'}); keep merged: {a.keep_merged}; "
+        f"overlap with the next training: {a.overlap}",
         f"  storage: {spec.storage}/{spec.name}",
         "  search:",
     ]

@@ -22,13 +22,14 @@ cancels it (``ray.cancel(force=True)``) and returns the error ``merge+eval timed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,45 @@ def as_ray_task(
     return ray.remote(max_calls=1 if opts["num_gpus"] > 0 else 0)(fn).options(**opts)
 
 
+class PostTrialWorker:
+    """:func:`merge_and_evaluate` in a process that stays up for the whole sweep (CPU post-trial work):
+    torch, transformers, peft and lm-eval are imported once, in the background as the sweep starts,
+    instead of in a fresh worker process per trial. It reserves nothing itself (0 CPUs): each call
+    reserves ``after_trial.cpus`` in a placement group first (:func:`run_post_trial`)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        threading.Thread(target=_warm_imports, name="post-trial-imports", daemon=True).start()
+
+    def run(self, final_dir: str, trial_dir: str, eval_cfg: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return merge_and_evaluate(final_dir, trial_dir, eval_cfg, **kw)
+
+
+def _warm_imports() -> None:
+    try:
+        import lm_eval.evaluator  # noqa: F401
+        import peft  # noqa: F401
+
+        import tokentune.evaluate  # noqa: F401
+        import tokentune.merge  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head start: the call imports (and reports) what failed
+        pass
+
+
+def post_trial_worker_name(sweep_id: str) -> str:
+    return f"tokentune-post-trial-{sweep_id}"
+
+
+def start_post_trial_worker(sweep_id: str) -> tuple[str, Any]:
+    """The sweep's :class:`PostTrialWorker` (owned by this process, restarted if it dies); name, handle."""
+    import ray
+
+    name = post_trial_worker_name(sweep_id)
+    cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(PostTrialWorker)
+    return name, cls.options(name=name, get_if_exists=True).remote()
+
+
 def run_post_trial(
     final_dir: str | Path,
     trial_dir: str | Path,
@@ -221,43 +261,85 @@ def run_post_trial(
     device: str | None = None,
     timeout_s: float | None = None,
     escape_placement_group: bool = True,
+    worker: str | None = None,
 ) -> dict[str, Any]:
     """Run :func:`merge_and_evaluate` as its own Ray task and wait for it (``evaluate=False``: merge only).
 
     ``resources``: ``{"num_cpus": 1, "num_gpus": 0}`` by default (plus ``memory`` or custom
-    resources). ``device`` defaults to "cuda" when a GPU is requested, else "cpu". A task that dies
-    (worker crash, out of memory) comes back as a result with ``error`` set; one still running after
-    ``timeout_s`` seconds (None: no limit) is cancelled and comes back with ``merge+eval timed out``.
+    resources). ``device`` defaults to "cuda" when a GPU is requested, else "cpu". With ``worker`` (the
+    name of a :class:`PostTrialWorker`) and no GPU asked for, the sweep's warm worker runs it, with
+    ``resources`` reserved in a placement group for the call. A task that dies (worker crash, out of
+    memory) comes back as a result with ``error`` set; one still running after ``timeout_s`` seconds
+    (None: no limit) is cancelled and comes back with ``merge+eval timed out``.
     """
     import ray
 
+    gpus = float((resources or {}).get("num_gpus") or 0)
     if device is None:
-        device = "cuda" if float((resources or {}).get("num_gpus") or 0) > 0 else "cpu"
-    task = as_ray_task(merge_and_evaluate, resources, escape_placement_group)
-    ref = task.remote(
+        device = "cuda" if gpus > 0 else "cpu"
+    args = (
         str(Path(final_dir).resolve()),
         str(Path(trial_dir).resolve()),
         dataclasses.asdict(as_eval_config(eval_cfg)),
-        evaluate=evaluate,
-        keep_merged=keep_merged,
-        device=device,
     )
+    kwargs = {"evaluate": evaluate, "keep_merged": keep_merged, "device": device}
+    use_worker = worker is not None and gpus == 0
     try:
-        return ray.get(ref, timeout=timeout_s)
-    except Exception as err:  # RayTaskError, WorkerCrashedError, GetTimeoutError, OutOfMemoryError ...
-        if isinstance(err, ray.exceptions.GetTimeoutError):
-            ray.cancel(ref, force=True)
-            msg = f"merge+eval timed out after {timeout_s:g} s (after_trial.timeout_s)"
-        else:
-            msg = redact_text(f"post-trial task failed: {type(err).__name__}: {err}")
-        log.error("post-trial of %s: %s", trial_dir, msg)
-        return {
-            "metrics": {},
-            "results": {},
-            "merged_dir": None,
-            "eval_json": str(Path(trial_dir).resolve() / "eval.json") if evaluate else None,
-            "error": msg,
-        }
+        actor = ray.get_actor(worker) if use_worker else None
+        with _reserved(resources if use_worker else None, timeout_s):
+            if actor is not None:
+                ref = actor.run.remote(*args, **kwargs)
+            else:
+                ref = as_ray_task(merge_and_evaluate, resources, escape_placement_group).remote(
+                    *args, **kwargs
+                )
+            try:
+                return ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                if actor is not None:
+                    ray.kill(actor, no_restart=False)  # it restarts, warm again for the next trial
+                else:
+                    ray.cancel(ref, force=True)
+                raise
+    except Exception as err:  # RayTaskError, ActorDiedError, GetTimeoutError, OutOfMemoryError ...
+        msg = _failure(err, timeout_s)
+    log.error("post-trial of %s: %s", trial_dir, msg)
+    return {
+        "metrics": {},
+        "results": {},
+        "merged_dir": None,
+        "eval_json": str(Path(trial_dir).resolve() / "eval.json") if evaluate else None,
+        "error": msg,
+    }
+
+
+def _failure(err: BaseException, timeout_s: float | None) -> str:
+    import ray
+
+    if isinstance(err, ray.exceptions.GetTimeoutError):
+        return f"merge+eval timed out after {timeout_s:g} s (after_trial.timeout_s)"
+    return redact_text(f"post-trial task failed: {type(err).__name__}: {err}")
+
+
+@contextlib.contextmanager
+def _reserved(resources: Mapping[str, Any] | None, timeout_s: float | None) -> Iterator[None]:
+    """Hold ``resources`` (``num_cpus``, ``memory``) in a placement group inside the block: the warm
+    worker's call is accounted like a task of that size (it waits for them, as a task would)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    res = dict(resources) if resources is not None else {"num_cpus": 0}  # None: nothing to hold
+    bundle = {"CPU": float(res.get("num_cpus", 1) or 0), "memory": res.get("memory")}
+    bundle = {k: v for k, v in bundle.items() if v}
+    if not bundle:
+        yield
+        return
+    pg = placement_group([bundle])
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+        yield
+    finally:
+        remove_placement_group(pg)
 
 
 # ---------------------------------------------------------------------------------- pruning

@@ -350,8 +350,10 @@ def summary_lines(
     best: tuple[str, str, Any] | None,
     budget_gb: float | None = None,
     fit: dict[str, Any] | None = None,
+    best_config: str = "",
 ) -> str:
-    """``best trial: <id> (<metric>=<value>, train_gb 12.3MiB measured (estimate 13.1MiB))`` and, with
+    """``best trial: <id> (<metric>=<value>, train_gb 12.3MiB measured (estimate 13.1MiB)) | <best_config>``
+    and, with
     ``objective.memory_budget_gb``, the best trial measured within it (``fit``, from ``best_within``)."""
     axis = memory_axis(rows)
 
@@ -365,7 +367,10 @@ def summary_lines(
     if best is not None:
         trial_id, metric, value = best
         row = next((r for r in rows if r.get("trial_id") == trial_id), None)
-        lines.append(f"best trial: {trial_id} ({metric}={_fmt(value)}{memory(row)})")
+        lines.append(
+            f"best trial: {trial_id} ({metric}={_fmt(value)}{memory(row)})"
+            + (best_config and f" | {best_config}")
+        )
     if budget_gb is not None:
         lines.append(
             f"best within objective.memory_budget_gb={budget_gb}: {fit.get('trial_id')} "

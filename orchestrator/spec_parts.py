@@ -203,6 +203,10 @@ class AfterTrial:
     keep_merged: str = "best"  # best | all | none: merged checkpoints kept after the sweep
     cpus: float = 1
     gpus: float = 0
+    # merge + evaluate a trial while the next one trains (orchestrator.slots): auto = when trials train
+    # on GPUs (on CPUs the merge and eval would take the cores training needs); false: a trial holds its
+    # place in tune.max_concurrent until it is scored
+    overlap: bool | str = "auto"
     # seconds for merge + eval of one trial (None: no limit); then the task is cancelled, the trial fails
     timeout_s: float | None = 1800
 

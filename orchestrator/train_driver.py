@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.ray_cluster import init_ray, orphaned_placement_groups_swept, worker_env
+from orchestrator.ray_cluster import (
+    init_ray,
+    orphaned_placement_groups_swept,
+    train_poll_interval,
+    worker_env,
+)
 from orchestrator.train_worker import (
     FINAL,
     HISTORY_FILE,
@@ -281,6 +286,7 @@ def _trainer(fn, loop_config, cfg: RunConfig, use_gpu: bool, name, storage, max_
     resources = {"CPU": c.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = c.gpus_per_worker
+    train_poll_interval()  # the controller polls reports every 0.2 s, not 2 s
     return TorchTrainer(
         fn,
         train_loop_config=loop_config,

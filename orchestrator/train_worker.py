@@ -65,6 +65,9 @@ def _worker_setup(use_gpu: bool, cfgs: list[RunConfig]):
     import ray.train
     import torch
 
+    from tokentune.methods import skip_unused_packages
+
+    skip_unused_packages([c.methods for c in cfgs])  # e.g. bitsandbytes without QLoRA
     ctx = ray.train.get_context()
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"

@@ -36,6 +36,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.plan import over_memory_limit
 from orchestrator.redaction import redact_text
+from orchestrator.slots import train_slot
 from orchestrator.spec import SweepSpec
 from orchestrator.spec_parts import max_memory_gb
 from orchestrator.trial_status import (
@@ -68,6 +69,8 @@ class TrialContext:
     parent_run_id: str | None = None
     progress: bool = True
     storage_uri: str | None = None  # the sweep's URI storage (<uri>/<name>): trial folders sync there
+    train_slots: str | None = None  # the slot actor's name (orchestrator.slots): None, no gate
+    post_trial_worker: str | None = None  # the warm merge + eval actor's name (CPU post-trial work)
 
 
 # ---- Train -> Tune reports ---------------------------------------------------------------------------------
@@ -184,15 +187,17 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             f"refused before launch: estimated {est.short()} per worker > compute.max_memory_gb={limit}"
         )
 
-    log_event(tdir, "train started", trial_id=trial_id)
-    res = run_train_job(
-        cfg,
-        name=trial_id,
-        storage_path=ctx.train_storage,
-        resume=True,
-        callbacks=[TrialReportCallback()],
-        progress=ctx.progress,
-    )
+    log_event(tdir, "train queued")
+    with train_slot(ctx.train_slots, trial_id, on_wait=lambda: log_event(tdir, "waiting for a train slot")):
+        log_event(tdir, "train started", trial_id=trial_id)
+        res = run_train_job(
+            cfg,
+            name=trial_id,
+            storage_path=ctx.train_storage,
+            resume=True,
+            callbacks=[TrialReportCallback()],
+            progress=ctx.progress,
+        )
     if res.error is not None:
         raise TrialFailed(f"training failed: {_error_text(res.error)}")
     if not res.final_dir:
@@ -218,6 +223,7 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             keep_merged=True,  # pruned per after_trial.keep_merged when the sweep ends
             resources={"num_cpus": a.cpus, "num_gpus": a.gpus},
             timeout_s=a.timeout_s,  # on timeout the task is cancelled and this trial fails
+            worker=ctx.post_trial_worker,
         )
         log_event(tdir, "post-trial finished")
         if post.get("error"):

@@ -5,7 +5,8 @@ storage sync read them too).
     <sweep_dir>/trials/<trial_id>/events.jsonl   one line per event (``train started``, ...)
 
 The events time a trial's phases (``PHASES``, in order; ``phase_durations`` turns the last attempt's
-events into seconds per phase): the trial driver writes ``trial started``, ``train started``,
+events into seconds per phase): the trial driver writes ``trial started``, ``train queued``,
+``waiting for a train slot`` (only when it had to), ``train started``,
 ``train finished``, ``post-trial started``/``finished``, ``logged`` (or ``failed``); rank 0 of the
 Train workers ``workers_ready``, ``model_loaded``, ``first_step``, ``last_step``, ``final_saved``,
 ``checkpoint_reported``; the merge + eval task ``merge_started``/``finished``, ``eval_started``/``finished``.
@@ -58,12 +59,13 @@ def log_event(path: Path, event: str, **info: Any) -> None:
 
 #: the events of one trial attempt, in the order they happen (post-trial ones only with after_trial)
 PHASES = (
-    "trial started", "train started", "workers_ready", "model_loaded", "first_step", "last_step",
+    "trial started", "train queued", "train started", "workers_ready", "model_loaded", "first_step", "last_step",
     "final_saved", "checkpoint_reported", "train finished", "post-trial started", "merge_started",
     "merge_finished", "eval_started", "eval_finished", "post-trial finished", "logged",
 )  # fmt: skip
 #: seconds between two events: ``phase/<name>_s``
 SPANS = {
+    "queued": ("train queued", "train started"),  # waiting for a training slot (orchestrator.slots)
     "start": ("train started", "workers_ready"),  # Ray Train controller + worker group + imports
     "load": ("workers_ready", "model_loaded"),  # model, tokenizer, methods
     "first_step": ("model_loaded", "first_step"),  # data, optimizer, engine, the first step
@@ -80,7 +82,7 @@ SPANS = {
 
 def phase_durations(path: str | Path) -> dict[str, float]:
     """``phase/<span>_s`` of the trial's last attempt (the events after its last ``trial started``),
-    plus ``phase/overhead_s`` = trial wall - training steps; spans whose events are missing are left out."""
+    plus ``phase/overhead_s`` = trial wall - training steps - waiting for a slot; spans whose events are missing are left out."""
     from tokentune.files import read_jsonl
 
     events = read_jsonl(Path(path) / EVENTS_FILE) if (Path(path) / EVENTS_FILE).is_file() else []
@@ -91,6 +93,6 @@ def phase_durations(path: str | Path) -> dict[str, float]:
     if "post-trial finished" not in last and "train finished" in last:
         last["post-trial finished"] = last["train finished"]  # no after_trial: training ends the trial
     out = {f"phase/{k}_s": last[b] - last[a] for k, (a, b) in SPANS.items() if a in last and b in last}
-    if "phase/trial_s" in out and "phase/train_s" in out:
-        out["phase/overhead_s"] = out["phase/trial_s"] - out["phase/train_s"]
+    if "phase/trial_s" in out and "phase/train_s" in out:  # waiting for a slot is not a trial's cost
+        out["phase/overhead_s"] = out["phase/trial_s"] - out["phase/train_s"] - out.get("phase/queued_s", 0.0)
     return out

@@ -50,32 +50,70 @@ def make_trainable(spec: SweepSpec, ctx: TrialContext) -> Any:
     return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
 
 
+def start_sweep_actors(spec: SweepSpec, ctx: TrialContext, cluster: dict[str, float], sweep_id: str) -> list:
+    """The sweep's helper actors, their names in ``ctx``; returns their handles (keep them while the
+    sweep runs: this process owns them). With a merge or an evaluation after each trial:
+
+    - on CPU (``after_trial.gpus`` 0), the warm merge + eval worker (``post_trial.PostTrialWorker``);
+    - with ``after_trial.overlap`` (``auto``: when trials train on GPUs), the training slots
+      (``orchestrator.slots``): ``max_concurrent`` trials train while as many more merge and evaluate.
+    """
+    from orchestrator.post_trial import start_post_trial_worker
+    from orchestrator.slots import start_slot_actor
+    from orchestrator.space import max_concurrent_trials, trial_demand
+
+    a = spec.after_trial
+    if not (a.merge or a.evaluate):
+        return []
+    handles = []
+    if not a.gpus:
+        ctx.post_trial_worker, handle = start_post_trial_worker(sweep_id)
+        handles.append(handle)
+    if trial_demand(spec, cluster)["GPU"] > 0 if a.overlap == "auto" else a.overlap:
+        ctx.train_slots, handle = start_slot_actor(max_concurrent_trials(spec, cluster), sweep_id)
+        handles.append(handle)
+    return handles
+
+
 def build_tuner(
-    spec: SweepSpec, ctx: TrialContext, cluster: dict[str, float], *, progress: bool = True
+    spec: SweepSpec,
+    ctx: TrialContext,
+    cluster: dict[str, float],
+    *,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> Any:
     from ray import tune
 
     from orchestrator.space import make_scheduler, make_search_alg, max_concurrent_trials, to_tune_space
 
     concurrent = max_concurrent_trials(spec, cluster)
+    flight = 2 * concurrent if ctx.train_slots else concurrent  # + as many merging/evaluating
     optuna = spec.tune.algorithm == "optuna"
     tune_config = tune.TuneConfig(
-        search_alg=make_search_alg(spec, max_concurrent=concurrent),  # the limit lives in the search alg
+        search_alg=make_search_alg(spec, max_concurrent=flight),  # the limit lives in the search alg
         scheduler=make_scheduler(spec),
         num_samples=spec.tune.num_samples,
         time_budget_s=spec.tune.time_limit_s,
+        reuse_actors=True,  # a trial driver's process (its imports: mlflow, ray.train) serves the next trial
     )
-    log.info("sweep %s: %d trial(s), at most %d at a time", spec.name, spec.num_trials(), concurrent)
+    log.info("sweep %s: %d trial(s), at most %d training at a time", spec.name, spec.num_trials(), concurrent)
     return tune.Tuner(
         make_trainable(spec, ctx),
         param_space={} if optuna else to_tune_space(spec),
         tune_config=tune_config,
-        run_config=run_config(spec, ctx, progress),
+        run_config=run_config(spec, ctx, progress, verbose),
     )
 
 
-def run_config(spec: SweepSpec, ctx: TrialContext, progress: bool) -> Any:
+def run_config(spec: SweepSpec, ctx: TrialContext, progress: bool, verbose: bool = False) -> Any:
+    """Tune's run config: our MLflow callback, and with ``progress`` the progress lines
+    (``orchestrator.console``); Tune's own status tables only with ``verbose``."""
     from ray import tune
+
+    from orchestrator.console import SweepProgress
+
+    progress_cb = [SweepProgress(spec.num_trials(), ctx.sweep_dir, spec.objective.metric)] if progress else []
 
     return tune.RunConfig(
         name=TUNE_NAME,
@@ -89,9 +127,10 @@ def run_config(spec: SweepSpec, ctx: TrialContext, progress: bool) -> Any:
                 ctx.parent_run_id,
                 ctx.sweep_dir,
                 storage_uri=ctx.storage_uri,
-            )
+            ),
+            *progress_cb,
         ],
-        verbose=1 if progress else 0,
+        verbose=1 if progress and verbose else 0,
     )
 
 
@@ -299,6 +338,13 @@ def best_trial(trials: list[TrialResult], metric: str, mode: str) -> TrialResult
     return pick(scored, key=lambda t: t.metrics[metric])
 
 
-def set_tune_env() -> None:
-    """Trials report training metrics first and ``eval/score`` last: relax Tune's per-result check."""
+def set_tune_env(verbose: bool = False) -> None:
+    """Trials report training metrics first and ``eval/score`` last: relax Tune's per-result check.
+    Unless ``verbose``, Tune prints nothing of its own (no experiment box, no status tables; the
+    sweep prints its progress lines) and Tune's and MLflow's INFO logs stay out of the console."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter: silent at verbose 0
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+        for name in ("ray.tune", "ray.train", "mlflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -134,3 +134,23 @@ def test_qlora_training_keeps_one_4bit_kernel_after_an_eval_pass(tiny_workspace)
     after = model(input_ids=ids).logits.detach()
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linears)
     assert torch.equal(before, after)
+
+
+def test_a_worker_skips_the_packages_only_unused_methods_need():
+    """``skip_unused_packages``: without QLoRA, bitsandbytes is not imported (peft still works); with
+    QLoRA nothing is skipped. In fresh processes: the skip lasts for the process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tokentune.methods import skip_unused_packages as s; print(s({m})); "
+        "import peft; print('bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None)"
+    )
+    lora = subprocess.run(
+        [sys.executable, "-c", code.format(m=[["lora", "tokentune"]])], capture_output=True, text=True
+    )
+    assert lora.stdout.split() == ["['bitsandbytes']", "False"], lora.stderr[-2000:]
+    qlora = subprocess.run(
+        [sys.executable, "-c", code.format(m=[["lora"], ["qlora", "lora"]])], capture_output=True, text=True
+    )
+    assert qlora.stdout.split() == ["[]", "True"], qlora.stderr[-2000:]

@@ -4,6 +4,7 @@ record errors; the same as a real Ray task; pruning merged checkpoints; the ``to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -130,6 +131,71 @@ def test_run_post_trial_as_a_ray_task(adapter, tmp_path):
         assert ray.available_resources().get("CPU") == 2
     finally:
         ray.shutdown()
+
+
+@pytest.mark.ray
+def test_the_post_trial_worker_serves_trials_in_one_warm_process(adapter, tmp_path):
+    """Merges through the sweep's PostTrialWorker run in one process that stays up, each call holding
+    after_trial.cpus in a placement group that is released afterwards."""
+    import ray
+
+    from orchestrator.post_trial import start_post_trial_worker
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        name, _handle = start_post_trial_worker("test-warm")
+        pids = []
+        for i in range(2):
+            tdir = tmp_path / f"t{i}"
+            out = run_post_trial(
+                adapter, tdir, EVAL, evaluate=False, resources={"num_cpus": 1}, worker=name, timeout_s=300
+            )
+            assert out["error"] is None and Path(out["merged_dir"], "config.json").is_file(), out
+            events = [json.loads(line) for line in (tdir / "events.jsonl").read_text().splitlines()]
+            pids.append({e["pid"] for e in events if e["event"] == "merge_started"})
+        assert pids[0] == pids[1] and len(pids[0]) == 1  # the same warm process
+        assert not (pids[0] & {os.getpid()})  # not this one
+        deadline = time.monotonic() + 30  # the reserved CPU comes back
+        while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU") == 2
+    finally:
+        ray.shutdown()
+
+
+def test_a_timed_out_call_restarts_the_warm_worker(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from orchestrator import post_trial
+
+    calls: dict = {}
+
+    class Actor:
+        class run:  # noqa: N801 - mimics an actor method
+            @staticmethod
+            def remote(*args, **kwargs):
+                return "ref"
+
+    def get(ref, timeout=None):
+        raise ray.exceptions.GetTimeoutError("Get timed out")
+
+    monkeypatch.setattr(ray, "get_actor", lambda name: Actor)
+    monkeypatch.setattr(post_trial, "as_ray_task", lambda *a, **k: Actor.run)
+    monkeypatch.setattr(ray, "cancel", lambda ref, force=False: calls.update(cancel=(ref, force)))
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: calls.update(kill=(actor, no_restart)))
+    monkeypatch.setattr(
+        post_trial, "_reserved", lambda res, timeout: contextlib.nullcontext(calls.update(res=res))
+    )
+    out = post_trial.run_post_trial(
+        tmp_path / "f", tmp_path / "t", resources={"num_cpus": 2}, timeout_s=5, worker="w"
+    )
+    assert out["error"] == "merge+eval timed out after 5 s (after_trial.timeout_s)"
+    assert calls == {"res": {"num_cpus": 2}, "kill": (Actor, False)}  # killed, and restarted by Ray
+    gpu = post_trial.run_post_trial(
+        tmp_path / "f", tmp_path / "t", resources={"num_gpus": 1}, timeout_s=5, worker="w"
+    )
+    assert calls["res"] is None and calls["cancel"] == ("ref", True)  # a GPU call is a task: cancelled
+    assert "timed out" in gpu["error"]
 
 
 def test_post_trial_options():

@@ -366,7 +366,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     checkpoint; ``--resume`` keeps the finished trial and resumes the other from its checkpoint."""
     spec_file = tmp_path / "resume.yaml"
     d = small_spec(name="resume", search={"lora.rank": {"grid": [2, 4]}})
-    d["base"]["train"].update({"max_steps": 16, "save_every": 4, "log_every": 4})
+    # long enough that the second trial is still training ~3 s after its first checkpoint
+    d["base"]["train"].update({"max_steps": 200, "save_every": 20, "log_every": 10})
     d["tune"] = {"max_concurrent": 1}  # one at a time: the kill hits the second trial mid-training
     d["after_trial"] = {"merge": False, "evaluate": False}  # keeps the test short
     d["objective"] = {"metric": "val_loss", "mode": "min"}
@@ -401,6 +402,20 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
     out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # the console ends with the results table, the best trial and where to look; no Ray log lines
+    lines = out.stdout.splitlines()
+    table = next(i for i, line in enumerate(lines) if line.startswith("trial_id "))
+    assert lines[table + 4].startswith("best trial: ") and " | lora.rank=" in lines[table + 4]
+    assert lines[table + 5].startswith("sweep resume: 2 finished, 0 failed -> ")
+    assert lines[-2].startswith("MLflow: mlflow ui ") and "compare-runs" in lines[-1]
+    for noise in (
+        "(RayTrainWorker",
+        "(TrainController",
+        "(raylet)",
+        "PreemptionWatcher",
+        "Configuration for",
+    ):
+        assert noise not in out.stdout + out.stderr, noise
 
     for tdir in (first, second):
         assert json.loads((tdir / "status.json").read_text())["status"] == "finished", tdir.name
@@ -422,3 +437,34 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     ids = [c.data.tags["tokentune.trial_id"] for c in children]
     assert sorted(ids) == sorted([first.name, second.name])  # one run per trial: no duplicates
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_overlap_trains_the_next_trial_while_one_merges_and_evaluates(tmp_path):
+    """``after_trial.overlap: true`` with one training slot: trainings never overlap each other, a
+    queued trial waits for the slot, and it trains while the trial before it merges and evaluates."""
+    from orchestrator import run_sweep
+    from tokentune.files import read_jsonl
+
+    d = small_spec(name="overlap", search={"lora.rank": {"grid": [2, 4, 8]}})
+    d["tune"] = {"max_concurrent": 1}
+    d["after_trial"] = {"overlap": True, "cpus": 0}
+    res = run_sweep(d, [f"storage={tmp_path}"], progress=False)
+    assert [t.status for t in res.trials] == ["finished"] * 3, [t.error for t in res.trials]
+    times = []
+    for t in res.trials:
+        ev = {
+            e["event"]: e["time"]
+            for e in read_jsonl(Path(res.sweep_dir, "trials", t.trial_id, "events.jsonl"))
+        }
+        times.append(ev)
+        assert_phases(Path(res.sweep_dir, "trials", t.trial_id), "logged")
+    times.sort(key=lambda ev: ev["train started"])
+    for a, b in zip(times, times[1:], strict=False):
+        assert b["train started"] >= a["train finished"]  # one slot: one training at a time
+    assert all("waiting for a train slot" in ev for ev in times[1:])
+    overlapped = [
+        b for a, b in zip(times, times[1:], strict=False) if b["train started"] < a["post-trial finished"]
+    ]
+    assert overlapped, "no trial trained while the one before it merged and evaluated"

@@ -425,7 +425,8 @@ def test_resume_closes_a_run_left_open_after_the_trial_committed(store, tmp_path
 
 
 def test_phase_durations_of_the_last_attempt(tmp_path):
-    """``phase/<span>_s`` from a trial's events: the last attempt only, overhead = trial - train steps."""
+    """``phase/<span>_s`` from a trial's events: the last attempt only, overhead = trial - train steps -
+    the wait for a training slot."""
     from orchestrator.trial_status import EVENTS_FILE, PHASES, phase_durations
 
     t = {name: 100.0 + i for i, name in enumerate(PHASES)}
@@ -439,10 +440,11 @@ def test_phase_durations_of_the_last_attempt(tmp_path):
     assert d["phase/start_s"] == t["workers_ready"] - t["train started"]
     assert d["phase/train_s"] == t["last_step"] - t["first_step"]
     assert d["phase/trial_s"] == t["post-trial finished"] - t["trial started"]  # not the killed attempt's
-    assert d["phase/overhead_s"] == d["phase/trial_s"] - d["phase/train_s"]
+    assert d["phase/queued_s"] == t["train started"] - t["train queued"] == 1.0
+    assert d["phase/overhead_s"] == d["phase/trial_s"] - d["phase/train_s"] - d["phase/queued_s"]
     assert d["phase/merge_s"] == 1.0 and d["phase/eval_s"] == 1.0
     # without after_trial the trial ends when training does; missing events leave their spans out
-    short = [r for r in rows[2:] if r["event"] in PHASES[:9]]
+    short = [r for r in rows[2:] if r["event"] in PHASES[: PHASES.index("train finished") + 1]]
     (tmp_path / EVENTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in short))
     d = phase_durations(tmp_path)
     assert d["phase/trial_s"] == t["train finished"] - t["trial started"] and "phase/merge_s" not in d

@@ -79,6 +79,9 @@ class Method:
     requires_any: ClassVar[tuple[str, ...]] = ()
     conflicts: ClassVar[tuple[str, ...]] = ()
     overrides_loss: ClassVar[bool] = False
+    #: optional packages only this method needs (peft imports them when installed; a process that
+    #: trains none of the methods naming one may skip them: ``tokentune.methods.skip_unused_packages``)
+    packages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -53,6 +53,7 @@ class QLoRA(Method):
     order = 10
     requires_any = ("lora", "dora")
     conflicts = ("full",)
+    packages = ("bitsandbytes",)
 
     @classmethod
     def memory_terms(cls, settings: QLoraSettings, terms) -> None:
