@@ -114,12 +114,16 @@ def test_task_docs_match_training_prompt():
 
 
 def test_task_yamls():
+    from tokentune.evaluate import _read_yaml  # reads lm-eval's !function tags as text
+
     tasks_dir = default_tasks_dir()
     for name in SHIPPED_TASK_FAMILIES:
-        cfg = yaml.safe_load((tasks_dir / f"{name}.yaml").read_text())
+        cfg = _read_yaml(tasks_dir / f"{name}.yaml")
         assert cfg["task"] == name
         assert cfg["output_type"] == "multiple_choice"
         assert cfg["target_delimiter"] == ""
+        # the documents load relative to the YAML's folder (tt_data.py), from any working directory
+        assert cfg["custom_dataset"] == "tt_data.load_docs" and (tasks_dir / "tt_data.py").is_file()
         assert (tasks_dir / cfg["dataset_kwargs"]["data_files"]["test"]).is_file()
     group = yaml.safe_load((tasks_dir / "tokentune_mini.yaml").read_text())
     assert DEFAULT_TASKS == [group["group"]]

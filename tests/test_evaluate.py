@@ -10,7 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from tokentune.assets import SHIPPED_TASK_FAMILIES, default_model_path
+from tokentune.assets import MULTI_TASK_FAMILIES, MULTI_TASKS, SHIPPED_TASK_FAMILIES, default_model_path
 from tokentune.evaluate import evaluate, parse_task_spec, shipped_tasks
 
 CHANCE = 0.25
@@ -25,7 +25,12 @@ def base():
 
 
 def test_shipped_task_names():
-    assert set(shipped_tasks()) == {"tokentune_mini", *SHIPPED_TASK_FAMILIES}
+    assert set(shipped_tasks()) == {
+        "tokentune_mini",
+        *SHIPPED_TASK_FAMILIES,
+        *MULTI_TASKS,
+        *MULTI_TASK_FAMILIES,
+    }
 
 
 def test_parse_task_spec():

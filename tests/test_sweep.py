@@ -252,18 +252,18 @@ def test_quickstart_sweep_end_to_end(tmp_path):
 
 def _stock_lm_eval_matches(best, spec, tmp_path: Path) -> None:
     """The best trial's merged checkpoint, evaluated by the stock ``lm_eval`` CLI on the shipped tasks
-    (run from the tasks folder: their ``data_files`` are relative), scores what the sweep recorded."""
+    (from an unrelated working directory), scores what the sweep recorded."""
     from tokentune.assets import SHIPPED_TASK_FAMILIES, default_tasks_dir
 
     merged = Path(best.trial_dir) / "merged"
     out = tmp_path / "stock_lm_eval"
     cmd = [
         "lm_eval", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
-        "--tasks", "tokentune_mini", "--include_path", ".", "--device", "cpu", "--batch_size", "8",
+        "--tasks", "tokentune_mini", "--include_path", str(default_tasks_dir()), "--device", "cpu", "--batch_size", "8",
         "--limit", str(spec.base["eval"]["limit"]), "--output_path", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = subprocess.run(cmd, cwd=default_tasks_dir(), env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     results = json.loads(max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime).read_text())
     for name in SHIPPED_TASK_FAMILIES:

@@ -98,25 +98,24 @@ def evaluate(
     was_training = model_obj.training
     model_obj.eval()
     try:
-        with tempfile.TemporaryDirectory(prefix="tokentune-tasks-") as tmp:
-            _write_shipped_tasks(default_tasks_dir(), Path(tmp))
-            manager = TaskManager(include_path=tmp, include_defaults=needs_defaults)
-            _check_names_indexed([name for name, _ in specs], manager, shipped)
-            loaded = [t for name, shots in specs for t in _load_task(manager, name, shots, num_fewshot)]
-            lm = HFLM(pretrained=model_obj, tokenizer=tok, batch_size=batch_size)
-            raw = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=loaded,
-                task_manager=manager,
-                num_fewshot=None,  # set per task in _load_task
-                limit=limit,
-                bootstrap_iters=0,
-                log_samples=False,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
+        # The shipped YAMLs load their documents relative to their own folder (tasks/tt_data.py).
+        manager = TaskManager(include_path=str(default_tasks_dir()), include_defaults=needs_defaults)
+        _check_names_indexed([name for name, _ in specs], manager, shipped)
+        loaded = [t for name, shots in specs for t in _load_task(manager, name, shots, num_fewshot)]
+        lm = HFLM(pretrained=model_obj, tokenizer=tok, batch_size=batch_size)
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=loaded,
+            task_manager=manager,
+            num_fewshot=None,  # set per task in _load_task
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     finally:
         model_obj.train(was_training)
     if raw is None:  # non-zero rank in a distributed run
@@ -262,24 +261,15 @@ def _as_list(tasks: list[str] | str | None) -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A task YAML, with lm-eval's ``!function`` tags read as their text (nothing is imported)."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
     with path.open() as f:
-        return yaml.safe_load(f) or {}
-
-
-def _write_shipped_tasks(src: Path, dst: Path) -> None:
-    """Copy the shipped YAMLs with ``data_files`` made absolute (lm-eval resolves them from CWD)."""
-    import yaml
-
-    for path in sorted(src.glob("*.yaml")):
-        cfg = _read_yaml(path)
-        data_files = cfg.get("dataset_kwargs", {}).get("data_files")
-        if isinstance(data_files, dict):
-            cfg["dataset_kwargs"]["data_files"] = {
-                split: str((src / f).resolve()) for split, f in data_files.items()
-            }
-        (dst / path.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return yaml.load(f, Loader=Loader) or {}
 
 
 def _check_names(names: list[str], shipped: list[str]) -> None:

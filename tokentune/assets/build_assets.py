@@ -21,119 +21,37 @@ lifts accuracy well above chance. Test documents are disjoint from train/val on 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import shutil
 import time
 from pathlib import Path
 
+from tokentune.assets.build_multi import check_lengths, make_multi_splits, write_multi
+from tokentune.assets.common import (
+    ADJECTIVES,
+    ANTONYMS,
+    CATEGORIES,
+    CATEGORY_CONTEXTS,
+    ITEMS,
+    LETTERS,
+    NOUNS,
+    NUMBERS,
+    OPPOSITE,
+    PEOPLE,
+    PLACES,
+    RESPONSE_HEADER,  # noqa: F401 (re-exported: callers import the template from here)
+    SAME,
+    SYNONYMS,
+    TEMPLATE_TOKENS,
+    TIMES,
+    format_prompt,
+    write_jsonl,
+    write_task_files,
+)
+
 SEED = 1234
 ASSETS_DIR = Path(__file__).resolve().parent
-
-# --------------------------------------------------------------------------------------------------
-# Prompt template (must equal the training code's Alpaca template)
-# --------------------------------------------------------------------------------------------------
-PREAMBLE_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request."
-)
-PREAMBLE_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the request."
-)
-INSTRUCTION_HEADER = "\n\n### Instruction:\n"
-INPUT_HEADER = "\n\n### Input:\n"
-# No trailing newline: lm-eval moves trailing whitespace of a context into the continuation, so the
-# "\n" after "### Response:" must stay a token of its own for context and training prompts to agree.
-RESPONSE_HEADER = "\n\n### Response:"
-TEMPLATE_TOKENS = [PREAMBLE_INPUT, PREAMBLE_NO_INPUT, INSTRUCTION_HEADER, INPUT_HEADER, RESPONSE_HEADER]
-
-
-def format_prompt(instruction: str, input_text: str = "") -> str:
-    """The Alpaca prompt; the response (``output`` + eos) follows it directly."""
-    if input_text:
-        return (
-            f"{PREAMBLE_INPUT}{INSTRUCTION_HEADER}{instruction}{INPUT_HEADER}{input_text}{RESPONSE_HEADER}\n"
-        )
-    return f"{PREAMBLE_NO_INPUT}{INSTRUCTION_HEADER}{instruction}{RESPONSE_HEADER}\n"
-
-
-# --------------------------------------------------------------------------------------------------
-# Word lists
-# --------------------------------------------------------------------------------------------------
-CATEGORIES = {
-    "fruit": "apple banana cherry grape lemon mango orange peach pear plum melon kiwi".split(),
-    "animal": "dog cat horse rabbit tiger lion sheep goat mouse bear fox wolf".split(),
-    "tool": "hammer saw drill wrench shovel rake axe chisel ladder knife brush spade".split(),
-    "vehicle": "car bus truck bike train boat plane van tractor taxi ship scooter".split(),
-}
-# Verbs/phrases that tie each category's items together in the pre-training text (no labels).
-CATEGORY_CONTEXTS = {
-    "fruit": [
-        "{P} ate a ripe {x} after lunch.",
-        "{P} cut the sweet {x} into small pieces.",
-        "The {x} grew on a tree near the farm.",
-        "{P} bought a fresh {x} at the market.",
-        "A juicy {x} is nice to eat in summer.",
-        "{P} peeled the {x} and shared it.",
-    ],
-    "animal": [
-        "The {x} ran across the field.",
-        "{P} fed the hungry {x} some food.",
-        "A young {x} slept in the barn.",
-        "The {x} heard a noise and looked up.",
-        "{P} saw a wild {x} near the forest.",
-        "The {x} drank water from the pond.",
-    ],
-    "tool": [
-        "{P} fixed the fence with a {x}.",
-        "{P} kept the {x} in the shed.",
-        "The old {x} was heavy to use.",
-        "{P} used a {x} to build a table.",
-        "{P} picked up the {x} and started to work.",
-        "A good {x} makes the job easy.",
-    ],
-    "vehicle": [
-        "{P} drove the {x} to town.",
-        "The {x} stopped at the station.",
-        "{P} took the {x} to work.",
-        "The {x} moved fast along the road.",
-        "{P} waited for the {x} in the rain.",
-        "The {x} carried many people.",
-    ],
-}
-ANTONYMS = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("tall", "short"),
-    ("light", "dark"), ("hard", "soft"), ("wet", "dry"), ("rich", "poor"), ("early", "late"),
-    ("full", "empty"), ("loud", "quiet"), ("strong", "weak"), ("clean", "dirty"), ("thick", "thin"),
-    ("open", "closed"), ("high", "low"), ("young", "old"), ("good", "bad"), ("easy", "difficult"),
-    ("wide", "narrow"), ("sweet", "sour"), ("sharp", "dull"), ("safe", "dangerous"),
-]  # fmt: skip
-# Synonyms only feed the auxiliary (not evaluated) "same meaning" instruction examples.
-SYNONYMS = [
-    ("large", "huge"), ("quick", "rapid"), ("glad", "joyful"), ("angry", "mad"), ("smart", "clever"),
-    ("tiny", "little"), ("calm", "still"), ("pretty", "lovely"), ("begin", "start"), ("end", "finish"),
-    ("shut", "close"), ("gift", "present"), ("road", "street"), ("shout", "yell"), ("rock", "stone"),
-    ("jump", "leap"),
-]  # fmt: skip
-SAME = {a: b for a, b in SYNONYMS} | {b: a for a, b in SYNONYMS}
-OPPOSITE = {a: b for a, b in ANTONYMS} | {b: a for a, b in ANTONYMS}
-ADJECTIVES = sorted(OPPOSITE)
-NOUNS = (
-    "room road river box bag cup door wall house street table window garden city bread soup "
-    "water song night morning book coat rope path lake"
-).split()
-PEOPLE = "Anna Ben Clara David Emma Frank Grace Henry Ivy Jack Kate Leo Mia Noah Olivia Paul".split()
-PLACES = [
-    "in the garden", "on the table", "near the river", "under the tree", "in the kitchen",
-    "behind the house", "at the market", "by the door", "on the hill", "in the yard",
-    "next to the wall", "in the old barn",
-]  # fmt: skip
-TIMES = ["today", "yesterday", "this morning", "last night", "in the evening", "on Monday", "at noon"]
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-NUMBERS = [str(i) for i in range(100)]
-ITEMS = [x for items in CATEGORIES.values() for x in items]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -634,70 +552,12 @@ def sample_text(model, tokenizer, prompt: str, n: int = 24) -> str:
 # --------------------------------------------------------------------------------------------------
 # Writing data and lm-eval task files
 # --------------------------------------------------------------------------------------------------
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-TASK_YAML = """\
-# Generated by tokentune/assets/build_assets.py -- do not edit by hand.
-# {description}
-# data_files is relative to this folder; tokentune.evaluate rewrites it to an absolute path.
-task: {name}
-output_type: multiple_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: data/{name}.jsonl
-test_split: test
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-GROUP_YAML = """\
-# Generated by tokentune/assets/build_assets.py -- do not edit by hand.
-group: tokentune_mini
-task:
-{tasks}
-aggregate_metric_list:
-  - metric: acc
-    aggregation: mean
-    weight_by_size: false
-metadata:
-  version: 1.0
-"""
-
-
 def write_tasks(tasks_dir: Path, test_rows: dict[str, list[dict]]) -> None:
-    if tasks_dir.exists():
-        shutil.rmtree(tasks_dir)
-    (tasks_dir / "data").mkdir(parents=True)
-    for name, rows in test_rows.items():
-        docs = [
-            {
-                "instruction": r["instruction"],
-                "input": r["input"],
-                "output": r["output"],
-                "prompt": format_prompt(r["instruction"], r["input"]),
-                "choices": r["choices"],
-                "label": r["choices"].index(r["output"]),
-            }
-            for r in rows
-        ]
-        write_jsonl(tasks_dir / "data" / f"{name}.jsonl", docs)
-        text = TASK_YAML.format(name=name, description=TASK_DESCRIPTIONS[name])
-        (tasks_dir / f"{name}.yaml").write_text(text)
-    tasks = "\n".join(f"  - {name}" for name in test_rows)
-    (tasks_dir / "tokentune_mini.yaml").write_text(GROUP_YAML.format(tasks=tasks))
+    """The one-token families and their group ``tokentune_mini``; clears the generated task files
+    first (``tt_data.py``, the loader the YAMLs name, is source and stays)."""
+    for stale in [*tasks_dir.glob("*.yaml"), *tasks_dir.glob("data/*.jsonl")]:
+        stale.unlink()
+    write_task_files(tasks_dir, test_rows, TASK_DESCRIPTIONS, "tokentune_mini", "build_assets")
 
 
 def self_check(out: Path, splits: dict[str, dict[str, list[dict]]], tokenizer) -> int:
@@ -730,33 +590,9 @@ def self_check(out: Path, splits: dict[str, dict[str, list[dict]]], tokenizer) -
     return max(len(w) + 1 for w in whole_ids)  # + eos
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="output root (default: package)")
-    parser.add_argument("--skip-pretrain", action="store_true", help="save the untrained model")
-    parser.add_argument("--pretrain-steps", type=int, default=600)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--n-train", type=int, default=750, help="train rows per task")
-    parser.add_argument("--n-val", type=int, default=50, help="val rows per task")
-    parser.add_argument("--n-test", type=int, default=150, help="test docs per task")
-    args = parser.parse_args(argv)
-
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    t_start = time.time()
-    out: Path = args.out.resolve()
-    print(f"[1/5] generating text (seed {SEED}) -> {out}")
-    rng = random.Random(SEED)
-    docs = make_pretrain_corpus(8000, random.Random(SEED + 1))
-    splits = make_task_splits(rng, args.n_train, args.n_val, args.n_test)
-    for name, rows in splits.items():
-        balance_test_labels(rows["test"], random.Random(f"{SEED}-{name}"))
-
+def _build_model_dir(model_dir: Path, splits: dict, docs: list[str], args: argparse.Namespace):
+    """Train the tokenizer, build and pre-train the model, save both to ``model_dir``."""
     print("[2/5] training tokenizer")
-    model_dir = out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
@@ -781,6 +617,50 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  sample: {sample_text(model, tokenizer, p)!r}")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(model_dir, safe_serialization=True)
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="output root (default: package)")
+    parser.add_argument(
+        "--skip-pretrain",
+        action="store_true",
+        help="keep the tokenizer and model already in OUT/model and rewrite only the text files "
+        "(with no model there yet: save an untrained one)",
+    )
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--n-train", type=int, default=750, help="train rows per task")
+    parser.add_argument("--n-val", type=int, default=50, help="val rows per task")
+    parser.add_argument("--n-test", type=int, default=150, help="test docs per task")
+    parser.add_argument("--n-multi-train", type=int, default=500, help="train rows per multi-token task")
+    parser.add_argument("--n-multi-val", type=int, default=25, help="val rows per multi-token task")
+    parser.add_argument("--n-multi-test", type=int, default=100, help="test docs per multi-token task")
+    args = parser.parse_args(argv)
+
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    t_start = time.time()
+    out: Path = args.out.resolve()
+    print(f"[1/5] generating text (seed {SEED}) -> {out}")
+    rng = random.Random(SEED)
+    docs = make_pretrain_corpus(8000, random.Random(SEED + 1))
+    splits = make_task_splits(rng, args.n_train, args.n_val, args.n_test)
+    for name, rows in splits.items():
+        balance_test_labels(rows["test"], random.Random(f"{SEED}-{name}"))
+
+    model_dir = out / "model"
+    if args.skip_pretrain and (model_dir / "model.safetensors").is_file():
+        from transformers import AutoTokenizer
+
+        print(f"[2/5] --skip-pretrain: keeping the tokenizer and model in {model_dir}")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        tokenizer = _build_model_dir(model_dir, splits, docs, args)
 
     print("[4/5] writing instruction data")
     data_dir = out / "data"
@@ -794,11 +674,17 @@ def main(argv: list[str] | None = None) -> None:
 
     print("[5/5] writing lm-eval tasks")
     write_tasks(out / "tasks", {name: rows["test"] for name, rows in splits.items()})
-    longest = self_check(out, splits, tokenizer)
+    # The multi-token families (own seeds, own files): tokenizer and model above never see them.
+    multi = make_multi_splits(args.n_multi_train, args.n_multi_val, args.n_multi_test)
+    n_multi_train, n_multi_val = write_multi(out, multi)
+    shortest, longest_response = check_lengths(multi, tokenizer)
+    longest = self_check(out, splits | multi, tokenizer)
     size_mb = (model_dir / "model.safetensors").stat().st_size / 2**20
     print(
         f"done in {time.time() - t_start:.0f}s: {len(train)} train / {len(val)} val rows, "
-        f"{len(TASKS)} tasks x {args.n_test} test docs, longest example {longest} tokens, "
+        f"{len(TASKS)} tasks x {args.n_test} test docs; multi-token: {n_multi_train} train / "
+        f"{n_multi_val} val rows, {len(multi)} tasks x {args.n_multi_test} test docs, responses "
+        f"{shortest}-{longest_response} tokens; longest example {longest} tokens, "
         f"model.safetensors {size_mb:.1f} MiB"
     )
 
