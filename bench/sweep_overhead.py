@@ -3,13 +3,17 @@ the ideal (the training steps only, ``--concurrency`` at a time).
 
     python bench/sweep_overhead.py                          # 4 LoRA trials x 120 steps, 2 at a time
     python bench/sweep_overhead.py --trials 6 --steps 300   # the issue's efficiency target setting
+    python bench/sweep_overhead.py --overlap true --post-cpus 0   # merge+eval beside the next training
 
 A real sweep on the shipped tiny default (Ray Tune -> Ray Train -> merge + lm-eval -> MLflow), one
 trial per LoRA rank, in a temporary folder. Per phase (``orchestrator.trial_status.SPANS``, the time
 between two of a trial's events): the median, min and max over trials. ``overhead`` = a trial's wall
 time (``trial started`` to ``post-trial finished``) minus its training steps (``train``: after the
 first step to the last). The last lines compare the sweep's wall time (``run_sweep``, Ray start
-included) with the ideal sum of the trials' ``train`` spans divided by ``--concurrency``.
+included) with the ideal sum of the trials' ``train`` spans divided by ``--concurrency``, and the
+training slots' busy share: the ``train`` spans over ``--concurrency`` x the sweep's wall time (on a
+GPU cluster, the share of time the accelerators run training steps; CPU stands in for them here).
+``queued`` is a trial's wait for a training slot (``after_trial.overlap``), not part of its overhead.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def spec_dict(args: argparse.Namespace, storage: str) -> dict:
         },
         "search": {"lora.rank": {"grid": list(range(2, 2 + args.trials))}},
         "tune": {"max_concurrent": args.concurrency},
+        "after_trial": {"overlap": args.overlap, "cpus": args.post_cpus},
         "storage": storage,
     }
 
@@ -61,9 +66,14 @@ def table(trials: list[dict], sweep_wall: float, concurrency: int) -> str:
     lines.append(
         f"\nsweep wall {sweep_wall:.1f}s; ideal (sum of training steps {train:.1f}s / {concurrency}) "
         f"{ideal:.1f}s; wall/ideal {sweep_wall / max(ideal, 1e-9):.2f}x; "
-        f"fixed overhead per trial (median) {statistics.median(t['phase/overhead_s'] for t in trials):.1f}s"
+        f"fixed overhead per trial (median) {statistics.median(t['phase/overhead_s'] for t in trials):.1f}s; "
+        f"training slots busy {train / (concurrency * sweep_wall):.0%} of the wall time"
     )
     return "\n".join(lines)
+
+
+def _overlap(text: str) -> str | bool:
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--eval-limit", type=int, default=50)
+    p.add_argument(
+        "--overlap", type=_overlap, default="auto", help="after_trial.overlap: auto (GPU only), true, false"
+    )
+    p.add_argument(
+        "--post-cpus", type=float, default=1.0, help="after_trial.cpus (0: merge+eval beside training)"
+    )
     p.add_argument("--json", action="store_true", help="print each trial's phases as JSON too")
     args = p.parse_args(argv)
 
@@ -85,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
     done = [t.metrics for t in res.trials if t.status == "finished"]
     print(
-        f"{len(done)}/{len(res.trials)} trials finished; {args.trials} x {args.steps} steps, {args.concurrency} at a time"
+        f"{len(done)}/{len(res.trials)} trials finished; {args.trials} x {args.steps} steps, {args.concurrency} at a "
+        f"time; after_trial overlap {args.overlap}, cpus {args.post_cpus:g}"
     )
     if not done or not all("phase/overhead_s" in m for m in done):
         print("no phase timings (a trial failed before its events were complete)")

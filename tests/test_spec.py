@@ -75,6 +75,8 @@ def test_quickstart_covers_the_three_dimensions():
     )
     assert len({t.config.method_configs["lora"].rank for t in trials}) >= 2
     assert spec.objective.metric == "eval/score" and spec.after_trial.evaluate
+    tt = [t.config.method_configs["tokentune"] for t in trials if "tokentune" in t.config.methods]
+    assert tt and all(c.select == "labelled" for c in tt)  # not handicapped by the one-token answers
 
 
 def test_paper_specs_settings():
