@@ -401,8 +401,8 @@ def test_a_sweep_on_a_multi_machine_cluster_refuses_sqlite_before_anything_is_wr
     from orchestrator.spec import SpecError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(orchestrator.tuner, "set_tune_env", lambda: None)
-    monkeypatch.setattr(rc, "init_ray", lambda address=None: {"CPU": 16.0})
+    monkeypatch.setattr(orchestrator.tuner, "set_tune_env", lambda verbose=False: None)
+    monkeypatch.setattr(rc, "init_ray", lambda address=None, **kw: {"CPU": 16.0})
     monkeypatch.setattr(rc, "nodes_on_other_machines", lambda: ["10.0.0.2", "10.0.0.3"])
     sweep = ["search_spaces/quickstart.yaml", [f"storage={tmp_path}"]]
     with pytest.raises(SpecError) as info:

@@ -312,7 +312,7 @@ def test_trial_errors_printed_by_the_orchestrator_cli_are_redacted(monkeypatch, 
     from orchestrator.cli import train_job
 
     token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
-    monkeypatch.setattr(orchestrator.ray_cluster, "init_ray", lambda address=None: {})
+    monkeypatch.setattr(orchestrator.ray_cluster, "init_ray", lambda address=None, **kw: {})
     failed = SimpleNamespace(error=f"OSError: 401 for url https://huggingface.co (token {token})")
     monkeypatch.setattr(orchestrator.train_driver, "run_train_job", lambda cfg, **kw: failed)
     cfg = SimpleNamespace(train=SimpleNamespace(output_dir="/tmp/x/run"))
