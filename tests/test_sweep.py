@@ -187,10 +187,12 @@ def _mlflow_runs(tracking_uri: str, sweep: str):
 def test_quickstart_sweep_end_to_end(tmp_path):
     """The shipped quickstart spec, end to end: its 4 trials train, merge, evaluate and land in the
     results files and MLflow. What it proves is the pipeline, not the scores (the quickstart's accuracy
-    is the README's figure), so the trials are shortened: 24 steps, 20 documents per task."""
+    is the README's figure), so the trials are shortened: 24 steps, 20 documents per task. The eval set
+    adds a multi-token task (tt_sort) so that the stock lm_eval check covers one."""
     from orchestrator import run_sweep
 
-    overrides = [f"storage={tmp_path}", "train.max_steps=24", "train.log_every=6", "eval.limit=20"]
+    tasks = "eval.tasks=[tt_category,tt_antonym,tt_next,tt_largest,tt_sort]"
+    overrides = [f"storage={tmp_path}", "train.max_steps=24", "train.log_every=6", "eval.limit=20", tasks]
     t0 = time.time()
     res = run_sweep(QUICKSTART, overrides, progress=False)
     wall = time.time() - t0
@@ -251,25 +253,27 @@ def test_quickstart_sweep_end_to_end(tmp_path):
 
 
 def _stock_lm_eval_matches(best, spec, tmp_path: Path) -> None:
-    """The best trial's merged checkpoint, evaluated by the stock ``lm_eval`` CLI on the shipped tasks
-    (from an unrelated working directory), scores what the sweep recorded."""
-    from tokentune.assets import SHIPPED_TASK_FAMILIES, default_tasks_dir
+    """The best trial's merged checkpoint, evaluated by the stock ``lm_eval`` CLI on the sweep's tasks
+    (one-token and multi-token, from an unrelated working directory), scores what the sweep recorded."""
+    from tokentune.assets import default_tasks_dir
+
+    names = list(spec.base["eval"]["tasks"])
 
     merged = Path(best.trial_dir) / "merged"
     out = tmp_path / "stock_lm_eval"
     cmd = [
         "lm_eval", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
-        "--tasks", "tokentune_mini", "--include_path", str(default_tasks_dir()), "--device", "cpu", "--batch_size", "8",
+        "--tasks", ",".join(names), "--include_path", str(default_tasks_dir()), "--device", "cpu", "--batch_size", "8",
         "--limit", str(spec.base["eval"]["limit"]), "--output_path", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     results = json.loads(max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime).read_text())
-    for name in SHIPPED_TASK_FAMILIES:
+    for name in names:
         stock = results["results"][name]["acc,none"]
         assert stock == pytest.approx(best.metrics[f"eval/{name}/acc"], abs=1e-6), name
-    stock_mean = sum(results["results"][n]["acc,none"] for n in SHIPPED_TASK_FAMILIES) / 4
+    stock_mean = sum(results["results"][n]["acc,none"] for n in names) / len(names)
     assert stock_mean == pytest.approx(best.metrics["eval/score"], abs=1e-6)
 
 
