@@ -68,6 +68,33 @@ def test_quality_bench_runs_each_variant_and_ratio_one_equals_lora(tmp_path, cap
     assert abs(lora["val_loss"] - full_ratio["val_loss"]) < 1e-4, (lora["val_loss"], full_ratio["val_loss"])
     assert lora["acc"] == full_ratio["acc"]
     assert [t["acc_sd"] for t in table] == [0.0, 0.0, 0.0] and "acc (mean ± sd)" in out
+    # the answer-token budget: LoRA and ratio 1.0 train every supervised position, r = 0.3 a part of them
+    assert lora["answer_tokens"] == lora["supervised_tokens"] == full_ratio["answer_tokens"] > 0
+    assert 0 < rows[1]["answer_tokens"] < rows[1]["supervised_tokens"] == lora["supervised_tokens"]
+    assert "ans/seq" in out and "tasks: mini" in out
+
+
+def test_quality_bench_task_sets_and_labelled_selection(tmp_path, capsys):
+    """--tasks both trains each task set on its own data and scores its own group; the labelled
+    variant runs TokenTune with select=labelled, whose budget covers more answer tokens than uniform's."""
+    import quality
+
+    table = quality.main(["--tasks", "both", "--variants", "lora,tokentune_labelled", "--steps", "2", "--seeds", "0",
+                          "--limit", "8", "--json", "--out", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["tasks"], r["variant"]) for r in rows] == [
+        ("mini", "lora"), ("mini", "tokentune_labelled"), ("multi", "lora"), ("multi", "tokentune_labelled"),
+    ]  # fmt: skip
+    assert set(rows[2]["acc"]) == {"tokentune_multi", "tt_sort", "tt_series", "tt_opposites"}
+    assert [t["metric"] for t in table] == ["tokentune_mini"] * 2 + ["tokentune_multi"] * 2
+    assert "tasks: mini" in out and "tasks: multi" in out
+    cfg = json.loads((tmp_path / "run004" / "run_config.json").read_text())
+    assert cfg["tokentune"]["select"] == "labelled" and cfg["methods"] == ["lora", "tokentune"]
+    assert rows[2]["supervised_tokens"] > 4 * rows[0]["supervised_tokens"]  # multi-token answers
+    for lora, labelled in (rows[0:2], rows[2:4]):
+        assert labelled["supervised_tokens"] == lora["supervised_tokens"]
+        assert labelled["answer_tokens"] > 0.8 * lora["answer_tokens"]  # answers are drawn first
 
 
 def test_quality_bench_rejects_unknown_variant(capsys):

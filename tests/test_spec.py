@@ -48,6 +48,7 @@ def test_search_spaces_present():
         "tokentune_paper.yaml",
         "ist_paper.yaml",
         "joint_search.yaml",
+        "fidelity.yaml",
     } <= names
 
 
