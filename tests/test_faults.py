@@ -45,14 +45,14 @@ MAX_LAUNCHES = 12  # per episode: the first run and at most 11 resumes
 LAUNCH_TIMEOUT_S = 400  # one run of the driver (a hang is a failure)
 POLL_S = 0.2
 TRAIN_WORKER = "ray::RayTrainWorker"
-POST_TASK = "ray::merge_and_evaluate"
+POST_TASK = "ray::PostTrialWorker.run"  # the sweep's warm merge + eval worker, while it serves a trial
 KINDS = ("driver", "worker", "post")
 DRIVER_PHASES = ("startup", "train", "post", "commit")
 
 
 def sweep_args(storage: Path, name: str, ranks: list[int]) -> list[str]:
     """``tokentune sweep`` on the shipped quickstart, shrunk: LoRA only, one trial per rank, 12 steps
-    with a checkpoint every 4, 4 documents per eval task, one trial at a time."""
+    with a checkpoint every 4, 16 documents per eval task, one trial at a time."""
     sets = [
         f"storage={storage}",
         "methods=[lora]",
@@ -62,7 +62,7 @@ def sweep_args(storage: Path, name: str, ranks: list[int]) -> list[str]:
         f"train.save_every={SAVE_EVERY}",
         f"train.log_every={LOG_EVERY}",
         "train.warmup_steps=1",
-        "eval.limit=4",
+        "eval.limit=16",
         "tune.max_concurrent=1",
     ]
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(QUICKSTART), "--name", name]
@@ -321,7 +321,7 @@ def _arm(c: Cycle, rng: random.Random) -> Cycle:
         {
             "startup": rng.uniform(2, 14),
             "train": rng.uniform(0.5, 9),
-            "post": rng.uniform(0.2, 5),
+            "post": rng.uniform(0.05, 0.8),  # merge + eval of a trial takes ~1 s on the warm worker
             "commit": rng.uniform(0, 1.5),
         }[c.phase],
         2,
@@ -455,7 +455,8 @@ class Episode:
         title = TRAIN_WORKER if c.phase == "train" else POST_TASK
         for p in _ray_procs(root, title):
             if p.pid not in self.used_pids:
-                self.used_pids.add(p.pid)
+                if title == TRAIN_WORKER:  # the post-trial worker's process serves every trial
+                    self.used_pids.add(p.pid)
                 return time.time() + c.delay_s, (root if c.kind == "driver" else p.pid)
         return None, None
 
@@ -586,7 +587,7 @@ def test_full_disk_fails_clearly_and_resumes(tmp_path):
     of the kill tests. The driver's console is a pipe (no size limit there), so its last words are
     kept. This test found the unreadable Ray Train snapshot (see the next test)."""
     rng = random.Random(FIRST_SEED)
-    delay = round(rng.uniform(3, 9), 2)
+    delay = round(rng.uniform(1, 4), 2)  # the worker loads for ~3 s, then trains 12 steps
     name, storage = "fulldisk", tmp_path / "sweeps"
     sweep_dir = storage / name
     cmd = sweep_args(storage, name, [2])  # one trial: the disk fills up while it trains
