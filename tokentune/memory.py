@@ -15,7 +15,12 @@ The breakdown, per worker, in GB (2**30 bytes), each tensor counted once by its 
 - ``optimizer``: the optimizer's state tensors after the step, plus its own copies of the weights
   (ZeRO's fp32 partitions), this worker's share;
 - ``activations``: the bytes autograd saves for backward during one micro-batch's forward (logits
-  and loss included, parameters excluded), counted with saved-tensor hooks; the largest micro-batch;
+  and loss included, parameters excluded), counted with saved-tensor hooks; the largest micro-batch.
+  Each storage counts once, and each counted tensor is held until that forward ends, so a saved
+  temporary freed mid-forward cannot hide a later one at the same address (without this the count
+  drifted with the allocator's history: 15.0 -> 14.0 -> 12.4 MB for the same DoRA+TokenTune run in
+  one process). The price: on a sampled step those temporaries stay alive to the forward's end, so
+  they count here and can raise ``cuda_peak_gb`` by as much;
 - ``train``: their sum, what an accelerator needs besides the framework's runtime and buffers.
 
 Values are the peak over the sampled steps so far (IST/RST's saved depth changes from step to step).
@@ -131,6 +136,7 @@ class MemoryMeter:
             yield
             return
         seen: dict[int, int] = {}
+        held: list[torch.Tensor] = []  # the counted tensors, alive until the forward ends
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             base = t._base if t._base is not None else t
@@ -138,10 +144,15 @@ class MemoryMeter:
                 ptr, nbytes = _storage_key(t)
                 if ptr not in self._param_ptrs and ptr not in seen:
                     seen[ptr] = nbytes
+                    held.append(t)
             return t
 
+        # Holding each counted tensor until the forward ends keeps its address from being reused by a
+        # later saved tensor (a saved temporary freed mid-forward would hide the next one at its
+        # address): the count no longer depends on the allocator's history in this process.
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
+        held.clear()
         self._last_forward = sum(seen.values())
         self._activations = max(self._activations, self._last_forward)
 
