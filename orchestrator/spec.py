@@ -156,6 +156,36 @@ class SweepSpec:
 
 
 # ---- loading ---------------------------------------------------------------------------------------
+#: config keys that may name a local file or folder: a relative one is taken from the working directory
+PATH_KEYS = ("model.name_or_path", "model.tokenizer", "data.train", "data.val", "data.template")
+
+
+def absolute_local_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Relative paths in :data:`PATH_KEYS` (in ``base`` and in ``search``) that exist from the working
+    directory, made absolute: Ray's workers run elsewhere (hub names and missing files stay as they are,
+    for the input checks to judge)."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            p = Path(value).expanduser()
+            return str(p.resolve()) if p.exists() else value
+        return value
+
+    base = raw.get("base")
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        if isinstance(base, dict) and isinstance(base.get(section), dict) and name in base[section]:
+            base[section][name] = fix(base[section][name])
+        dim = (raw.get("search") or {}).get(key) if isinstance(raw.get("search"), dict) else None
+        if isinstance(dim, dict):
+            for verb in ("grid", "choice"):
+                if isinstance(dim.get(verb), list):
+                    dim[verb] = [fix(v) for v in dim[verb]]
+        elif dim is not None:
+            raw["search"][key] = fix(dim)
+    return raw
+
+
 def load_spec(
     path_or_dict: str | Path | dict[str, Any] | SweepSpec,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -183,7 +213,7 @@ def load_spec(
         path = Path(path_or_dict)
         source = str(path.resolve())
         raw = read_spec_file(path)
-    raw = apply_spec_overrides(raw, overrides)
+    raw = absolute_local_paths(apply_spec_overrides(raw, overrides))
     spec = parse_spec(raw, default_name=Path(source).stem if source else "sweep")
     spec.source = source
     validate_spec(spec, check_inputs=check_inputs)
