@@ -36,14 +36,13 @@ def config_text(config: dict[str, Any], limit: int = 90) -> str:
 
 
 def duration(seconds: float) -> str:
+    """``5s``, ``1m05s``, ``1h02m``."""
     s = int(round(seconds))
-    return (
-        f"{s // 3600}h{s % 3600 // 60:02d}m"
-        if s >= 3600
-        else f"{s // 60}m{s % 60:02d}s"
-        if s >= 60
-        else f"{s}s"
-    )
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
 
 
 #: where Ray keeps a local session's worker logs (on every node of a cluster)
