@@ -196,7 +196,7 @@ def _run(
     from orchestrator import mlflow_ui, report
     from orchestrator.console import RAY_LOGS, config_text
     from orchestrator.post_trial import prune_merged
-    from orchestrator.ray_cluster import init_ray, nodes_on_other_machines
+    from orchestrator.ray_cluster import init_ray, nodes_on_other_machines, orphaned_placement_groups_swept
     from orchestrator.tracking import SweepTracker, default_tracking_uri
     from orchestrator.trial import TrialContext
     from orchestrator.tuner import best_trial as pick_best
@@ -263,7 +263,8 @@ def _run(
             if restoring
             else build_tuner(spec, ctx, cluster, progress=progress, verbose=verbose)
         )
-        grid = tuner.fit()
+        with orphaned_placement_groups_swept():  # freed when a trial driver dies with its node
+            grid = tuner.fit()
         if remote:  # the trials that ran on other nodes
             download_trials(remote, sweep_dir)
         trials = collect_trials(grid, spec, sweep_dir)

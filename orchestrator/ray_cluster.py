@@ -237,16 +237,19 @@ def remove_orphaned_placement_groups(job_id: str | None = "current") -> list[str
 @contextlib.contextmanager
 def orphaned_placement_groups_swept(every_s: float = ORPHAN_SWEEP_S) -> Iterator[None]:
     """Run :func:`remove_orphaned_placement_groups` every ``every_s`` seconds in a daemon thread
-    while the block runs (best effort: a failed sweep is logged at debug level, never raised)."""
+    while the block runs (best effort: a failed sweep is logged, a warning the first time, never
+    raised)."""
     stop = threading.Event()
 
     def sweep() -> None:
+        failed = False
         while True:
             try:
                 for pg in remove_orphaned_placement_groups():
-                    log.warning("removed placement group %s: its creator died with a lost node", pg)
+                    log.warning("removed placement group %s: the actor that created it is dead", pg)
             except Exception as e:  # noqa: BLE001 - best effort; never disturbs the run
-                log.debug("placement-group sweep failed: %s", e)
+                (log.debug if failed else log.warning)("placement-group sweep failed: %s", e)
+                failed = True
             if stop.wait(every_s):
                 return
 

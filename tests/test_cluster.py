@@ -72,6 +72,7 @@ EXCLUDES = [
     "__pycache__",
 ]
 JOB_TIMEOUT_S = 1500  # the machine may be shared and loaded: generous
+AFTER_KILL_TIMEOUT_S = 900  # the rest of the two-node sweep: ~40 s alone, ~4 min on a loaded machine
 
 
 # ==== the files (fast) ====================================================================================
@@ -905,9 +906,10 @@ def test_job_submit_runs_a_two_node_sweep_that_survives_losing_a_node(cluster):
         f"[cluster] killed node2 ({len(victims)} processes) at {t_kill - t0:.0f}s; finished before: {sorted(before)}"
     )
 
-    status = cluster.wait_job(job, every=observe)
+    status = cluster.wait_job(job, AFTER_KILL_TIMEOUT_S, every=observe)
     logs = cluster.job_logs(job)
-    assert status == "SUCCEEDED", f"job {job}: {status}\n--- last job logs ---\n{logs[-6000:]}"
+    (cluster.root / "job.log").write_text(logs)  # kept with TOKENTUNE_KEEP_CLUSTER_TMP=1
+    assert status == "SUCCEEDED", f"job {job}: {status}\n{_diagnosis(cluster, sweep_dir, logs)}"
     print(
         f"[cluster] two-node sweep {status} {time.time() - t_kill:.0f}s after the kill ({time.time() - t0:.0f}s in all)"
     )
@@ -938,6 +940,29 @@ def test_job_submit_runs_a_two_node_sweep_that_survives_losing_a_node(cluster):
         f"[cluster] trial drivers ran on {len(seen['ImplicitFunc'])} node(s), Train workers on "
         f"{len(seen['RayTrainWorker'])}; 'train started' per trial: {restarted}"
     )
+
+
+def _diagnosis(cluster, sweep_dir: Path, logs: str) -> str:
+    """What a failed or hung two-node job looked like: its log without the repeated progress lines,
+    each trial's last events, the actors that are not dead and the placement groups."""
+    lines = logs.splitlines()
+    progress = [i for i, line in enumerate(lines) if "trials done" in line]
+    kept = [line for i, line in enumerate(lines) if i not in progress[1:-1]]
+    out = ["--- job log (progress lines between the first and the last left out) ---", *kept[-150:]]
+    for t in sorted(_statuses(sweep_dir)):
+        out.append(f"--- {t}: last events ---")
+        out += [json.dumps(e) for e in _events(sweep_dir, t)[-8:]]
+    for kind, keys in (
+        ("actors", ("class_name", "state", "node_id", "pid", "death_cause")),
+        ("placement_groups", ("placement_group_id", "state", "bundles", "creator_job_id")),
+    ):
+        try:
+            rows = [r for r in cluster._state(kind) if r.get("state") not in ("DEAD", "REMOVED")]
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            rows, out = [], [*out, f"({kind} unavailable: {e})"]
+        out.append(f"--- {kind} not dead: {len(rows)} ---")
+        out += [json.dumps({k: r.get(k) for k in keys}, default=str)[:400] for r in rows]
+    return "\n".join(out)
 
 
 def _events(sweep_dir: Path, trial: str) -> list[dict]:
