@@ -947,19 +947,21 @@ def _diagnosis(cluster, sweep_dir: Path, logs: str) -> str:
     each trial's last events, the actors that are not dead and the placement groups."""
     lines = logs.splitlines()
     progress = [i for i, line in enumerate(lines) if "trials done" in line]
-    kept = [line for i, line in enumerate(lines) if i not in progress[1:-1]]
+    between = set(progress[1:-1])
+    kept = [line for i, line in enumerate(lines) if i not in between]
     out = ["--- job log (progress lines between the first and the last left out) ---", *kept[-150:]]
     for t in sorted(_statuses(sweep_dir)):
         out.append(f"--- {t}: last events ---")
         out += [json.dumps(e) for e in _events(sweep_dir, t)[-8:]]
     for kind, keys in (
-        ("actors", ("class_name", "state", "node_id", "pid", "death_cause")),
+        ("actors", ("class_name", "state", "node_id", "pid")),
         ("placement_groups", ("placement_group_id", "state", "bundles", "creator_job_id")),
     ):
         try:
             rows = [r for r in cluster._state(kind) if r.get("state") not in ("DEAD", "REMOVED")]
         except (urllib.error.URLError, OSError, ValueError) as e:
-            rows, out = [], [*out, f"({kind} unavailable: {e})"]
+            rows = []
+            out.append(f"({kind} unavailable: {e})")
         out.append(f"--- {kind} not dead: {len(rows)} ---")
         out += [json.dumps({k: r.get(k) for k in keys}, default=str)[:400] for r in rows]
     return "\n".join(out)
