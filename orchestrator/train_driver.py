@@ -20,6 +20,7 @@ start-up, one import of torch/transformers/deepspeed): for tests and benchmarks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -117,13 +118,15 @@ def run_train_job(
     callbacks: list[Any] | None = None,
     max_failures: int = 1,
     progress: bool = True,
+    sweep_orphans: bool = True,
 ) -> TrainJobResult:
     """Train ``cfg`` on ``cfg.compute.workers`` Ray Train workers; see the module docstring.
 
     ``callbacks`` are Ray Train ``UserCallback`` objects (e.g. a ``TuneReportCallback`` inside a Tune
     trial). Configuration problems raise ``ConfigError`` before anything starts; a failure during
     training comes back in ``TrainJobResult.error`` (after ``max_failures`` restarts from the last
-    checkpoint).
+    checkpoint). ``sweep_orphans``: run the orphaned-placement-group sweeper during ``fit()``
+    (False where a caller already runs one for the job, as a sweep's driver does around Tune).
     """
     (cfg,), storage, use_gpu = _prepare([cfg], storage_path)
     set_aside_unreadable_snapshot(storage, name)
@@ -140,7 +143,7 @@ def run_train_job(
         "progress": progress,
     }
     trainer = _trainer(train_worker, loop_config, cfg, use_gpu, name, storage, max_failures, callbacks)
-    result, error = _fit(trainer)
+    result, error = _fit(trainer, sweep_orphans)
     return _job_result(result, error, storage, name, Path(cfg.train.output_dir), launch)
 
 
@@ -306,9 +309,10 @@ def _trainer(fn, loop_config, cfg: RunConfig, use_gpu: bool, name, storage, max_
     )
 
 
-def _fit(trainer) -> tuple[Any, BaseException | None]:
-    """``trainer.fit()`` with the orphaned-placement-group sweeper on; a failure is returned, not raised."""
-    with orphaned_placement_groups_swept():
+def _fit(trainer, sweep_orphans: bool = True) -> tuple[Any, BaseException | None]:
+    """``trainer.fit()``, with the orphaned-placement-group sweeper on unless ``sweep_orphans`` is
+    False; a failure is returned, not raised."""
+    with orphaned_placement_groups_swept() if sweep_orphans else contextlib.nullcontext():
         try:
             return trainer.fit(), None
         except Exception as e:  # noqa: BLE001 - a failed run is returned, not raised

@@ -197,6 +197,7 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             resume=True,
             callbacks=[TrialReportCallback()],
             progress=ctx.progress,
+            sweep_orphans=False,  # the sweep's driver sweeps for the whole sweep (api._run)
         )
     if res.error is not None:
         raise TrialFailed(f"training failed: {_error_text(res.error)}")
