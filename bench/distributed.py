@@ -4,7 +4,7 @@
     python bench/distributed.py --methods lora --steps 20 --batch 8 --json
 
 One Ray Train job per worker count runs every (method, engine) configuration in the same worker
-processes (``orchestrator.train_driver.run_train_batch``), so start-up and imports are paid once per
+processes (``orchestrator.run.train_driver.run_train_batch``), so start-up and imports are paid once per
 job and not timed. Every worker gets ``--cpus-per-worker`` CPUs (Ray sets its thread count), the
 micro-batch per worker is ``--batch``: two workers process twice the examples per step.
 
@@ -30,8 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.ray_cluster import init_ray  # noqa: E402
-from orchestrator.train_driver import run_train_batch  # noqa: E402
+from orchestrator.run.ray_cluster import init_ray  # noqa: E402
+from orchestrator.run.train_driver import run_train_batch  # noqa: E402
 from tokentune.config import RunConfig  # noqa: E402
 
 ENGINES = {"plain": None, "zero2": 2, "zero3": 3}

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from tokentune.methods import MethodStack, StepContext  # noqa: E402
-from tokentune.methods.ist import IST, RST, ISTSettings, RSTSettings  # noqa: E402
+from tokentune.methods.ist.method import IST, RST, ISTSettings, RSTSettings  # noqa: E402
 from tokentune.methods.lora import LoRA, LoraSettings  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

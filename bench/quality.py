@@ -137,7 +137,7 @@ def answer_budget(cfg: Any, n_batches: int = BUDGET_BATCHES) -> tuple[float, flo
     import torch
 
     from tokentune.data import StepSampler, collate, load_splits
-    from tokentune.methods.token_select import select_labelled, select_tokens, supervised_positions
+    from tokentune.methods.tokentune.method import select_labelled, select_tokens, supervised_positions
     from tokentune.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)

@@ -6,7 +6,7 @@ the ideal (the training steps only, ``--concurrency`` at a time).
     python bench/sweep_overhead.py --overlap true --post-cpus 0   # merge+eval beside the next training
 
 A real sweep on the shipped tiny default (Ray Tune -> Ray Train -> merge + lm-eval -> MLflow), one
-trial per LoRA rank, in a temporary folder. Per phase (``orchestrator.trial_status.SPANS``, the time
+trial per LoRA rank, in a temporary folder. Per phase (``orchestrator.results.trial_status.SPANS``, the time
 between two of a trial's events): the median, min and max over trials. ``overhead`` = a trial's wall
 time (``trial started`` to ``post-trial finished``) minus its training steps (``train``: after the
 first step to the last). The last lines compare the sweep's wall time (``run_sweep``, Ray start
@@ -53,7 +53,7 @@ def spec_dict(args: argparse.Namespace, storage: str) -> dict:
 
 
 def table(trials: list[dict], sweep_wall: float, concurrency: int) -> str:
-    from orchestrator.trial_status import SPANS
+    from orchestrator.results.trial_status import SPANS
 
     keys = [*SPANS, "overhead"]
     lines = [f"{'phase':12s} {'median s':>9s} {'min':>7s} {'max':>7s}"]
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from orchestrator import run_sweep
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.sweep import load_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = load_spec(spec_dict(args, tmp))

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from orchestrator.api import run_sweep
-    from orchestrator.results import SweepResult, TrialResult
-    from orchestrator.spec import SpecError, SweepSpec, load_spec
+    from orchestrator.results.types import SweepResult, TrialResult
+    from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
 
 _EXPORTS = {
     "run_sweep": "orchestrator.api",
-    "SweepResult": "orchestrator.results",
-    "TrialResult": "orchestrator.results",
-    "SweepSpec": "orchestrator.spec",
-    "SpecError": "orchestrator.spec",
-    "load_spec": "orchestrator.spec",
+    "SweepResult": "orchestrator.results.types",
+    "TrialResult": "orchestrator.results.types",
+    "SweepSpec": "orchestrator.spec.sweep",
+    "SpecError": "orchestrator.spec.sweep",
+    "load_spec": "orchestrator.spec.sweep",
 }
 
 __all__ = ["SpecError", "SweepResult", "SweepSpec", "TrialResult", "load_spec", "run_sweep"]

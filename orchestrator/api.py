@@ -10,7 +10,7 @@ other machines: their trials' runs would be lost) -> sweep folder ``<storage>/<n
 resolved ``sweep.yaml`` -> MLflow parent run (get-or-create) -> Ray Tune (a fresh Tuner, or
 ``Tuner.restore`` with ``resume=True``) -> results table (console, results.csv/.json, Pareto plot,
 logged on the parent) -> merged checkpoints pruned per ``after_trial.keep_merged`` -> the parent run
-ended. With a URI ``storage`` the trial folders are synced through it (``orchestrator.storage_sync``;
+ended. With a URI ``storage`` the trial folders are synced through it (``orchestrator.run.storage_sync``;
 see ``sweep_location``).
 
 Identity: a sweep is a UUID made when it is created (``sweep_id`` in ``sweep.yaml``; kept on resume),
@@ -35,12 +35,12 @@ from typing import Any
 
 import yaml
 
-from orchestrator.plan import PLAN_ROWS, format_plan
-from orchestrator.results import SweepResult, TrialResult
-from orchestrator.spec import SpecError, SweepSpec, load_spec
-from orchestrator.spec_parts import value_label
-from orchestrator.storage_sync import download_trials, is_uri, read_text, upload_file
-from orchestrator.validate import check_sweep_name, refuse_local_store_on_cluster
+from orchestrator.results.types import SweepResult, TrialResult
+from orchestrator.run.storage_sync import download_trials, is_uri, read_text, upload_file
+from orchestrator.spec.parts import value_label
+from orchestrator.spec.plan import PLAN_ROWS, format_plan
+from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
+from orchestrator.spec.validate import check_sweep_name, refuse_local_store_on_cluster
 from tokentune.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def run_sweep(
     """Run (or resume, or dry-run) a sweep; see the module docstring.
 
     Console: ``progress`` prints the plan, a line per trial event with the counts and ETA
-    (``orchestrator.console``), the results table and the best trial; ``quiet`` only the progress
+    (``orchestrator.results.console``), the results table and the best trial; ``quiet`` only the progress
     lines and the table; ``verbose`` also streams Ray's worker logs and Tune's status tables (else
     they stay in Ray's log folder). ``progress=False`` prints nothing.
 
@@ -140,7 +140,7 @@ def sweep_location(spec: SweepSpec) -> tuple[Path, str]:
     tracking server) the MLflow DB on the driver, the trial folders on the node where each trial ran.
     Each trial uploads its folder to ``<uri>/<name>/trials/<trial_id>`` (not ``merged/``: merged
     checkpoints stay on the node that produced them), and the driver downloads the trials it lacks
-    before the results table and at ``--resume`` (``orchestrator.storage_sync``); ``sweep.yaml`` is
+    before the results table and at ``--resume`` (``orchestrator.run.storage_sync``); ``sweep.yaml`` is
     stored there too, so a sweep can be resumed from another machine.
     """
     if is_uri(spec.storage):
@@ -193,14 +193,18 @@ def _run(
     quiet: bool = False,
     verbose: bool = False,
 ) -> SweepResult:
-    from orchestrator import mlflow_ui, report
-    from orchestrator.console import RAY_LOGS, config_text
-    from orchestrator.post_trial import prune_merged
-    from orchestrator.ray_cluster import init_ray, nodes_on_other_machines, orphaned_placement_groups_swept
-    from orchestrator.tracking import SweepTracker, default_tracking_uri
-    from orchestrator.trial import TrialContext
-    from orchestrator.tuner import best_trial as pick_best
-    from orchestrator.tuner import (
+    from orchestrator.results import mlflow_ui, report
+    from orchestrator.results.console import RAY_LOGS, config_text
+    from orchestrator.results.tracking import SweepTracker, default_tracking_uri
+    from orchestrator.run.post_trial import prune_merged
+    from orchestrator.run.ray_cluster import (
+        init_ray,
+        nodes_on_other_machines,
+        orphaned_placement_groups_swept,
+    )
+    from orchestrator.run.trial import TrialContext
+    from orchestrator.run.tuner import best_trial as pick_best
+    from orchestrator.run.tuner import (
         build_tuner,
         can_restore,
         collect_trials,
@@ -237,7 +241,6 @@ def _run(
     refuse_local_store_on_cluster(tracking_uri, _tracking_origin(spec), nodes_on_other_machines())
     found = _stored_file(sweep_dir, remote or "") if resume else None
     sweep_id = (found[1].get("sweep_id") if found else None) or str(uuid.uuid4())
-    legacy = bool(found) and not found[1].get("sweep_id")  # stored before sweeps had ids: adopt its parent
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(sweep_dir / SPEC_FILE, yaml.safe_dump({"sweep_id": sweep_id}) + spec.to_yaml())
     if remote:
@@ -250,7 +253,7 @@ def _run(
             print(f"Ray worker logs: {RAY_LOGS} (--verbose prints them here)", flush=True)
 
     tracker = SweepTracker(tracking_uri, experiment, spec.name, sweep_id=sweep_id)
-    parent = tracker.start_parent(spec.to_dict(), adopt_untagged=legacy)
+    parent = tracker.start_parent(spec.to_dict())
     ctx.parent_run_id = parent
     actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
     restoring = resume and can_restore(ctx)

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_job(cfg, args: argparse.Namespace) -> int:
     """``tokentune train`` with ``compute.workers > 1`` or a ZeRO stage: a Ray Train job."""
-    from orchestrator.ray_cluster import init_ray
-    from orchestrator.train_driver import run_train_job
+    from orchestrator.run.ray_cluster import init_ray
+    from orchestrator.run.train_driver import run_train_job
 
     init_ray(args.address)
     res = run_train_job(
@@ -125,7 +125,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if result.results_csv:
         print(f"results: {result.results_csv} and pareto.png beside it")
     if result.tracking_uri:
-        from orchestrator.mlflow_ui import serve_hint
+        from orchestrator.results.mlflow_ui import serve_hint
 
         print(f"MLflow: {serve_hint(result.tracking_uri)}, then compare the trials at")
         print(f"  {result.mlflow_compare_url}")

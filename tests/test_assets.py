@@ -20,7 +20,7 @@ from tokentune.assets import (
     default_train_data,
     default_val_data,
 )
-from tokentune.assets.build_assets import RESPONSE_HEADER, format_prompt
+from tools.build_assets import RESPONSE_HEADER, format_prompt
 
 MAX_MODEL_BYTES = 20 * 2**20
 

@@ -119,7 +119,7 @@ def test_sweep_summary_counts_stopped_trials_apart_from_failed(monkeypatch, caps
     """Trials an ASHA scheduler stopped early are reported as stopped, not failed; the last lines say
     where the results and the MLflow compare view are."""
     import orchestrator.api as api
-    from orchestrator.results import SweepResult, TrialResult
+    from orchestrator.results.types import SweepResult, TrialResult
 
     trials = [TrialResult(f"t{i}", {}, {}, s) for i, s in enumerate(["finished"] * 6 + ["stopped"] * 2)]
     result = SweepResult(

@@ -43,14 +43,14 @@ from unittest import mock
 import pytest
 import yaml
 
-from orchestrator.cluster_check import (
+from tests.conftest import free_port
+from tools.cluster_check import (
     ClusterFileError,
     check_cluster_file,
     security_problems,
     validate_cluster_yaml,
     validate_rayjob,
 )
-from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -84,7 +84,7 @@ def test_init_ray_yields_to_a_submitted_jobs_runtime_env(monkeypatch):
     """Inside ``ray job submit`` Ray refuses a ray.init runtime_env overlapping the job's: ours yields."""
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from orchestrator.ray_cluster import without_job_conflicts
+    from orchestrator.run.ray_cluster import without_job_conflicts
 
     ours = {"env_vars": {"PYTHONPATH": "/x", "HF_HUB_OFFLINE": "1"}, "working_dir": "/ours"}
     assert without_job_conflicts(ours) == ours  # not inside a job: unchanged
@@ -349,7 +349,7 @@ def test_mlflow_on_every_interface_of_a_pod_needs_the_pods_own_network(tmp_path)
 
 # ---- a file tracking store on a cluster of several machines ------------------------------------------------
 def test_nodes_on_other_machines_are_told_by_hostname():
-    from orchestrator.ray_cluster import nodes_on_other_machines
+    from orchestrator.run.ray_cluster import nodes_on_other_machines
 
     nodes = [
         {"Alive": True, "NodeManagerHostname": "head", "NodeManagerAddress": "10.0.0.1"},
@@ -373,9 +373,9 @@ def test_nodes_on_other_machines_are_told_by_hostname():
     ],
 )
 def test_a_file_tracking_store_is_refused_when_nodes_run_elsewhere(tmp_path, uri, refused):
-    from orchestrator.spec import SpecError
-    from orchestrator.tracking import default_tracking_uri
-    from orchestrator.validate import refuse_local_store_on_cluster
+    from orchestrator.results.tracking import default_tracking_uri
+    from orchestrator.spec.sweep import SpecError
+    from orchestrator.spec.validate import refuse_local_store_on_cluster
 
     uri = default_tracking_uri(tmp_path, uri)  # as the sweep resolves it (absolute; names unchanged)
     refuse_local_store_on_cluster(uri, "tracking.uri", [])  # one machine: always fine
@@ -395,14 +395,14 @@ def test_a_file_tracking_store_is_refused_when_nodes_run_elsewhere(tmp_path, uri
 
 def test_a_sweep_on_a_multi_machine_cluster_refuses_sqlite_before_anything_is_written(tmp_path, monkeypatch):
     """The Ray cluster is simulated: init_ray returns at once and two nodes run on other machines."""
-    import orchestrator.ray_cluster as rc
-    import orchestrator.tracking
-    import orchestrator.tuner
+    import orchestrator.results.tracking
+    import orchestrator.run.ray_cluster as rc
+    import orchestrator.run.tuner
     from orchestrator import run_sweep
-    from orchestrator.spec import SpecError
+    from orchestrator.spec.sweep import SpecError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(orchestrator.tuner, "set_tune_env", lambda verbose=False: None)
+    monkeypatch.setattr(orchestrator.run.tuner, "set_tune_env", lambda verbose=False: None)
     monkeypatch.setattr(rc, "init_ray", lambda address=None, **kw: {"CPU": 16.0})
     monkeypatch.setattr(rc, "nodes_on_other_machines", lambda: ["10.0.0.2", "10.0.0.3"])
     sweep = ["search_spaces/quickstart.yaml", [f"storage={tmp_path}"]]
@@ -424,7 +424,7 @@ def test_a_sweep_on_a_multi_machine_cluster_refuses_sqlite_before_anything_is_wr
     def tracker(*args, **kwargs):
         raise Reached  # past the check: the sweep would start its MLflow parent run now
 
-    monkeypatch.setattr(orchestrator.tracking, "SweepTracker", tracker)
+    monkeypatch.setattr(orchestrator.results.tracking, "SweepTracker", tracker)
     with pytest.raises(Reached):  # a tracking server is fine on any cluster
         run_sweep(sweep[0], [*sweep[1], "tracking.uri=http://10.0.0.1:5000"], progress=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")

@@ -1,4 +1,4 @@
-"""The sweep's console (orchestrator.console and the ``tokentune sweep`` ending): progress lines with
+"""The sweep's console (orchestrator.results.console and the ``tokentune sweep`` ending): progress lines with
 counts and ETA, stopped vs failed, the best trial's config in one line, ``--quiet``."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import io
 import re
 from types import SimpleNamespace
 
-from orchestrator.console import SweepProgress, config_text, duration
-from orchestrator.trial_status import trial_dir, write_status
+from orchestrator.results.console import SweepProgress, config_text, duration
+from orchestrator.results.trial_status import trial_dir, write_status
 
 
 def _trial(tid: str, **config) -> SimpleNamespace:
@@ -66,7 +66,7 @@ def test_heartbeat_repeats_only_while_trials_run(tmp_path):
 
 def test_sweep_command_ends_with_where_to_look_or_with_the_table_when_quiet(monkeypatch, capsys):
     from orchestrator import api, cli
-    from orchestrator.results import SweepResult, TrialResult
+    from orchestrator.results.types import SweepResult, TrialResult
 
     trials = [TrialResult("t1", {}, status="finished"), TrialResult("t2", {}, status="stopped")]
     result = SweepResult(

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.ray_cluster import init_ray, remove_orphaned_placement_groups
-from orchestrator.train_driver import check_launch, run_train_batch, run_train_job
-from orchestrator.train_worker import FAULT_ENV, stage_rank_files
+from orchestrator.run.ray_cluster import init_ray, remove_orphaned_placement_groups
+from orchestrator.run.train_driver import check_launch, run_train_batch, run_train_job
+from orchestrator.run.train_worker import FAULT_ENV, stage_rank_files
 from tests.conftest import build_tiny_workspace, free_port
 from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import REGISTRY
@@ -128,7 +128,7 @@ def _stale_gradient_check() -> None:  # runs in a fresh process (DeepSpeed's glo
     )
     import torch.distributed as dist
 
-    from orchestrator.train_worker import import_deepspeed
+    from orchestrator.run.train_worker import import_deepspeed
     from tokentune.engine import DeepSpeedEngine
 
     class Two(torch.nn.Module):

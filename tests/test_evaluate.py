@@ -116,7 +116,7 @@ def _answer_selection_probability(cfg, ratio: float) -> float:
     import torch
 
     from tokentune.data import load_splits
-    from tokentune.methods.token_select import num_selected
+    from tokentune.methods.tokentune.method import num_selected
     from tokentune.models import load_tokenizer
 
     train_set, _ = load_splits(cfg.data, load_tokenizer(cfg.model))

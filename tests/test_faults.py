@@ -667,7 +667,7 @@ def test_full_disk_fails_clearly_and_resumes(tmp_path):
 def test_unreadable_ray_train_snapshot_is_set_aside(tmp_path):
     """What the full-disk test found: Ray Train rewrites its checkpoint list in place, a full disk left
     it empty and every later start of that Train run failed. The driver now sets such a file aside."""
-    from orchestrator.train_driver import RAY_SNAPSHOT, set_aside_unreadable_snapshot
+    from orchestrator.run.train_driver import RAY_SNAPSHOT, set_aside_unreadable_snapshot
 
     run = tmp_path / "run"
     run.mkdir()

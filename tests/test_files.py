@@ -49,7 +49,7 @@ def test_jsonl_reader_skips_a_torn_last_line_with_a_warning(tmp_path, caplog):
 
 def test_train_history_of_a_killed_attempt_still_reads(tmp_path):
     """A Train worker killed while appending its report must not stop every later attempt."""
-    from orchestrator.train_worker import read_history
+    from orchestrator.run.train_worker import read_history
 
     log = tmp_path / "ray_reports.jsonl"
     append_jsonl(log, {"launch": "a", "attempt": 1, "step": 2})

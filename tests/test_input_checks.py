@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec.sweep import SpecError, load_spec
 from tokentune.assets import default_model_path
 from tokentune.config import ConfigError, DataConfig, RunConfig
 from tokentune.data import DataError, load_template, read_rows, tokenize_rows
@@ -95,7 +95,7 @@ def test_data_files_must_exist(tmp_path, monkeypatch):
 
 
 def test_eval_tasks_must_be_known(monkeypatch):
-    from orchestrator import inputs
+    from orchestrator.spec import inputs
 
     monkeypatch.setattr(inputs, "_lm_eval_tasks", lambda: frozenset({"arc_easy", "hellaswag"}))
     err = refused(
@@ -274,7 +274,7 @@ def test_after_trial_timeout_setting():
 
 def test_post_trial_timeout_cancels_the_task(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    from orchestrator import post_trial
+    from orchestrator.run import post_trial
 
     calls: dict = {}
 
@@ -309,7 +309,7 @@ def test_post_trial_timeout_on_a_real_ray(tmp_path, monkeypatch):
     """The stuck task is cancelled after timeout_s, its CPU comes back, and the next trial's task runs."""
     import ray
 
-    from orchestrator import post_trial
+    from orchestrator.run import post_trial
 
     ray.init(
         num_cpus=2,

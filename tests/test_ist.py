@@ -27,15 +27,14 @@ from tests.conftest import free_port, make_tiny_causal_lm
 from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import REGISTRY, MethodStack, StepContext, validate_methods
 from tokentune.methods.full import Full, FullSettings
-from tokentune.methods.ist import IST, RST, ISTSettings, RSTSettings, resolve_budget
-from tokentune.methods.layer_sampling import (
+from tokentune.methods.ist.layer_sampling import (
     centred_rewards,
     sample_layers,
     sample_suppression_sets,
     update_scores,
 )
-from tokentune.methods.lora import DoRA, DoraSettings, LoRA, LoraSettings
-from tokentune.methods.sparse_layers import (
+from tokentune.methods.ist.method import IST, RST, ISTSettings, RSTSettings, resolve_budget
+from tokentune.methods.ist.sparse_layers import (
     GROUP_KEY,
     adapter_output_modules,
     find_decoder_layers,
@@ -43,6 +42,7 @@ from tokentune.methods.sparse_layers import (
     probe_plan,
     scaled_outputs,
 )
+from tokentune.methods.lora import DoRA, DoraSettings, LoRA, LoraSettings
 
 NO_PROBE = 10**9  # start_step that is never reached
 

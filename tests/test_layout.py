@@ -5,7 +5,10 @@
 - ``tokentune/`` never imports ray or mlflow;
 - the orchestrator names no method (a new method never means editing ``orchestrator/``);
 - Ray private APIs appear only in the isolated, explained functions listed here;
-- production modules stay at about 400 lines or less (the exceptions say why).
+- production modules stay at about 400 lines or less, and functions at 60 (the exceptions say why);
+- ``orchestrator/`` holds only its entry points at the top (``api``, ``cli``); the rest lives in
+  ``spec/``, ``run/`` and ``results/``; build-time ``tools/`` are never imported by the runtime packages;
+- no relay modules (a module that only re-imports names defined elsewhere).
 """
 
 from __future__ import annotations
@@ -14,23 +17,32 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("tokentune", "orchestrator")
+PACKAGES = ("tokentune", "orchestrator", "tools")
+RUNTIME = ("tokentune", "orchestrator")
 MAX_LINES = 420
 #: module -> why it may be longer
 LONG_MODULES = {
-    "tokentune/assets/build_assets.py": "a one-off script that rebuilds the shipped assets, read top to bottom",
+    "tools/build_assets.py": "a one-off script that rebuilds the shipped assets, read top to bottom",
 }
+MAX_FUNCTION_LINES = 60
+#: (module, function) -> why it may be longer
+LONG_FUNCTIONS = {
+    ("tokentune/train.py", "train"): "the training loop, read top to bottom like nanoGPT's",
+    ("orchestrator/results/report.py", "pareto_plot"): "plotting: one matplotlib figure, call by call",
+}
+#: the modules at the top of orchestrator/: the package and its two entry points
+ORCHESTRATOR_ENTRY_POINTS = {"orchestrator", "orchestrator.api", "orchestrator.cli"}
 #: (module, function) -> the one Ray private API it uses and why no public one does the job
 PRIVATE_RAY_USES: dict[tuple[str, str], str] = {
-    ("orchestrator/ray_cluster.py", "placement_group_records"): (
+    ("orchestrator/run/ray_cluster.py", "placement_group_records"): (
         "no public API says which actor created a placement group or whether that actor died"
     ),
     (
-        "orchestrator/trial.py",
+        "orchestrator/run/trial.py",
         "_stop_requested",
     ): "no public API tells a function trainable Tune asked it to stop",
     (
-        "orchestrator/cluster_check.py",
+        "tools/cluster_check.py",
         "_prepare_and_validate",
     ): "Ray has no public offline validator of `ray up` files",
 }
@@ -40,6 +52,8 @@ def _modules() -> dict[str, Path]:
     out = {}
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).rglob("*.py")):
+            if "assets" in path.parts and path.parent.name == "tasks":
+                continue  # lm-eval's task helpers, loaded by lm-eval from the task folder
             rel = path.relative_to(ROOT).with_suffix("")
             parts = list(rel.parts)
             if parts[-1] == "__init__":
@@ -180,3 +194,58 @@ def test_modules_stay_small():
         if n > MAX_LINES and rel not in LONG_MODULES:
             long.append(f"{rel} ({n} lines)")
     assert not long, "modules over ~400 lines: " + ", ".join(long)
+
+
+def _functions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
+    tree = ast.parse(path.read_text())
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_functions_stay_short():
+    long = []
+    for path in _modules().values():
+        rel = str(path.relative_to(ROOT))
+        for fn in _functions(path):
+            n = (fn.end_lineno or fn.lineno) - fn.lineno + 1
+            if n > MAX_FUNCTION_LINES and (rel, fn.name) not in LONG_FUNCTIONS:
+                long.append(f"{rel}:{fn.name} ({n} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(sorted(long))
+
+
+def test_orchestrator_top_level_holds_only_its_entry_points():
+    top = {m for m in _modules() if m.startswith("orchestrator") and m.count(".") <= 1}
+    packages = {m for m in top if (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+    assert top - packages == ORCHESTRATOR_ENTRY_POINTS - {"orchestrator"}, sorted(top - packages)
+    assert packages == {"orchestrator", "orchestrator.spec", "orchestrator.run", "orchestrator.results"}
+
+
+def test_no_relay_modules():
+    """A module (not a package's ``__init__``) whose body is only imports (and ``__all__``) relays names
+    defined elsewhere: import them from where they are defined instead."""
+    relays = []
+    for m, path in _modules().items():
+        if path.name == "__init__.py":
+            continue
+        body = ast.parse(path.read_text()).body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            body = body[1:]  # the docstring
+        only_imports = all(
+            isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == ["__all__"])
+            for n in body
+        )
+        if body and only_imports:
+            relays.append(m)
+    assert not relays, f"relay modules: {relays}"
+
+
+def test_runtime_packages_never_import_tools():
+    mods = _modules()
+    found = [
+        f"{m} imports {d}"
+        for m, path in mods.items()
+        if m.split(".")[0] in RUNTIME
+        for d in _imports(path, m, set(mods))
+        if d.split(".")[0] == "tools"
+    ]
+    assert not found, found

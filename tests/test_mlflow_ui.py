@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.mlflow_ui import compare_url, experiment_url, runs_url
-from orchestrator.tracking import SweepTracker
+from orchestrator.results.mlflow_ui import compare_url, experiment_url, runs_url
+from orchestrator.results.tracking import SweepTracker
 from tests.conftest import free_port
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.post_trial import PostTrialError, merge_and_evaluate, prune_merged, run_post_trial
+from orchestrator.run.post_trial import PostTrialError, merge_and_evaluate, prune_merged, run_post_trial
 from tokentune import cli
 from tokentune.assets import SHIPPED_TASK_FAMILIES, default_model_path
 
@@ -139,7 +139,7 @@ def test_the_post_trial_worker_serves_trials_in_one_warm_process(adapter, tmp_pa
     after_trial.cpus in a placement group that is released afterwards."""
     import ray
 
-    from orchestrator.post_trial import start_post_trial_worker
+    from orchestrator.run.post_trial import start_post_trial_worker
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
@@ -165,7 +165,7 @@ def test_the_post_trial_worker_serves_trials_in_one_warm_process(adapter, tmp_pa
 
 def test_a_timed_out_call_restarts_the_warm_worker(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    from orchestrator import post_trial
+    from orchestrator.run import post_trial
 
     calls: dict = {}
 
@@ -199,7 +199,7 @@ def test_a_timed_out_call_restarts_the_warm_worker(tmp_path, monkeypatch):
 
 
 def test_post_trial_options():
-    from orchestrator.post_trial import as_ray_task, post_trial_options
+    from orchestrator.run.post_trial import as_ray_task, post_trial_options
 
     cpu = post_trial_options({"num_cpus": 2}, escape_placement_group=False)
     assert cpu == {"num_cpus": 2.0, "num_gpus": 0.0, "max_retries": 0}  # valid for .options()

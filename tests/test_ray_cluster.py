@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 import types
 
-from orchestrator.ray_cluster import PlacementGroupRecord, orphaned, project_root, worker_env
-from orchestrator.train_worker import FAULT_ENV
+from orchestrator.run.ray_cluster import PlacementGroupRecord, orphaned, project_root, worker_env
+from orchestrator.run.train_worker import FAULT_ENV
 
 
 def test_worker_env_makes_the_project_importable_and_carries_the_fault_injection(monkeypatch):
@@ -55,7 +55,7 @@ def test_stop_requested_reads_the_tune_session(monkeypatch):
     """Fails (AttributeError from monkeypatch) if Ray moves the private session API the check reads."""
     import ray.train._internal.session as session_module
 
-    from orchestrator.trial import _stop_requested
+    from orchestrator.run.trial import _stop_requested
 
     monkeypatch.setattr(session_module, "get_session", lambda: None)
     assert _stop_requested() is False  # not in a Tune trial

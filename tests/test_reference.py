@@ -1,5 +1,5 @@
 """Settings are documented once: the README's config tables are generated from the settings dataclasses'
-defaults and help (``python -m tokentune.reference``), list every section and method, and are up to date."""
+defaults and help (``python -m tools.readme_tables``), list every section and method, and are up to date."""
 
 from __future__ import annotations
 
@@ -10,19 +10,20 @@ from tokentune import reference
 from tokentune.config import SECTIONS
 from tokentune.methods import REGISTRY
 from tokentune.settings import describe
+from tools import readme_tables
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_settings_tables_are_up_to_date():
     text = README.read_text()
-    assert reference.render(text) == text, (
-        "README settings tables are stale: run `python -m tokentune.reference`"
+    assert readme_tables.render(text) == text, (
+        "README settings tables are stale: run `python -m tools.readme_tables`"
     )
 
 
 def test_readme_lists_every_section_and_method():
-    listed = reference.documented_sections(README.read_text())
+    listed = readme_tables.documented_sections(README.read_text())
     missing = ({"methods"} | set(SECTIONS) | set(REGISTRY)) - listed
     assert not missing, f"add {sorted(missing)} to a `<!-- settings: ... -->` table in README.md"
 
@@ -47,6 +48,6 @@ def test_every_key_with_its_default_is_in_the_readme():
 def test_check_mode_reports_stale_tables(tmp_path, capsys):
     stale = tmp_path / "README.md"
     stale.write_text("x\n<!-- settings: lora -->\n| old |\n<!-- /settings -->\n")
-    assert reference.main([str(stale), "--check"]) == 1
-    assert reference.main([str(stale)]) == 0 and reference.main([str(stale), "--check"]) == 0
+    assert readme_tables.main([str(stale), "--check"]) == 1
+    assert readme_tables.main([str(stale)]) == 0 and readme_tables.main([str(stale), "--check"]) == 0
     assert "| `lora.rank` | `8` |" in stale.read_text()

@@ -145,7 +145,7 @@ def _final_checkpoint(root: Path, cfg: RunConfig, **done) -> Path:
 
 
 def test_finished_train_run_is_reused_only_for_the_same_config(base_run, tmp_path, monkeypatch):
-    from orchestrator.train_driver import _finished_run
+    from orchestrator.run.train_driver import _finished_run
 
     cfg = base_run["cfg"]
     storage = _stored_run(monkeypatch, tmp_path, _final_checkpoint(tmp_path, cfg))
@@ -158,7 +158,7 @@ def test_finished_train_run_is_reused_only_for_the_same_config(base_run, tmp_pat
 
 
 def test_finished_train_run_without_a_hash_is_not_reused(base_run, tmp_path, monkeypatch):
-    from orchestrator.train_driver import _finished_run
+    from orchestrator.run.train_driver import _finished_run
 
     cfg = base_run["cfg"]
     storage = _stored_run(monkeypatch, tmp_path, _final_checkpoint(tmp_path, cfg, config_hash=None))
@@ -167,7 +167,7 @@ def test_finished_train_run_without_a_hash_is_not_reused(base_run, tmp_path, mon
 
 
 def test_mid_run_train_checkpoint_of_another_config_is_refused_before_launch(base_run, tmp_path, monkeypatch):
-    from orchestrator.train_driver import _finished_run
+    from orchestrator.run.train_driver import _finished_run
 
     storage = _stored_run(monkeypatch, tmp_path, base_run["out"] / "checkpoint-000002")
     assert _finished_run(storage, "job", base_run["cfg"]) is None  # the workers resume it
@@ -178,7 +178,7 @@ def test_mid_run_train_checkpoint_of_another_config_is_refused_before_launch(bas
 
 
 def test_train_worker_checks_the_hash_of_a_finished_checkpoint(base_run, tmp_path):
-    from orchestrator.train_worker import _already_finished, _clear_stale
+    from orchestrator.run.train_worker import _already_finished, _clear_stale
 
     cfg = base_run["cfg"]
     ckpt = _final_checkpoint(tmp_path, cfg)
@@ -206,9 +206,9 @@ def no_ray(monkeypatch):
     def refuse(*a, **k):
         raise _RayStarted()
 
-    monkeypatch.setattr("orchestrator.ray_cluster.init_ray", lambda *a, **k: {"CPU": 1.0})  # not started
-    monkeypatch.setattr("orchestrator.ray_cluster.nodes_on_other_machines", lambda: [])
-    monkeypatch.setattr("orchestrator.tracking.SweepTracker", refuse)
+    monkeypatch.setattr("orchestrator.run.ray_cluster.init_ray", lambda *a, **k: {"CPU": 1.0})  # not started
+    monkeypatch.setattr("orchestrator.run.ray_cluster.nodes_on_other_machines", lambda: [])
+    monkeypatch.setattr("orchestrator.results.tracking.SweepTracker", refuse)
 
 
 def _spec(tmp_path: Path) -> dict:
@@ -229,7 +229,7 @@ def _sweep_id(sweep_dir: Path) -> str:
 
 def test_sweep_id_is_made_at_creation_and_kept_on_resume(tmp_path, no_ray):
     from orchestrator.api import run_sweep
-    from orchestrator.spec import SpecError
+    from orchestrator.spec.sweep import SpecError
 
     sweep_dir = tmp_path / "sweeps" / "ident"
     with pytest.raises(_RayStarted):
@@ -249,7 +249,7 @@ def test_sweep_id_is_made_at_creation_and_kept_on_resume(tmp_path, no_ray):
 
 def test_second_start_of_a_running_sweep_is_refused(tmp_path, no_ray):
     from orchestrator.api import run_sweep
-    from orchestrator.spec import SpecError
+    from orchestrator.spec.sweep import SpecError
 
     sweep_dir = tmp_path / "sweeps" / "ident"
     sweep_dir.mkdir(parents=True)
@@ -289,7 +289,7 @@ def test_second_start_of_a_running_sweep_is_refused(tmp_path, no_ray):
 def store(tmp_path_factory):
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.results.tracking import default_tracking_uri
 
     uri = default_tracking_uri(tmp_path_factory.mktemp("mlflow"))
     MlflowClient(uri).search_experiments()
@@ -299,7 +299,7 @@ def store(tmp_path_factory):
 def test_sweeps_of_one_name_get_their_own_parent_run(store):
     import pickle
 
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.results.tracking import SweepTracker
 
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
     first = SweepTracker(store, "exp-identity", "same", sweep_id=a)
@@ -320,16 +320,3 @@ def test_sweeps_of_one_name_get_their_own_parent_run(store):
     assert resumed.start_parent({"name": "same"}) == parent_a  # a resumed sweep reopens its own
     assert resumed.trial_run("t1") == child
     assert client.get_run(parent_a).info.status == "RUNNING"
-
-
-def test_a_sweep_from_before_ids_keeps_its_parent_on_resume(store):
-    from orchestrator.tracking import SweepTracker
-
-    old = SweepTracker(store, "exp-legacy", "old")  # no id: found by name, as before
-    parent = old.start_parent({})
-    sid = str(uuid.uuid4())
-    fresh = SweepTracker(store, "exp-legacy", "old", sweep_id=str(uuid.uuid4()))
-    assert fresh.start_parent({}) != parent  # a new sweep never takes over an untagged parent
-    resumed = SweepTracker(store, "exp-legacy", "old", sweep_id=sid)
-    assert resumed.start_parent({}, adopt_untagged=True) == parent
-    assert resumed.client.get_run(parent).data.tags[TAG_SWEEP_ID] == sid

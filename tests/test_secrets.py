@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.redaction import REDACTED, is_secret_key, redact, redact_text
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec.sweep import SpecError, load_spec
+from tokentune.redact import REDACTED, is_secret_key, redact, redact_text
 
 # provider -> (the secret, how it shows up in an error message or a file)
 SECRETS = {
@@ -103,7 +103,7 @@ def test_key_names_and_what_stays():
 
 # ---- every output path ----------------------------------------------------------------------------------
 def test_status_json_and_events(tmp_path):
-    from orchestrator.trial_status import EVENTS_FILE, STATUS_FILE, log_event, write_status
+    from orchestrator.results.trial_status import EVENTS_FILE, STATUS_FILE, log_event, write_status
 
     err = _secret_error()
     write_status(
@@ -122,7 +122,7 @@ def test_status_json_and_events(tmp_path):
 
 def test_eval_json_error_and_traceback(tmp_path, monkeypatch):
     import tokentune.evaluate
-    from orchestrator.post_trial import merge_and_evaluate
+    from orchestrator.run.post_trial import merge_and_evaluate
 
     def failing_merge(*args, **kwargs):
         raise _secret_error()
@@ -137,7 +137,7 @@ def test_eval_json_error_and_traceback(tmp_path, monkeypatch):
 
 
 def test_results_error_column(tmp_path):
-    from orchestrator import report
+    from orchestrator.results import report
 
     trials = [
         {"trial_id": f"t{i}", "status": "failed", "config": {"lora.rank": 4}, "error": text}
@@ -154,7 +154,7 @@ def test_results_error_column(tmp_path):
 
 def test_collected_trial_errors(tmp_path):
     """Errors the tuner collects: from status.json (an older, unredacted one) and from Tune itself."""
-    from orchestrator.tuner import collect_trials
+    from orchestrator.run.tuner import collect_trials
 
     spec = load_spec({"name": "s", "base": {"train": {"max_steps": 2}}})
     (tmp_path / "trials" / "a").mkdir(parents=True)
@@ -192,14 +192,14 @@ def test_dry_run_plan(tmp_path):
 
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory):
-    from orchestrator.tracking import SweepTracker, default_tracking_uri
+    from orchestrator.results.tracking import SweepTracker, default_tracking_uri
 
     root = tmp_path_factory.mktemp("mlflow_secrets")
     return SweepTracker(default_tracking_uri(root), "secrets", "secrets"), root
 
 
 def test_mlflow_error_tags_and_artifacts(tracker):
-    from orchestrator.tracking import TAG_ERROR
+    from orchestrator.results.tracking import TAG_ERROR
 
     tr, root = tracker
     run_id = tr.trial_run("t_secret", {"lora": {"rank": 4}})
@@ -257,7 +257,7 @@ def test_credentials_in_uris_are_refused(key, value, secret):
 
 
 def test_uris_without_credentials_are_fine(tmp_path):
-    from orchestrator.redaction import secret_in_uri
+    from tokentune.redact import secret_in_uri
 
     for uri in ("postgresql://mlflow@db:5432/mlflow", "https://mlflow.example.com", "databricks"):
         assert secret_in_uri(uri) is None
@@ -292,12 +292,9 @@ def test_credentials_in_mlflow_tracking_uri_are_refused(monkeypatch, uri, secret
 
 def test_console_errors_of_the_cli_are_redacted(tmp_path, capsys):
     """`tokentune train` prints a ConfigError as `error: ...`: through redact_text (tokentune.redact,
-    which orchestrator.redaction re-exports: the Ray-free CLI imports nothing of orchestrator)."""
-    import orchestrator.redaction as orch
-    import tokentune.redact as core
+    the one redaction pass the orchestrator uses too)."""
     from tokentune.cli import main
 
-    assert orch.redact_text is core.redact_text and orch.secret_in_uri is core.secret_in_uri
     password = "s3cret" + "passw0rd"
     argv = ["train", "--output-dir", str(tmp_path / "run"), "--set", f"train.lr=https://u:{password}@host/x"]
     assert main(argv) == 2  # refused when the config is built: nothing is loaded or written
@@ -307,14 +304,14 @@ def test_console_errors_of_the_cli_are_redacted(tmp_path, capsys):
 
 
 def test_trial_errors_printed_by_the_orchestrator_cli_are_redacted(monkeypatch, capsys):
-    import orchestrator.ray_cluster
-    import orchestrator.train_driver
+    import orchestrator.run.ray_cluster
+    import orchestrator.run.train_driver
     from orchestrator.cli import train_job
 
     token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
-    monkeypatch.setattr(orchestrator.ray_cluster, "init_ray", lambda address=None, **kw: {})
+    monkeypatch.setattr(orchestrator.run.ray_cluster, "init_ray", lambda address=None, **kw: {})
     failed = SimpleNamespace(error=f"OSError: 401 for url https://huggingface.co (token {token})")
-    monkeypatch.setattr(orchestrator.train_driver, "run_train_job", lambda cfg, **kw: failed)
+    monkeypatch.setattr(orchestrator.run.train_driver, "run_train_job", lambda cfg, **kw: failed)
     cfg = SimpleNamespace(train=SimpleNamespace(output_dir="/tmp/x/run"))
     assert train_job(cfg, SimpleNamespace(address=None)) == 1
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Training slots (orchestrator.slots): the lease rules without Ray, and the gate on a real Ray cluster."""
+"""Training slots (orchestrator.run.slots): the lease rules without Ray, and the gate on a real Ray cluster."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.slots import SlotTable
+from orchestrator.run.slots import SlotTable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,13 +78,13 @@ def test_the_slot_actor_gates_concurrent_holders(ray_local):
     """Three Ray tasks ask one slot at once: their held intervals never overlap, all of them run."""
     import ray
 
-    from orchestrator.slots import start_slot_actor
+    from orchestrator.run.slots import start_slot_actor
 
     name, handle = start_slot_actor(1, "test-gate")
 
     @ray.remote(num_cpus=0)
     def hold(key: str) -> tuple[float, float, float]:
-        from orchestrator.slots import train_slot
+        from orchestrator.run.slots import train_slot
 
         waited_flag = []
         with train_slot(name, key, on_wait=lambda: waited_flag.append(1), poll_s=0.05) as waited:

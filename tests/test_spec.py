@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import SpecError, SweepSpec, load_spec
+from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
 from tokentune.estimate import estimate_memory
 from tokentune.shape import model_shape
 

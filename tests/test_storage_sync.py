@@ -1,4 +1,4 @@
-"""Trial folders synced through a URI storage (``orchestrator.storage_sync``), without Ray.
+"""Trial folders synced through a URI storage (``orchestrator.run.storage_sync``), without Ray.
 
 The wiring (trials upload, the driver downloads) runs for real in ``test_sweep.py``'s failing-trial
 sweep, whose storage is a ``file://`` URI.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import storage_sync
-from orchestrator.storage_sync import (
+from orchestrator.run import storage_sync
+from orchestrator.run.storage_sync import (
     download_trials,
     fetch_status,
     fetch_trial,
@@ -114,7 +114,7 @@ def test_upload_failure_only_warns(tmp_path, bad, caplog):
         blocker = tmp_path / "blocker"
         blocker.write_text("a file, not a folder")
         bad = (blocker / "sweeps" / "sw").as_uri()
-    with caplog.at_level(logging.WARNING, logger="orchestrator.storage_sync"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.run.storage_sync"):
         assert upload_trial(tdir, bad, "t1") is False
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "t1" in warnings[0].getMessage()
@@ -133,7 +133,7 @@ def test_fetch_status_reads_the_stored_status(tmp_path, storage, caplog):
 
 
 def test_fetch_status_of_a_broken_uri_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="orchestrator.storage_sync"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.run.storage_sync"):
         assert fetch_status("nosuchscheme://bucket/sw", "t1") is None
     assert len(caplog.records) == 1
 
@@ -197,7 +197,7 @@ def test_download_without_anything_stored(tmp_path, storage, caplog):
     with caplog.at_level(logging.WARNING):
         assert download_trials(uri, tmp_path / "driver") == []
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="orchestrator.storage_sync"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.run.storage_sync"):
         assert download_trials("nosuchscheme://bucket/sw", tmp_path / "driver") == []
     assert len(caplog.records) == 1
 
@@ -230,7 +230,7 @@ def spec_dict(storage: str) -> dict:
 
 def test_sweep_location(tmp_path, monkeypatch):
     from orchestrator.api import sweep_location
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.sweep import load_spec
 
     monkeypatch.chdir(tmp_path)
     uri = (tmp_path / "bucket").as_uri()
@@ -241,7 +241,7 @@ def test_sweep_location(tmp_path, monkeypatch):
 
 def test_resume_on_another_machine_reads_the_stored_spec(tmp_path, storage):
     from orchestrator.api import SPEC_FILE, _stored_spec
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.sweep import load_spec
 
     uri, remote = storage
     stored = load_spec(spec_dict(uri), ["tune.num_samples=3"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec.sweep import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -44,7 +44,7 @@ def small_spec(**changes) -> dict:
 def test_tune_space_domains_and_lists():
     from ray import tune
 
-    from orchestrator.space import to_tune_space
+    from orchestrator.run.space import to_tune_space
 
     spec = load_spec(
         small_spec(
@@ -84,7 +84,7 @@ def test_search_algorithms():
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from orchestrator.space import FinalMetricOptunaSearch, make_search_alg
+    from orchestrator.run.space import FinalMetricOptunaSearch, make_search_alg
 
     alg = make_search_alg(load_spec(small_spec()), max_concurrent=2)
     assert isinstance(alg, BasicVariantGenerator) and alg.max_concurrent == 2
@@ -107,7 +107,7 @@ def test_search_algorithms():
 def test_scheduler_never_stops_before_the_last_training_report():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from orchestrator.space import make_scheduler
+    from orchestrator.run.space import make_scheduler
 
     assert isinstance(make_scheduler(load_spec(small_spec())), FIFOScheduler)
     joint = load_spec(ROOT / "search_spaces" / "joint_search.yaml")
@@ -117,7 +117,7 @@ def test_scheduler_never_stops_before_the_last_training_report():
 
 
 def test_concurrency_from_cluster_resources():
-    from orchestrator.space import max_concurrent_trials, trial_demand
+    from orchestrator.run.space import max_concurrent_trials, trial_demand
 
     quick = load_spec(QUICKSTART)
     assert trial_demand(quick, {"CPU": 2}) == {"CPU": 1.0, "GPU": 0.0}
@@ -151,7 +151,7 @@ def assert_phases(
 ) -> list[str]:
     """The trial's last attempt logged every phase event (``trial_status.PHASES``) up to ``until``, each
     once and in order (``failed`` ends a failed attempt, after the last phase it reached)."""
-    from orchestrator.trial_status import PHASES
+    from orchestrator.results.trial_status import PHASES
 
     events = _events(trial_dir)
     last = events[len(events) - 1 - events[::-1].index("trial started") :]
@@ -434,7 +434,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert min(resumed) > 4, resumed  # the second launch continued after the saved checkpoint
     rows = _csv_rows(sweep_dir / "results.csv")
     assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.results.tracking import default_tracking_uri
 
     parents, children = _mlflow_runs(default_tracking_uri(sweep_dir), "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -27,8 +27,8 @@ from tokentune.assets import (
     default_train_data,
     default_val_data,
 )
-from tokentune.assets.build_assets import format_prompt, main
-from tokentune.assets.build_multi import MAX_TOKENS, MIN_TOKENS
+from tools.build_assets import format_prompt, main
+from tools.build_multi import MAX_TOKENS, MIN_TOKENS
 
 
 def _rows(path):

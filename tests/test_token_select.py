@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from tests.conftest import make_tiny_causal_lm
 from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import REGISTRY, MethodStack, StepContext
-from tokentune.methods.split_forward import validate_mask
-from tokentune.methods.token_select import (
+from tokentune.methods.tokentune.decoder import selected_logits
+from tokentune.methods.tokentune.encoder import encoder_hidden, tokentune_encoder_forward
+from tokentune.methods.tokentune.method import (
     SUPPORTED,
     TokenTune,
     TokenTuneSettings,
@@ -22,8 +23,7 @@ from tokentune.methods.token_select import (
     supervised_positions,
     tokentune_loss,
 )
-from tokentune.methods.token_select_decoder import selected_logits
-from tokentune.methods.token_select_encoder import encoder_hidden, tokentune_encoder_forward
+from tokentune.methods.tokentune.split_forward import validate_mask
 
 VOCAB = 128
 LENGTHS = (14, 9, 5)  # right padding to 14
@@ -592,9 +592,9 @@ def test_labelled_checkpoint_round_trip_and_metrics():
 def test_labelled_trains_and_is_searchable():
     configs = {"lora": LORA, "tokentune": {"ratio": 0.3, "select": "labelled"}}
     train(make_tiny_causal_lm("llama"), ["lora", "tokentune"], configs, make_batch(prompt=11))
-    from orchestrator.spec import parse_spec
-    from orchestrator.spec_parts import SpecError
-    from orchestrator.validate import validate_spec
+    from orchestrator.spec.parts import SpecError
+    from orchestrator.spec.sweep import parse_spec
+    from orchestrator.spec.validate import validate_spec
 
     base = {"methods": ["lora", "tokentune"]}
     spec = parse_spec(

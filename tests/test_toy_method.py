@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import run_sweep
-from orchestrator.spec import SpecError, load_spec
+from orchestrator.spec.sweep import SpecError, load_spec
 from tests.conftest import tiny_run_dict
 from tokentune.config import RunConfig
 from tokentune.errors import check, is_int, is_number

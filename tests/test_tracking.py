@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import report
-from orchestrator.redaction import REDACTED, redact, redact_text
-from orchestrator.tracking import (
+from orchestrator.results import report
+from orchestrator.results.tracking import (
     TAG_ERROR,
     TAG_PARENT,
     TAG_TRIAL,
@@ -24,6 +23,7 @@ from orchestrator.tracking import (
     default_tracking_uri,
     to_params,
 )
+from tokentune.redact import REDACTED, redact, redact_text
 
 REPO = Path(__file__).resolve().parents[1]
 HF_TOKEN = "hf_" + "A1b2C3d4E5f6G7h8I9j0KlMnOpQrStUv"
@@ -402,8 +402,8 @@ def test_pareto_plot_without_points(tmp_path):
 def test_resume_closes_a_run_left_open_after_the_trial_committed(store, tmp_path):
     """A crash between status.json (the commit point) and closing the MLflow run leaves it RUNNING; the
     resumed trial skips training and closes the run FINISHED with the recorded metrics, exactly once."""
-    from orchestrator.trial import close_open_run
-    from orchestrator.trial_status import write_status
+    from orchestrator.results.trial_status import write_status
+    from orchestrator.run.trial import close_open_run
 
     uri, _ = store
     tracker = SweepTracker(uri, "exp-commit", "s1")
@@ -427,7 +427,7 @@ def test_resume_closes_a_run_left_open_after_the_trial_committed(store, tmp_path
 def test_phase_durations_of_the_last_attempt(tmp_path):
     """``phase/<span>_s`` from a trial's events: the last attempt only, overhead = trial - train steps -
     the wait for a training slot."""
-    from orchestrator.trial_status import EVENTS_FILE, PHASES, phase_durations
+    from orchestrator.results.trial_status import EVENTS_FILE, PHASES, phase_durations
 
     t = {name: 100.0 + i for i, name in enumerate(PHASES)}
     rows = [

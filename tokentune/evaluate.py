@@ -8,7 +8,7 @@
 
 ``evaluate_checkpoint`` (merge an adapter with ``prepare_checkpoint``, evaluate, score) is the one
 merge-then-evaluate path: ``tokentune eval`` calls it, and the sweep's after-trial step
-(``orchestrator.post_trial``) runs the same two steps as a Ray task.
+(``orchestrator.run.post_trial``) runs the same two steps as a Ray task.
 
 A task is a shipped name (see ``shipped_tasks()``), any lm-eval task/group/tag name, or
 ``name:fewshot``. Only when a non-shipped name is asked for does lm-eval index its ~14k built-in

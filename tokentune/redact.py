@@ -15,7 +15,7 @@ and the dry run's plan. Two rules, applied by :func:`redact` (records) and :func
 
 References (``$VAR``, ``${VAR}``) and paths (``GOOGLE_APPLICATION_CREDENTIALS=/path``) are no secrets
 and stay. Pure functions, no imports of ours (a leaf module of ``tokentune``, so the Ray-free CLI uses it
-too); ``orchestrator.redaction`` re-exports it for tracking, the trial files and the cluster checks.
+too); the orchestrator imports it for tracking, the trial files and the plan, and tools/cluster_check for the cluster files.
 """
 
 from __future__ import annotations

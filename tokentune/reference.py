@@ -1,33 +1,19 @@
 """The settings reference: every run-config section and method's settings with default and help.
 
 The help lives once, on the settings dataclasses (``tokentune.settings.setting``); this module only
-renders ``describe()``: as console lines for ``tokentune methods`` and as the README's config tables.
-The README marks each generated table with the sections it lists::
-
-    <!-- settings: model data train -->
-    | key | default | meaning |
-    ...
-    <!-- /settings -->
-
-``python -m tokentune.reference`` rewrites those tables in place (``--check``: exit 1 if they are out
-of date); ``tests/test_reference.py`` fails when they are.
+renders ``describe()``, as console lines for ``tokentune methods``. The README's config tables are
+rendered from the same ``docs()`` by ``python -m tools.readme_tables``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import re
-import sys
-from pathlib import Path
 from typing import Any
 
 from tokentune.settings import SettingDoc, describe
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 #: the run config's method list: a key of its own, not a section
 METHODS_KEY = "methods"
-_BLOCK = re.compile(r"(<!-- settings: (?P<names>[\w ]+?) -->\n)(?P<body>.*?)(<!-- /settings -->)", re.DOTALL)
 
 
 def run_config_sections() -> dict[str, type]:
@@ -78,54 +64,3 @@ def console_lines(name: str, width: int = 36) -> list[str]:
         line = f"    {doc.key} = {format_value(doc.default)}"
         out.append(f"{line.ljust(width)}  {doc.help}".rstrip() if doc.help else line)
     return out
-
-
-def markdown_table(names: list[str]) -> str:
-    """One table of the named sections; keys with the same name, default and help in several sections
-    share a row (``lora.rank`` / ``dora.rank``)."""
-    rows: dict[tuple[str, str, str], list[str]] = {}
-    for name in names:
-        for doc in docs(name):
-            field = doc.key.rsplit(".", 1)[-1]
-            rows.setdefault((field, format_value(doc.default), doc.help), []).append(doc.key)
-    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for (_, default, help_text), keys in rows.items():
-        cell = " / ".join(f"`{k}`" for k in keys)
-        meaning = help_text.replace("|", r"\|")
-        lines.append(f"| {cell} | `{default}` | {meaning} |")
-    return "\n".join(lines) + "\n"
-
-
-def render(text: str) -> str:
-    """``text`` (the README) with every settings table regenerated."""
-    return _BLOCK.sub(lambda m: m[1] + markdown_table(m["names"].split()) + m[4], text)
-
-
-def documented_sections(text: str) -> set[str]:
-    """The section names the README's settings tables list."""
-    return {name for m in _BLOCK.finditer(text) for name in m["names"].split()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tokentune.reference",
-        description="Regenerate the README's settings tables from the settings dataclasses' help.",
-    )
-    parser.add_argument("path", nargs="?", default=str(README), help="the README (default: the repo's)")
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1 if a table is out of date; write nothing"
-    )
-    args = parser.parse_args(argv)
-    path = Path(args.path)
-    text = path.read_text()
-    new = render(text)
-    if args.check:
-        print("up to date" if new == text else f"{path}: settings tables out of date")
-        return 0 if new == text else 1
-    path.write_text(new)
-    print(f"{path}: {len(_BLOCK.findall(new))} settings tables written")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,114 @@
+"""What a sweep prints while it runs: one progress line per trial event and a heartbeat line.
+
+    callback = SweepProgress(total=4, sweep_dir=...)     # a Ray Tune callback, in tune.RunConfig
+    [12:03:04] trial 8995b_00001 finished (41 s): eval/score=0.61 | lora.rank=4 methods=lora
+    [12:03:04] 2/4 trials done (2 finished), 2 running, 0 queued | elapsed 1m05s, ETA ~1m05s
+
+A trial that Tune stopped early (ASHA, the time limit) is ``stopped``, not ``failed``: it has no
+``status.json`` of its own (``orchestrator.results.trial_status``). The heartbeat repeats every
+``every_s`` seconds while trials run. Ray's worker logs do not come here unless the sweep runs with
+``--verbose`` (``log_to_driver``); they stay in Ray's log folder (:data:`RAY_LOGS`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+from orchestrator.results.trial_status import read_status, trial_dir
+
+
+def config_text(config: dict[str, Any], limit: int = 90) -> str:
+    """``lora.rank=4 methods=lora+tokentune`` (searched values only, unset ones left out; lists joined by
+    ``+``), cut to ``limit``."""
+    parts = []
+    for key, value in config.items():
+        if value is None or value == "":  # a searched key this trial's methods do not use
+            continue
+        if isinstance(value, (list, tuple)):
+            value = "+".join(str(v) for v in value)
+        parts.append(f"{key}={value}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def duration(seconds: float) -> str:
+    """``5s``, ``1m05s``, ``1h02m``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+#: where Ray keeps a local session's worker logs (on every node of a cluster)
+RAY_LOGS = "/tmp/ray/session_latest/logs"
+
+
+class SweepProgress(Callback):
+    """A Ray Tune callback that prints the sweep's progress (see the module docstring)."""
+
+    def __init__(
+        self, total: int, sweep_dir: str, objective: str, every_s: float = 30.0, out: TextIO | None = None
+    ) -> None:
+        self.total, self.sweep_dir, self.objective, self.every_s = total, sweep_dir, objective, every_s
+        self.out = out or sys.stdout
+        self.t0 = time.monotonic()
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, str] = {}  # trial id -> finished | failed | stopped
+        self.last_line = 0.0
+
+    # ---- Tune hooks ----------------------------------------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started.setdefault(trial.trial_id, time.monotonic())
+        self._say(f"trial {trial.trial_id} started | {config_text(_searched(trial.config))}")
+        self._counts()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        status = read_status(trial_dir(self.sweep_dir, trial.trial_id)) or {}
+        state = "finished" if status.get("status") == "finished" else "stopped"
+        self._end(trial, state, status.get("metrics") or {})
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        status = read_status(trial_dir(self.sweep_dir, trial.trial_id)) or {}
+        self._end(trial, "failed", {}, str(status.get("error") or "")[:120])
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if len(self.started) > len(self.ended) and time.monotonic() - self.last_line >= self.every_s:
+            self._counts()
+
+    # ---- lines ---------------------------------------------------------------------------------------
+    def _end(self, trial: Any, state: str, metrics: dict[str, Any], error: str = "") -> None:
+        if trial.trial_id in self.ended:
+            return
+        self.ended[trial.trial_id] = state
+        took = time.monotonic() - self.started.get(trial.trial_id, self.t0)
+        score = metrics.get(self.objective)
+        what = f"{self.objective}={score:.4g}" if isinstance(score, (int, float)) else error
+        self._say(f"trial {trial.trial_id} {state} ({duration(took)})" + (f": {what}" if what else ""))
+        self._counts()
+
+    def _counts(self) -> None:
+        done = len(self.ended)
+        running = len(self.started) - done
+        queued = max(0, self.total - len(self.started))
+        states = [s for s in ("finished", "stopped", "failed") if s in self.ended.values()]
+        kinds = ", ".join(f"{sum(v == s for v in self.ended.values())} {s}" for s in states)
+        elapsed = time.monotonic() - self.t0
+        eta = f", ETA ~{duration(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""
+        self._say(
+            f"{done}/{self.total} trials done{f' ({kinds})' if kinds else ''}, {running} running, "
+            f"{queued} queued | elapsed {duration(elapsed)}{eta}"
+        )
+
+    def _say(self, text: str) -> None:
+        self.last_line = time.monotonic()
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self.out, flush=True)
+
+
+def _searched(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (config or {}).items() if not str(k).startswith("_")}

@@ -1,0 +1,419 @@
+"""The sweep summary: a results table, CSV/JSON files, the accuracy-vs-memory Pareto front and plot.
+
+A *trial* (the input) is a dict as the sweep collects it::
+
+    {"trial_id": "t_0001", "status": "TERMINATED",
+     "config": {"methods": ["lora"], "lora": {"rank": 8}, "train": {"lr": 1e-3}, ...},  # nested or dotted
+     "metrics": {"eval/tt_next/acc": 0.6, "eval/score": 0.55, "memory/train_gb": 0.11,
+                 "memory/estimate_gb": 0.12, "tokens_per_s": 900.0, "wall_s": 41.0, "val_loss": 1.9, ...},
+     "error": None}
+
+Metric keys may also sit at the top level of the trial dict. A *row* (the output) is flat: trial id,
+status, the searched config values, eval scores, whether it is on the Pareto front, memory (measured
+and estimated), cost and loss columns, error.
+
+The memory axis is measured, per worker (``tokentune.memory``): ``memory/cuda_peak_gb`` when every
+trial ran on a GPU, else ``memory/train_gb`` (weights + gradients + optimizer state + saved
+activations, the runtime excluded). ``memory_axis(rows)`` says which.
+
+Nothing here knows a method: columns are the searched keys (or the config keys that differ between
+trials), and a point's label is its method list plus its searched values.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tokentune.files import write_json_atomic, write_text_atomic
+from tokentune.redact import redact_text
+
+#: the run config's method list: the first config column when present
+METHODS_KEY = "methods"
+#: config keys that differ between trials but are not settings worth a column
+IGNORED_KEYS = ("train.output_dir", "output_dir", "trial_id", "storage", "name")
+TRAIN_MEMORY = "memory/train_gb"
+CUDA_PEAK = "memory/cuda_peak_gb"
+#: memory columns of a row, measured first; the CUDA and process peaks only where a trial has them
+MEMORY_KEYS = [
+    TRAIN_MEMORY,
+    "memory/estimate_gb",
+    "memory/estimate_ratio",
+    CUDA_PEAK,
+    "memory/process_rss_gb",
+]
+COST_KEYS = [*MEMORY_KEYS, "tokens_per_s", "wall_s", "val_loss"]
+OPTIONAL_KEYS = (CUDA_PEAK, "memory/process_rss_gb")
+SCORE_KEY = "eval/score"
+PARETO_KEY = "pareto"
+MEMORY_LABELS = {
+    TRAIN_MEMORY: "measured training memory per worker, GB (weights + grads + optimizer + activations)",
+    CUDA_PEAK: "measured CUDA peak allocated per worker, GB",
+}
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"lora": {"rank": 8}}`` -> ``{"lora.rank": 8}``; lists and empty mappings stay values."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _metrics_of(trial: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = dict(trial.get("metrics") or {})
+    for key in COST_KEYS:
+        if key not in metrics and key in trial:
+            metrics[key] = trial[key]
+    for key, value in trial.items():
+        if isinstance(key, str) and key.startswith("eval/") and key not in metrics:
+            metrics[key] = value
+    return metrics
+
+
+def eval_score(metrics: Mapping[str, Any]) -> float | None:
+    """``eval/score`` if present, else the mean of the ``eval/<task>/acc`` values."""
+    if _number(metrics.get(SCORE_KEY)) is not None:
+        return _number(metrics[SCORE_KEY])
+    accs = [_number(v) for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/acc")]
+    accs = [a for a in accs if a is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+def _config_keys(configs: list[dict[str, Any]], search_keys: list[str] | None) -> list[str]:
+    """``search_keys`` as given; else ``methods`` and the keys whose value differs between trials,
+    the settings of the methods in the trials' method lists first (in the order the methods appear)."""
+    if search_keys is not None:
+        return list(search_keys)
+    present = {k for c in configs for k in c}
+    varying = []
+    for key in sorted(present - {METHODS_KEY}):
+        if key.endswith(IGNORED_KEYS):
+            continue
+        values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}
+        if len(values) > 1:
+            varying.append(key)
+    order = list(dict.fromkeys(m for c in configs for m in _methods_of(c)))
+    rank = {name: i for i, name in enumerate(order)}
+    varying.sort(key=lambda k: rank.get(k.split(".", 1)[0], len(order)))  # stable: sorted within a method
+    return ([METHODS_KEY] if METHODS_KEY in present else []) + varying
+
+
+def _methods_of(config: Mapping[str, Any]) -> list[str]:
+    """The method names of a flat config or row (a list, or the comma-joined text of a row)."""
+    value = config.get(METHODS_KEY)
+    if isinstance(value, str):
+        return [m.strip() for m in value.split(",") if m.strip()]
+    return [str(m) for m in value] if isinstance(value, (list, tuple)) else []
+
+
+def results_table(trials: list[dict[str, Any]], search_keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """One flat row per trial: trial_id, status, config values, eval scores, cost, val_loss, error.
+
+    Config columns are ``search_keys`` when given (a sweep passes its searched keys), else ``methods``
+    plus every config key whose value differs between trials. Eval columns: ``eval/score`` (mean task
+    accuracy) and every ``eval/<task>/acc``.
+    """
+    configs = [flatten(t.get("config") or t.get("params") or {}) for t in trials]
+    keys = _config_keys(configs, search_keys)
+    metrics = [_metrics_of(t) for t in trials]
+    acc_keys = sorted({k for m in metrics for k in m if k.startswith("eval/") and k.endswith("/acc")})
+    optional = [k for k in OPTIONAL_KEYS if any(_number(m.get(k)) is not None for m in metrics)]
+    rows = []
+    for trial, config, m in zip(trials, configs, metrics):
+        row: dict[str, Any] = {"trial_id": trial.get("trial_id"), "status": trial.get("status")}
+        for key in keys:
+            value = config.get(key)
+            row[key] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        row[SCORE_KEY] = eval_score(m)
+        for key in acc_keys:
+            row[key] = _number(m.get(key))
+        row[PARETO_KEY] = None
+        for key in COST_KEYS:
+            if key not in OPTIONAL_KEYS or key in optional:
+                row[key] = _number(m.get(key))
+        row["error"] = redact_text(str(trial.get("error") or "")) or None  # errors may quote a secret
+        rows.append(row)
+    front = {id(r) for r in pareto_front(rows, SCORE_KEY, memory_axis(rows))}
+    for row in rows:
+        row[PARETO_KEY] = "*" if id(row) in front else ""
+    return rows
+
+
+def memory_axis(rows: list[dict[str, Any]]) -> str:
+    """The measured memory the Pareto front uses: CUDA peak when every trial with a score has one."""
+    scored = [r for r in rows if _number(r.get(SCORE_KEY)) is not None] or rows
+    if scored and all(_number(r.get(CUDA_PEAK)) is not None for r in scored):
+        return CUDA_PEAK
+    return TRAIN_MEMORY
+
+
+def best_within(
+    rows: list[dict[str, Any]], budget_gb: float, score_key: str = SCORE_KEY, memory_key: str | None = None
+) -> dict[str, Any] | None:
+    """The best-scoring row whose measured memory is at most ``budget_gb`` (None if none fits)."""
+    memory_key = memory_key or memory_axis(rows)
+    fits = [r for r in rows if (m := _number(r.get(memory_key))) is not None and m <= budget_gb]
+    return best_row(fits, score_key)
+
+
+def columns_of(rows: list[dict[str, Any]]) -> list[str]:
+    """Column names in first-seen order over all rows."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    return columns
+
+
+def column_table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """``{column: [cell per row]}`` with JSON-friendly cells (MLflow's table artifact)."""
+
+    def cell(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return None if math.isnan(value) else value
+        return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+    return {c: [cell(r.get(c)) for r in rows] for c in columns_of(rows)}
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    columns = columns_of(rows) or ["trial_id"]
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return write_text_atomic(path, buf.getvalue())
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    return write_json_atomic(path, rows)
+
+
+# ------------------------------------------------------------------------------------- Pareto
+def pareto_front(
+    rows: list[dict[str, Any]], score_key: str = SCORE_KEY, memory_key: str = TRAIN_MEMORY
+) -> list[dict[str, Any]]:
+    """Rows no other row dominates (score at least as high and memory at least as low, one strictly).
+
+    Rows missing either value are left out. Returned by memory, lowest first; ties (equal score and
+    memory) are all kept.
+    """
+    points = [(r, _number(r.get(score_key)), _number(r.get(memory_key))) for r in rows]
+    points = [(r, s, m) for r, s, m in points if s is not None and m is not None]
+    front = []
+    for row, s, m in points:
+        dominated = any((s2 >= s and m2 <= m) and (s2 > s or m2 < m) for _, s2, m2 in points)
+        if not dominated:
+            front.append((row, s, m))
+    front.sort(key=lambda p: (p[2], -p[1]))
+    return [row for row, _, _ in front]
+
+
+def best_row(rows: list[dict[str, Any]], score_key: str = SCORE_KEY) -> dict[str, Any] | None:
+    scored = [r for r in rows if _number(r.get(score_key)) is not None]
+    return max(scored, key=lambda r: _number(r[score_key])) if scored else None
+
+
+def config_label(row: Mapping[str, Any], method_names: set[str] | frozenset[str] = frozenset()) -> str:
+    """A short label from a row's method list and config columns, e.g. ``lora,tokentune rank=8 ratio=0.3``.
+
+    A setting is named by its last part (``rank``), or in full where two columns share it
+    (``lora.rank``, ``dora.rank``). A setting of a method in ``method_names`` (every method of the
+    sweep) that is not in this row's method list is left out: it did not apply to this trial.
+    """
+    skip = {"trial_id", "status", "error", PARETO_KEY, METHODS_KEY, *COST_KEYS}
+    active = set(_methods_of(row))
+    keys = [
+        k
+        for k, v in row.items()
+        if k not in skip
+        and not k.startswith("eval/")
+        and v not in (None, "")
+        and not (k.split(".", 1)[0] in method_names and k.split(".", 1)[0] not in active)
+    ]
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    parts = [str(row[METHODS_KEY])] if row.get(METHODS_KEY) not in (None, "") else []
+    for key, leaf in zip(keys, leaves):
+        parts.append(f"{leaf if leaves.count(leaf) == 1 else key}={_fmt(row[key])}")
+    return " ".join(parts) or str(row.get("trial_id"))
+
+
+def pareto_plot(
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    score_key: str = SCORE_KEY,
+    memory_key: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """Scatter of score vs measured memory, every point labelled with its config, the front highlighted.
+
+    ``memory_key`` defaults to ``memory_axis(rows)``; the x label says which memory it is (MiB when
+    every value is below 1 GB).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    memory_key = memory_key or memory_axis(rows)
+    points = [
+        r for r in rows if _number(r.get(score_key)) is not None and _number(r.get(memory_key)) is not None
+    ]
+    front = pareto_front(points, score_key, memory_key)
+    front_ids = {id(r) for r in front}
+    method_names = {m for r in rows for m in _methods_of(r)}
+    label = MEMORY_LABELS.get(memory_key, memory_key)
+    small = memory_key.endswith("_gb") and all(_number(r[memory_key]) < 1 for r in points)
+    mib = 1024.0 if small else 1.0
+    xlabel = label.replace(", GB", ", MiB") if small else label
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    if points:
+        other = [r for r in points if id(r) not in front_ids]
+        ax.scatter(
+            [_number(r[memory_key]) * mib for r in other],
+            [_number(r[score_key]) for r in other],
+            c="tab:gray",
+            s=36,
+            label="trial",
+        )
+        ax.scatter(
+            [_number(r[memory_key]) * mib for r in front],
+            [_number(r[score_key]) for r in front],
+            c="tab:red",
+            s=60,
+            marker="D",
+            label="Pareto front",
+            zorder=3,
+        )
+        ax.step(
+            [_number(r[memory_key]) * mib for r in front],
+            [_number(r[score_key]) for r in front],
+            where="post",
+            c="tab:red",
+            alpha=0.5,
+        )
+        for r in points:
+            ax.annotate(
+                config_label(r, method_names),
+                (_number(r[memory_key]) * mib, _number(r[score_key])),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(
+            0.5, 0.5, "no trial has both a score and a memory value yet", ha="center", transform=ax.transAxes
+        )
+    missing = len(rows) - len(points)
+    ax.set_xlabel(xlabel + " (lower is better)")
+    ax.set_ylabel(score_key + " (higher is better)")
+    ax.set_title(
+        (title or "Accuracy vs memory")
+        + (f" ({missing} trial(s) without values not shown)" if missing else "")
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------ console
+def summary_lines(
+    rows: list[dict[str, Any]],
+    best: tuple[str, str, Any] | None,
+    budget_gb: float | None = None,
+    fit: dict[str, Any] | None = None,
+    best_config: str = "",
+) -> str:
+    """``best trial: <id> (<metric>=<value>, train_gb 12.3MiB measured (estimate 13.1MiB)) | <best_config>``
+    and, with
+    ``objective.memory_budget_gb``, the best trial measured within it (``fit``, from ``best_within``)."""
+    axis = memory_axis(rows)
+
+    def memory(row: Mapping[str, Any] | None) -> str:
+        if row is None or _number(row.get(axis)) is None:
+            return ""
+        est = _fmt_cell("memory/estimate_gb", row.get("memory/estimate_gb")) or "?"
+        return f", {axis.removeprefix('memory/')} {_fmt_cell(axis, row.get(axis))} measured (estimate {est})"
+
+    lines = []
+    if best is not None:
+        trial_id, metric, value = best
+        row = next((r for r in rows if r.get("trial_id") == trial_id), None)
+        lines.append(
+            f"best trial: {trial_id} ({metric}={_fmt(value)}{memory(row)})"
+            + (best_config and f" | {best_config}")
+        )
+    if budget_gb is not None:
+        lines.append(
+            f"best within objective.memory_budget_gb={budget_gb}: {fit.get('trial_id')} "
+            f"({SCORE_KEY}={_fmt(fit.get(SCORE_KEY))}{memory(fit)})"
+            if fit
+            else f"no trial measured within objective.memory_budget_gb={budget_gb} ({axis})"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _fmt_cell(key: str, value: Any) -> str:
+    x = _number(value)
+    if key.endswith("_gb") and x is not None:
+        return f"{x * 1024:.1f}MiB" if x < 1 else f"{x:.2f}GiB"
+    if key.endswith("_ratio") and x is not None:
+        return f"{x:.2f}x"
+    return _fmt(value)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, max_cell: int = 40) -> str:
+    """Plain fixed-width text, one line per row, for the console."""
+    if not rows:
+        return "(no trials)"
+    columns = columns or columns_of(rows)
+    cells = []
+    for row in rows:
+        line = []
+        for c in columns:
+            text = _fmt_cell(c, row.get(c)).replace("\n", " ")
+            line.append(text if len(text) <= max_cell else text[: max_cell - 3] + "...")
+        cells.append(line)
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    header = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    lines = [header, "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join(lines)

@@ -1,0 +1,367 @@
+"""After a trial: merge its adapter into the base, optionally run lm-eval on it, record the scores.
+
+    out = merge_and_evaluate(result.final_dir, trial_dir, cfg.eval)          # in this process
+    out = run_post_trial(result.final_dir, trial_dir, cfg.eval,              # as its own Ray task
+                         resources={"num_cpus": 1, "num_gpus": 1})
+    out = run_post_trial(result.final_dir, trial_dir, evaluate=False)        # merge only
+    out["metrics"]   # {"merge_s": 3.1, "eval/tt_next/acc": 0.61, ..., "eval/score": 0.58}
+    out["error"]     # None, or "evaluation failed: ValueError: unknown evaluation task 'x' ..."
+
+The merge and the scored evaluation are ``tokentune.evaluate``'s ``prepare_checkpoint`` and
+``evaluate_checkpoint`` (what ``tokentune eval`` runs, without Ray); this module adds the trial's
+folder layout (``merged/``, ``eval.json``), reuse on resume, error capture and the Ray task. A failure
+(merge or evaluation: unknown task, dataset not available offline, out of memory) is returned in
+``out["error"]`` (and, when evaluating, written to ``eval.json``), never swallowed: the caller records
+it on the trial's MLflow run. ``strict=True`` raises :class:`PostTrialError` instead. Errors,
+tracebacks and ``eval.json`` pass through ``tokentune.redact`` (no token or key is stored).
+
+``run_post_trial(..., timeout_s=N)`` (``after_trial.timeout_s``) waits N seconds for the task, then
+cancels it (``ray.cancel(force=True)``) and returns the error ``merge+eval timed out after N s
+(after_trial.timeout_s)``: that trial fails, the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from orchestrator.results.trial_status import log_event
+from tokentune.config import EvalConfig
+from tokentune.files import write_json_atomic
+from tokentune.redact import redact, redact_text
+from tokentune.settings import build_section
+
+log = logging.getLogger(__name__)
+
+PRUNE_POLICIES = ("none", "best", "all")
+_RESULT_KEYS = ("metrics", "results", "merged_dir", "eval_json", "error")
+
+
+class PostTrialError(RuntimeError):
+    """Merge or evaluation of a trial failed (raised with ``strict=True``)."""
+
+
+def as_eval_config(eval_cfg: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
+    """An ``EvalConfig`` from itself, its dict (as it crosses to a Ray task) or None (the defaults)."""
+    if isinstance(eval_cfg, EvalConfig):
+        return eval_cfg
+    return build_section("eval", EvalConfig, None if eval_cfg is None else dict(eval_cfg))
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    try:
+        from lm_eval.utils import handle_non_serializable
+    except ImportError:  # pragma: no cover - lm-eval is a dependency
+        handle_non_serializable = str
+    write_json_atomic(path, redact(data), default=handle_non_serializable)
+
+
+def _cached(eval_json: Path, eval_cfg: EvalConfig, final_dir: Path) -> dict[str, Any] | None:
+    if not eval_json.is_file():
+        return None
+    try:
+        old = json.loads(eval_json.read_text())
+    except (OSError, ValueError):
+        return None
+    same = old.get("eval_config") == dataclasses.asdict(eval_cfg) and old.get("final_dir") == str(final_dir)
+    if not same or old.get("error") or not old.get("metrics"):
+        return None
+    return old
+
+
+def merge_and_evaluate(
+    final_dir: str | Path,
+    trial_dir: str | Path,
+    eval_cfg: EvalConfig | Mapping[str, Any] | None = None,
+    *,
+    evaluate: bool = True,
+    keep_merged: bool = True,
+    device: str = "cpu",
+    reuse: bool = True,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Merge ``final_dir`` into ``trial_dir/merged`` and (``evaluate``) run lm-eval on it.
+
+    Args:
+        final_dir: the trial's ``final/`` folder (a peft adapter, or a full HF checkpoint that is
+            evaluated in place).
+        trial_dir: the trial's folder; gets ``merged/`` (adapters) and, when evaluating, ``eval.json``.
+        eval_cfg: tasks, num_fewshot, limit, batch_size (an ``EvalConfig`` or its dict).
+        evaluate: False merges only (``after_trial.merge`` without ``after_trial.evaluate``).
+        keep_merged: False deletes ``merged/`` after evaluation.
+        device: where the model is evaluated ("cpu", "cuda", "cuda:0").
+        reuse: return an existing successful ``eval.json`` made with the same config (resume).
+        strict: raise :class:`PostTrialError` instead of returning the error.
+
+    Returns:
+        ``{"metrics": {"merge_s": float, "eval/<task>/<metric>": float, ..., "eval/score": float,
+        "eval/wall_s": float}, "results": {task: {metric: value}}, "merged_dir": str | None,
+        "eval_json": str | None, "error": None | str}``.
+    """
+    from tokentune.evaluate import evaluate_checkpoint, prepare_checkpoint
+
+    final_dir, trial_dir = Path(final_dir).resolve(), Path(trial_dir).resolve()
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    eval_json = trial_dir / "eval.json"
+    cfg = as_eval_config(eval_cfg)
+    if evaluate and reuse and (old := _cached(eval_json, cfg, final_dir)) is not None:
+        log.info("post-trial: reusing %s", eval_json)
+        return {k: old.get(k) for k in _RESULT_KEYS}
+
+    out: dict[str, Any] = {
+        "metrics": {},
+        "results": {},
+        "merged_dir": None,
+        "eval_json": str(eval_json) if evaluate else None,
+        "error": None,
+        "final_dir": str(final_dir),
+        "eval_config": dataclasses.asdict(cfg),
+        "raw": None,
+    }
+    t0 = time.perf_counter()
+    stage = "merge"
+    made = False
+    target: Path | None = None
+    try:
+        log_event(trial_dir, "merge_started")
+        target, made = prepare_checkpoint(final_dir, trial_dir / "merged")
+        log_event(trial_dir, "merge_finished")
+        out["merged_dir"] = str(target)
+        out["metrics"]["merge_s"] = time.perf_counter() - t0
+        if evaluate:
+            stage = "evaluation"
+            log_event(trial_dir, "eval_started")
+            t1 = time.perf_counter()
+            summary = evaluate_checkpoint(
+                target,
+                tasks=cfg.tasks,
+                num_fewshot=cfg.num_fewshot,
+                limit=cfg.limit,
+                batch_size=cfg.batch_size,
+                device=device,
+            )
+            out["results"] = summary["results"]
+            out["raw"] = summary.get("raw")
+            out["metrics"].update(summary["metrics"])
+            out["metrics"]["eval/wall_s"] = time.perf_counter() - t1
+            log_event(trial_dir, "eval_finished")
+    except Exception as err:
+        out["error"] = redact_text(f"{stage} failed: {type(err).__name__}: {err}")
+        out["traceback"] = redact_text(traceback.format_exc())
+        log.error("post-trial %s for %s: %s", stage, final_dir, out["error"])
+    finally:
+        if made and evaluate and not keep_merged and target is not None:
+            shutil.rmtree(target, ignore_errors=True)
+            out["merged_dir"] = None
+    out["wall_s"] = time.perf_counter() - t0
+    if evaluate:
+        _write_json(eval_json, out)
+    if strict and out["error"]:
+        raise PostTrialError(out["error"])
+    return {k: out[k] for k in _RESULT_KEYS}
+
+
+# ------------------------------------------------------------------------------------ Ray task
+def post_trial_options(
+    resources: Mapping[str, Any] | None = None, escape_placement_group: bool = True
+) -> dict:
+    """Ray task options (valid for ``.options()``) from ``{"num_cpus": .., "num_gpus": .., ...}``.
+
+    The task is never retried (a failure is a result to record, not a reason to evaluate twice). By
+    default it is scheduled outside the calling trial's placement group, so the trial's slot is not
+    needed. ``max_calls`` is not in here (Ray accepts it only in ``ray.remote``): use
+    :func:`as_ray_task`, which adds ``max_calls=1`` on GPU.
+    """
+    resources = dict(resources or {})
+    opts: dict[str, Any] = {
+        "num_cpus": float(resources.pop("num_cpus", 1)),
+        "num_gpus": float(resources.pop("num_gpus", 0) or 0),
+        "max_retries": 0,
+    }
+    if "memory" in resources:
+        opts["memory"] = resources.pop("memory")
+    if resources:  # custom resources, e.g. {"accelerator_type:A100": 0.01}
+        opts["resources"] = resources
+    if escape_placement_group:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=None)
+    return opts
+
+
+def as_ray_task(
+    fn: Any, resources: Mapping[str, Any] | None = None, escape_placement_group: bool = True
+) -> Any:
+    """``fn`` as a Ray remote function with :func:`post_trial_options`; on GPU its worker runs one
+    call and exits (``max_calls=1``), which frees the GPU memory the model held.
+
+        ray.get(as_ray_task(merge_and_evaluate, {"num_gpus": 1}).remote(final_dir, trial_dir))
+    """
+    import ray
+
+    opts = post_trial_options(resources, escape_placement_group)
+    return ray.remote(max_calls=1 if opts["num_gpus"] > 0 else 0)(fn).options(**opts)
+
+
+class PostTrialWorker:
+    """:func:`merge_and_evaluate` in a process that stays up for the whole sweep (CPU post-trial work):
+    torch, transformers, peft and lm-eval are imported once, in the background as the sweep starts,
+    instead of in a fresh worker process per trial. It reserves nothing itself (0 CPUs): each call
+    reserves ``after_trial.cpus`` in a placement group first (:func:`run_post_trial`)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        threading.Thread(target=_warm_imports, name="post-trial-imports", daemon=True).start()
+
+    def run(self, final_dir: str, trial_dir: str, eval_cfg: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return merge_and_evaluate(final_dir, trial_dir, eval_cfg, **kw)
+
+
+def _warm_imports() -> None:
+    try:
+        import lm_eval.evaluator  # noqa: F401
+        import peft  # noqa: F401
+
+        import tokentune.evaluate  # noqa: F401
+        import tokentune.merge  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head start: the call imports (and reports) what failed
+        pass
+
+
+def post_trial_worker_name(sweep_id: str) -> str:
+    return f"tokentune-post-trial-{sweep_id}"
+
+
+def start_post_trial_worker(sweep_id: str) -> tuple[str, Any]:
+    """The sweep's :class:`PostTrialWorker` (owned by this process, restarted if it dies); name, handle."""
+    import ray
+
+    name = post_trial_worker_name(sweep_id)
+    cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(PostTrialWorker)
+    return name, cls.options(name=name, get_if_exists=True).remote()
+
+
+def run_post_trial(
+    final_dir: str | Path,
+    trial_dir: str | Path,
+    eval_cfg: EvalConfig | Mapping[str, Any] | None = None,
+    *,
+    evaluate: bool = True,
+    keep_merged: bool = True,
+    resources: Mapping[str, Any] | None = None,
+    device: str | None = None,
+    timeout_s: float | None = None,
+    escape_placement_group: bool = True,
+    worker: str | None = None,
+) -> dict[str, Any]:
+    """Run :func:`merge_and_evaluate` as its own Ray task and wait for it (``evaluate=False``: merge only).
+
+    ``resources``: ``{"num_cpus": 1, "num_gpus": 0}`` by default (plus ``memory`` or custom
+    resources). ``device`` defaults to "cuda" when a GPU is requested, else "cpu". With ``worker`` (the
+    name of a :class:`PostTrialWorker`) and no GPU asked for, the sweep's warm worker runs it, with
+    ``resources`` reserved in a placement group for the call. A task that dies (worker crash, out of
+    memory) comes back as a result with ``error`` set; one still running after ``timeout_s`` seconds
+    (None: no limit) is cancelled and comes back with ``merge+eval timed out``.
+    """
+    import ray
+
+    gpus = float((resources or {}).get("num_gpus") or 0)
+    if device is None:
+        device = "cuda" if gpus > 0 else "cpu"
+    args = (
+        str(Path(final_dir).resolve()),
+        str(Path(trial_dir).resolve()),
+        dataclasses.asdict(as_eval_config(eval_cfg)),
+    )
+    kwargs = {"evaluate": evaluate, "keep_merged": keep_merged, "device": device}
+    use_worker = worker is not None and gpus == 0
+    try:
+        actor = ray.get_actor(worker) if use_worker else None
+        with _reserved(resources if use_worker else None, timeout_s):
+            if actor is not None:
+                ref = actor.run.remote(*args, **kwargs)
+            else:
+                ref = as_ray_task(merge_and_evaluate, resources, escape_placement_group).remote(
+                    *args, **kwargs
+                )
+            try:
+                return ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                if actor is not None:
+                    ray.kill(actor, no_restart=False)  # it restarts, warm again for the next trial
+                else:
+                    ray.cancel(ref, force=True)
+                raise
+    except Exception as err:  # RayTaskError, ActorDiedError, GetTimeoutError, OutOfMemoryError ...
+        msg = _failure(err, timeout_s)
+    log.error("post-trial of %s: %s", trial_dir, msg)
+    return {
+        "metrics": {},
+        "results": {},
+        "merged_dir": None,
+        "eval_json": str(Path(trial_dir).resolve() / "eval.json") if evaluate else None,
+        "error": msg,
+    }
+
+
+def _failure(err: BaseException, timeout_s: float | None) -> str:
+    import ray
+
+    if isinstance(err, ray.exceptions.GetTimeoutError):
+        return f"merge+eval timed out after {timeout_s:g} s (after_trial.timeout_s)"
+    return redact_text(f"post-trial task failed: {type(err).__name__}: {err}")
+
+
+@contextlib.contextmanager
+def _reserved(resources: Mapping[str, Any] | None, timeout_s: float | None) -> Iterator[None]:
+    """Hold ``resources`` (``num_cpus``, ``memory``) in a placement group inside the block: the warm
+    worker's call is accounted like a task of that size (it waits for them, as a task would)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    res = dict(resources) if resources is not None else {"num_cpus": 0}  # None: nothing to hold
+    bundle = {"CPU": float(res.get("num_cpus", 1) or 0), "memory": res.get("memory")}
+    bundle = {k: v for k, v in bundle.items() if v}
+    if not bundle:
+        yield
+        return
+    pg = placement_group([bundle])
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+        yield
+    finally:
+        remove_placement_group(pg)
+
+
+# ---------------------------------------------------------------------------------- pruning
+def prune_merged(sweep_dir: str | Path, best_trial_id: str | None, policy: str = "best") -> list[Path]:
+    """Delete ``<sweep_dir>/trials/*/merged`` per ``policy``; returns the deleted folders.
+
+    ``none`` keeps every merged checkpoint, ``best`` keeps only ``best_trial_id``'s, ``all`` deletes
+    them all (adapters in ``final/`` always stay: a merge can be redone).
+    """
+    if policy not in PRUNE_POLICIES:
+        raise ValueError(
+            f"keep-merged policy {policy!r} is invalid: expected one of {', '.join(PRUNE_POLICIES)}"
+        )
+    if policy == "none":
+        return []
+    deleted = []
+    trials = Path(sweep_dir) / "trials"
+    for merged in sorted(trials.glob("*/merged*")):
+        if merged.name not in ("merged", "merged.tmp") or merged.is_symlink() or not merged.is_dir():
+            continue
+        if policy == "best" and merged.parent.name == str(best_trial_id) and merged.name == "merged":
+            continue
+        shutil.rmtree(merged)
+        deleted.append(merged)
+    return deleted

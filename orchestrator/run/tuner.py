@@ -1,0 +1,352 @@
+"""Build, run and restore the Ray Tune experiment of a sweep; collect its trials.
+
+    tuner = build_tuner(spec, ctx, cluster_resources, progress=True)       # a fresh sweep
+    tuner = restore_tuner(spec, ctx)                                         # --resume
+    grid = tuner.fit()
+    trials = collect_trials(grid, spec, sweep_dir)
+
+The trainable is ``orchestrator.run.trial.run_trial`` (a plain driver function that starts a Ray Train
+job). It reserves only a little memory for itself (``tune.driver_cpus`` CPUs, 0 by default; Tune
+needs a non-empty bundle): the Train workers reserve their CPUs/GPUs through the Train
+``ScalingConfig`` in their own placement group, and the number of trials in flight is bounded from
+the cluster's resources (``space.max_concurrent_trials``), so a trial never starts only to wait for
+workers. The limit lives in the search algorithm (Tune ignores ``TuneConfig.max_concurrent_trials``
+for a search-generator instance).
+
+``TuneConfig`` gets no metric/mode: the objective goes to Optuna and ASHA its own metric (Tune
+refuses both at once), and the best trial is picked from ``status.json`` results here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from orchestrator.results.trial_status import read_status, trial_dir
+from orchestrator.results.types import TrialResult
+from orchestrator.run.trial import FINAL_FLAG, TrialContext, run_trial
+from orchestrator.spec.sweep import SweepSpec
+from tokentune.redact import redact_text
+
+log = logging.getLogger(__name__)
+
+TUNE_NAME = "tune"
+DRIVER_MEMORY_BYTES = 256 * 1024**2  # the driver's reservation: a Python process waiting on Ray Train
+
+
+# ---- trainable and tuner -----------------------------------------------------------------------------------
+def make_trainable(spec: SweepSpec, ctx: TrialContext) -> Any:
+    from ray import tune
+
+    from orchestrator.run.space import driver_resources
+
+    resources: dict[str, Any] = {k: v for k, v in driver_resources(spec).items() if v}
+    resources["memory"] = DRIVER_MEMORY_BYTES  # a bundle must hold something; CPUs are 0 by default
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+
+
+def start_sweep_actors(spec: SweepSpec, ctx: TrialContext, cluster: dict[str, float], sweep_id: str) -> list:
+    """The sweep's helper actors, their names in ``ctx``; returns their handles (keep them while the
+    sweep runs: this process owns them). With a merge or an evaluation after each trial:
+
+    - on CPU (``after_trial.gpus`` 0) with a local (or shared) storage folder, the warm merge + eval
+      worker (``post_trial.PostTrialWorker``); with a URI storage a trial's adapter is on the disk of
+      its node, so each trial's merge + eval stays a Ray task of its own;
+    - with ``after_trial.overlap`` (``auto``: when trials train on GPUs), the training slots
+      (``orchestrator.run.slots``): ``max_concurrent`` trials train while as many more merge and evaluate.
+    """
+    from orchestrator.run.post_trial import start_post_trial_worker
+    from orchestrator.run.slots import start_slot_actor
+    from orchestrator.run.space import max_concurrent_trials, trial_demand
+
+    a = spec.after_trial
+    if not (a.merge or a.evaluate):
+        return []
+    handles = []
+    if not a.gpus and not ctx.storage_uri:
+        ctx.post_trial_worker, handle = start_post_trial_worker(sweep_id)
+        handles.append(handle)
+    if trial_demand(spec, cluster)["GPU"] > 0 if a.overlap == "auto" else a.overlap:
+        ctx.train_slots, handle = start_slot_actor(max_concurrent_trials(spec, cluster), sweep_id)
+        handles.append(handle)
+    return handles
+
+
+def build_tuner(
+    spec: SweepSpec,
+    ctx: TrialContext,
+    cluster: dict[str, float],
+    *,
+    progress: bool = True,
+    verbose: bool = False,
+) -> Any:
+    from ray import tune
+
+    from orchestrator.run.space import make_scheduler, make_search_alg, max_concurrent_trials, to_tune_space
+
+    concurrent = max_concurrent_trials(spec, cluster)
+    flight = 2 * concurrent if ctx.train_slots else concurrent  # + as many merging/evaluating
+    optuna = spec.tune.algorithm == "optuna"
+    tune_config = tune.TuneConfig(
+        search_alg=make_search_alg(spec, max_concurrent=flight),  # the limit lives in the search alg
+        scheduler=make_scheduler(spec),
+        num_samples=spec.tune.num_samples,
+        time_budget_s=spec.tune.time_limit_s,
+        reuse_actors=True,  # a trial driver's process (its imports: mlflow, ray.train) serves the next trial
+    )
+    log.info("sweep %s: %d trial(s), at most %d training at a time", spec.name, spec.num_trials(), concurrent)
+    return tune.Tuner(
+        make_trainable(spec, ctx),
+        param_space={} if optuna else to_tune_space(spec),
+        tune_config=tune_config,
+        run_config=run_config(spec, ctx, progress, verbose),
+    )
+
+
+def run_config(spec: SweepSpec, ctx: TrialContext, progress: bool, verbose: bool = False) -> Any:
+    """Tune's run config: our MLflow callback, and with ``progress`` the progress lines
+    (``orchestrator.results.console``); Tune's own status tables only with ``verbose``."""
+    from ray import tune
+
+    from orchestrator.results.console import SweepProgress
+
+    progress_cb = [SweepProgress(spec.num_trials(), ctx.sweep_dir, spec.objective.metric)] if progress else []
+
+    return tune.RunConfig(
+        name=TUNE_NAME,
+        storage_path=storage_root(ctx),
+        failure_config=tune.FailureConfig(max_failures=spec.tune.max_failures),
+        callbacks=[
+            TrialTrackingCallback(
+                ctx.tracking_uri,
+                ctx.experiment,
+                spec.name,
+                ctx.parent_run_id,
+                ctx.sweep_dir,
+                storage_uri=ctx.storage_uri,
+            ),
+            *progress_cb,
+        ],
+        verbose=1 if progress and verbose else 0,
+    )
+
+
+def storage_root(ctx: TrialContext) -> str:
+    """Where the Tune experiment lives: the sweep folder (local) or ``<uri>/<sweep>`` (cloud; the trial
+    folders are synced there too, see ``orchestrator.run.storage_sync``)."""
+    return ctx.train_storage.rsplit("/", 1)[0]
+
+
+def tune_path(ctx: TrialContext) -> str:
+    return f"{storage_root(ctx)}/{TUNE_NAME}"
+
+
+def can_restore(ctx: TrialContext) -> bool:
+    from ray import tune
+
+    return bool(tune.Tuner.can_restore(tune_path(ctx)))
+
+
+def restore_tuner(spec: SweepSpec, ctx: TrialContext) -> Any:
+    """Finished trials stay finished; unfinished and errored ones run again (Train resumes by name)."""
+    from ray import tune
+
+    return tune.Tuner.restore(
+        tune_path(ctx),
+        trainable=make_trainable(spec, ctx),
+        resume_unfinished=True,
+        resume_errored=True,
+        restart_errored=False,
+    )
+
+
+# ---- live tracking of trial results ------------------------------------------------------------------------
+class TrialTrackingCallback(Callback):
+    """Logs every intermediate Tune result (loss curves, tokens/s, memory) to the trial's MLflow run,
+    and closes runs of trials that ended without a ``status.json`` (stopped early by ASHA or by the
+    time limit: KILLED; crashed driver: FAILED). With a URI storage a trial that ran on another node
+    has its ``status.json`` there, not in the local sweep folder."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        sweep: str,
+        parent_run_id: str | None,
+        sweep_dir: str,
+        storage_uri: str | None = None,
+    ):
+        self.args = (tracking_uri, experiment, sweep, parent_run_id)
+        self.sweep_dir = sweep_dir
+        self.storage_uri = storage_uri
+        self._tracker = None
+        self._runs: dict[str, str] = {}
+
+    @property
+    def tracker(self):
+        if self._tracker is None:
+            from orchestrator.results.tracking import SweepTracker
+
+            uri, exp, sweep, parent = self.args
+            self._tracker = SweepTracker(uri, exp, sweep, parent_run_id=parent)
+        return self._tracker
+
+    def _run_id(self, trial) -> str | None:
+        if trial.trial_id not in self._runs:
+            try:
+                self._runs[trial.trial_id] = self.tracker.trial_run(trial.trial_id)
+            except Exception as err:  # noqa: BLE001 - tracking must never stop a sweep
+                log.warning("MLflow run of trial %s not available: %s", trial.trial_id, err)
+                return None
+        return self._runs[trial.trial_id]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(FINAL_FLAG):
+            return  # the trial logs its final metrics itself
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        metrics = {k: v for k, v in result.items() if _loggable(k, v)}
+        step = int(result.get("step") or result.get("training_iteration") or 0)
+        try:
+            self.tracker.log_metrics(run_id, metrics, step=step)
+        except Exception as err:  # noqa: BLE001
+            log.warning("logging metrics of trial %s failed: %s", trial.trial_id, err)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close_if_unfinished(
+            trial, "KILLED", "stopped before it finished (early stopping or time limit)"
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close_if_unfinished(trial, "FAILED", "the trial's driver process failed")
+
+    def _close_if_unfinished(self, trial, status: str, why: str) -> None:
+        if read_status(trial_dir(self.sweep_dir, trial.trial_id)) is not None:
+            return  # the trial recorded its own end
+        if self.storage_uri:
+            from orchestrator.run.storage_sync import fetch_status
+
+            if fetch_status(self.storage_uri, trial.trial_id) is not None:
+                return  # ... on another node
+        run_id = self._runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        try:
+            self.tracker.set_tags(run_id, {"tokentune.status": "stopped" if status == "KILLED" else "failed"})
+            self.tracker.end_trial(run_id, status, why)
+        except Exception as err:  # noqa: BLE001
+            log.warning("closing the MLflow run of trial %s failed: %s", trial.trial_id, err)
+
+
+_SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "done", "step"}
+
+
+def _loggable(key: str, value: Any) -> bool:
+    if key in _SKIP or key.startswith(
+        ("config/", "config.", "node_ip", "hostname", "date", "trial_id", "experiment")
+    ):
+        return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- results ------------------------------------------------------------------------------------------------
+def collect_trials(grid: Any, spec: SweepSpec, sweep_dir: str | Path) -> list[TrialResult]:
+    """One ``TrialResult`` per Tune trial: status/metrics from ``status.json`` when the trial wrote
+    one, else from Tune's last result (``stopped``/``failed``/``pending``); errors redacted."""
+    out = []
+    for t in _tune_trials(grid):
+        tdir = trial_dir(sweep_dir, t.trial_id)
+        params = searched_values(spec, t.config)
+        st = read_status(tdir)
+        last = {k: v for k, v in (t.last_result or {}).items() if _loggable(k, v) or k == "step"}
+        if st is not None and st.get("status") == "finished":
+            out.append(
+                TrialResult(t.trial_id, params, st.get("metrics") or last, "finished", None, str(tdir))
+            )
+        elif st is not None and st.get("status") == "failed":
+            error = redact_text(str(st.get("error") or "")) or None
+            out.append(TrialResult(t.trial_id, params, last, "failed", error, str(tdir)))
+        elif t.status == "ERROR":
+            out.append(
+                TrialResult(t.trial_id, params, last, "failed", redact_text(_tune_error(t)), str(tdir))
+            )
+        elif t.status == "TERMINATED":
+            out.append(
+                TrialResult(t.trial_id, params, last, "stopped", "stopped before it finished", str(tdir))
+            )
+        else:
+            out.append(TrialResult(t.trial_id, params, last, "pending", None, str(tdir)))
+    return out
+
+
+def _tune_trials(grid: Any) -> list[Any]:
+    analysis = getattr(grid, "_experiment_analysis", None)
+    if analysis is None:
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(grid.experiment_path)
+    return sorted(analysis.trials, key=lambda t: t.trial_id)
+
+
+def _tune_error(trial: Any) -> str:
+    msg = getattr(trial, "error_msg", None)
+    if msg:
+        return str(msg)[:2000]
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and os.path.exists(path):
+            return Path(path).read_text()[-2000:]
+    except OSError:
+        pass
+    return "the trial failed (see the Tune trial's error.txt)"
+
+
+def searched_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """The trial's values of the searched keys (decoded: lists stay lists). A key of a method's section
+    whose method the trial does not use (``tokentune.ratio`` of a ``[lora]`` trial) is None."""
+    from orchestrator.spec.parts import lookup_dotted
+    from tokentune.config import RunConfig
+    from tokentune.methods import REGISTRY
+
+    out = {}
+    for key, dim in spec.search.items():
+        found, value = lookup_dotted(config or {}, key)
+        out[key] = dim.coerce(value) if found else (dim.values[0] if dim.verb == "fixed" else None)
+    methods = out.get("methods") or spec.base.get("methods") or RunConfig().methods
+    for key in out:
+        section = key.split(".", 1)[0]
+        if section in REGISTRY and section not in methods:
+            out[key] = None
+    return out
+
+
+def best_trial(trials: list[TrialResult], metric: str, mode: str) -> TrialResult | None:
+    scored = [
+        t
+        for t in trials
+        if t.status == "finished"
+        and isinstance(t.metrics.get(metric), (int, float))
+        and math.isfinite(t.metrics[metric])
+    ]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda t: t.metrics[metric])
+
+
+def set_tune_env(verbose: bool = False) -> None:
+    """Trials report training metrics first and ``eval/score`` last: relax Tune's per-result check.
+    Unless ``verbose``, Tune prints nothing of its own (no experiment box, no status tables; the
+    sweep prints its progress lines) and Tune's and MLflow's INFO logs stay out of the console."""
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter: silent at verbose 0
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+        for name in ("ray.tune", "ray.train", "mlflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,138 @@
+"""The dry run of a sweep: each planned trial's values, config, resources and memory estimate, as text.
+
+    trials = dry_run_trials(spec)            # list[PlannedTrial]  (spec.dry_run_trials() is the same)
+    print(format_plan(spec, trials))         # spec.plan_text()
+
+Pure: never imports ray. The memory estimate is ``tokentune.estimate`` (composed from the methods' own
+terms); a trial estimated above the spec-only ``compute.max_memory_gb`` is marked REFUSED, as the
+trial itself refuses to launch. The text ends with the input checks' notes (what could not be checked
+here) and passes through ``tokentune.redact``: the console never shows a token or a password.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.spec.parts import max_memory_gb, value_label
+from tokentune.config import RunConfig
+from tokentune.estimate import MemoryEstimate, estimate_memory
+from tokentune.redact import redact_text
+
+if TYPE_CHECKING:
+    from orchestrator.spec.sweep import SweepSpec
+
+PLAN_ROWS = 50  # trials the plan text shows; the rest are counted
+
+
+@dataclass
+class PlannedTrial:
+    """One trial of the dry run: its sampled values, full config, resources and memory estimate."""
+
+    index: int
+    params: dict[str, Any]
+    config: RunConfig
+    resources: dict[str, Any]
+    memory: MemoryEstimate | None
+    over_limit: bool = False
+
+
+def dry_run_trials(spec: SweepSpec, n: int | None = None) -> list[PlannedTrial]:
+    """The first ``n`` (default: all) planned trials with resources and memory estimates."""
+    planned = []
+    limit = max_memory_gb(spec.base)
+    for i, params in enumerate(spec.sampled_params()[:n]):
+        cfg = spec.trial_config(params)
+        mem = estimate_memory(cfg)
+        over = over_memory_limit(mem, limit)
+        planned.append(PlannedTrial(i, params, cfg, trial_resources(cfg, spec.tune.driver_cpus), mem, over))
+    return planned
+
+
+def over_memory_limit(estimate: MemoryEstimate | None, limit_gb: float | None) -> bool:
+    """The rule the dry run marks REFUSED and a trial refuses to launch by (``compute.max_memory_gb``)."""
+    return bool(limit_gb and estimate is not None and estimate.total_gb > limit_gb)
+
+
+def trial_resources(cfg: RunConfig, driver_cpus: float = 0.0) -> dict[str, Any]:
+    """What one trial reserves: Train workers (CPUs/GPUs each), the ZeRO stage, the driver's CPUs.
+
+    ``gpus`` is ``auto`` while ``compute.use_gpu`` is: it is decided when the cluster is known.
+    """
+    c = cfg.compute
+    gpus: float | str = "auto" if c.use_gpu == "auto" else (c.workers * c.gpus_per_worker if c.use_gpu else 0)
+    return {
+        "workers": c.workers,
+        "cpus": c.workers * c.cpus_per_worker,
+        "gpus": gpus,
+        "zero_stage": c.zero_stage,
+        "driver_cpus": driver_cpus,
+    }
+
+
+def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
+    """The sweep's settings, then one row per planned trial (searched values, resources, memory), then
+    the input checks' notes; redacted."""
+    t, s, a = spec.tune, spec.tune.scheduler, spec.after_trial
+    sched = (
+        "fifo"
+        if s.type == "fifo"
+        else f"asha({s.metric}/{s.mode}, {s.time_attr}, grace {s.grace_period}, rf {s.reduction_factor})"
+    )
+    lines = [
+        f"sweep {spec.name!r}" + (f" ({spec.source})" if spec.source else ""),
+        f"  objective: {spec.objective.metric} ({spec.objective.mode});  algorithm: {t.algorithm} (seed {t.seed});  "
+        f"scheduler: {sched}",
+        f"  trials: {spec.num_trials()} ({'grid x ' if spec.grid_dims() else ''}num_samples {t.num_samples});  "
+        f"max_concurrent: {t.max_concurrent};  time limit: {t.time_limit_s or 'none'}",
+        f"  after each trial: merge={a.merge} evaluate={a.evaluate} (cpus {a.cpus}, gpus {a.gpus}, "
+        f"timeout {'none' if a.timeout_s is None else f'{a.timeout_s:g} s'}); keep merged: {a.keep_merged}; "
+        f"overlap with the next training: {a.overlap}",
+        f"  storage: {spec.storage}/{spec.name}",
+        "  search:",
+    ]
+    lines += [f"    {k}: {d.describe()}" for k, d in spec.search.items()] or [
+        "    (nothing: one configuration)"
+    ]
+    if t.algorithm == "optuna" or any(d.verb not in ("grid", "fixed") for d in spec.search.values()):
+        lines.append("  (sampled values below are illustrative draws with the seed; Tune draws its own)")
+    lines += ["", *_trial_table(spec, trials)]
+    if len(trials) < spec.num_trials():
+        lines.append(f"  ... {spec.num_trials() - len(trials)} more")
+    if trials:
+        cfg = trials[0].config
+        tr = cfg.train
+        lines.append("")
+        lines.append(
+            f"  base: model {cfg.model.name_or_path or '(shipped tiny Llama)'}, data {cfg.data.train or '(shipped)'}, "
+            f"max_steps {tr.max_steps}, batch {tr.batch_size}x{tr.grad_accum}, max_length {cfg.data.max_length}, "
+            f"eval tasks {cfg.eval.tasks or '(shipped)'} limit {cfg.eval.limit}"
+        )
+    lines += [f"  note: {note}" for note in spec.notes]
+    return redact_text("\n".join(lines))
+
+
+def _trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
+    """The header and one left-aligned row per trial."""
+    keys = [k for k, d in spec.search.items() if d.verb != "fixed"]
+    header = ["#", *keys, "workers", "cpus", "gpus", "zero", "memory/worker (est.)"]
+    rows = []
+    limit = max_memory_gb(spec.base)
+    for p in trials:
+        r = p.resources
+        mem = p.memory.short() if p.memory else "? (model shape unknown)"
+        if p.over_limit:
+            mem += f"  REFUSED: > compute.max_memory_gb={limit}"
+        rows.append(
+            [
+                str(p.index),
+                *[value_label(p.params[k]) for k in keys],
+                str(r["workers"]),
+                f"{r['cpus']:g}",
+                str(r["gpus"]),
+                str(r["zero_stage"]),
+                mem,
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]

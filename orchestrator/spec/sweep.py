@@ -1,0 +1,367 @@
+"""Sweep specs: a YAML file (or dict) -> a validated ``SweepSpec``. Pure: never imports ray.
+
+    spec = load_spec("search_spaces/quickstart.yaml", ["tune.num_samples=2", "train.lr=3e-4"])
+    print(spec.plan_text())                       # the dry run: trials, resources, memory estimates
+    cfg = spec.trial_config({"lora.rank": 8})     # one trial's full RunConfig
+
+A spec has these top-level keys (see ``TOP_KEYS``); ``base`` is a run config (``tokentune.config``)
+and ``search`` maps dotted config keys to one verb each::
+
+    include: [_base.yaml]            # paths relative to this file; deep-merged, this file wins
+    name: quickstart
+    base: {model: ..., data: ..., methods: [lora], lora: {rank: 8}, train: {...}, eval: {...}}
+    search:
+      tokentune.ratio: {grid: [0.3, 1.0]}
+      train.lr: {loguniform: [1.0e-4, 3.0e-3]}
+      methods: {grid: [[lora], [lora, tokentune]]}
+    objective: {metric: eval/score, mode: max}
+    tune: {algorithm: grid, num_samples: 1, max_concurrent: auto, scheduler: {type: fifo}}
+    after_trial: {merge: true, evaluate: true, keep_merged: best, cpus: 1, gpus: 0, timeout_s: 1800}
+    tracking: {uri: null, experiment: null}
+    storage: sweeps
+
+This module reads a spec (includes, ``--set`` overrides, parsing) and holds ``SweepSpec``; its parts
+and their parsing are in ``orchestrator.spec.parts``, the checks in ``orchestrator.spec.validate`` (run by
+``load_spec`` before any cluster resource is used; every error is a ``SpecError`` naming the key), the
+dry run in ``orchestrator.spec.plan``. ``load_spec`` also checks that the inputs exist (model, data files,
+template, eval tasks; ``check_inputs=False`` skips that, e.g. for a spec meant for another machine) and
+keeps what it could not check (an uncached hub name while online) in ``SweepSpec.notes``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.spec import plan
+from orchestrator.spec.parts import (
+    AfterTrial,
+    Objective,
+    SearchDim,
+    SpecError,
+    Tracking,
+    TuneSettings,
+    build_run_config,
+    lookup_dotted,
+    parse_dim,
+    parse_scheduler,
+    parse_section,
+)
+from orchestrator.spec.validate import check_sweep_name, validate_spec
+from tokentune.config import ConfigError, RunConfig, load_yaml, parse_override, set_dotted
+
+TOP_KEYS = tuple("include name description base search objective tune after_trial tracking storage".split())
+DEFAULT_STORAGE = "sweeps"
+
+
+@dataclass
+class SweepSpec:
+    """A sweep: the ``base`` run config (a dict), the searched keys, and how Tune runs the trials."""
+
+    name: str
+    base: dict[str, Any]
+    search: dict[str, SearchDim] = field(default_factory=dict)
+    objective: Objective = field(default_factory=Objective)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    after_trial: AfterTrial = field(default_factory=AfterTrial)
+    tracking: Tracking = field(default_factory=Tracking)
+    storage: str = DEFAULT_STORAGE
+    description: str = ""
+    source: str | None = None  # the YAML file it came from
+    notes: list[str] = field(default_factory=list)  # what the input checks could not check
+
+    # ---- trials ----------------------------------------------------------------------------------
+    def trial_config(self, tune_config: dict[str, Any] | None = None) -> RunConfig:
+        """The trial's full config: ``base`` plus the sampled values of ``tune_config``.
+
+        ``tune_config`` may be flat (``{"lora.rank": 8}``) or nested (``{"lora": {"rank": 8}}``).
+        """
+        d = copy.deepcopy(self.base)
+        for key, dim in self.search.items():
+            found, value = lookup_dotted(tune_config or {}, key)
+            if not found and dim.verb != "fixed":
+                raise SpecError(f"search.{key}", f"the trial config has no value for it: {tune_config!r}")
+            set_dotted(d, key, dim.coerce(value) if found else copy.deepcopy(dim.values[0]))
+        return build_run_config(d)
+
+    def grid_dims(self) -> list[SearchDim]:
+        return [d for d in self.search.values() if d.verb == "grid"]
+
+    def expand_grid(self) -> list[dict[str, Any]]:
+        """Every combination of the ``grid`` values (``[{}]`` when nothing is a grid)."""
+        dims = self.grid_dims()
+        return [
+            dict(zip([d.key for d in dims], combo)) for combo in itertools.product(*[d.values for d in dims])
+        ]
+
+    def num_trials(self) -> int:
+        if self.tune.algorithm == "optuna":
+            return self.tune.num_samples
+        return len(self.expand_grid()) * self.tune.num_samples
+
+    def sampled_params(self) -> list[dict[str, Any]]:
+        """The trials' searched values: grid product x num_samples, other verbs drawn with the seed.
+
+        The sampled values (and all of Optuna's, which depend on earlier results) are illustrative:
+        Ray Tune draws its own with the same seed.
+        """
+        rng = random.Random(self.tune.seed)
+        grid = [{}] if self.tune.algorithm == "optuna" else self.expand_grid()
+        out = []
+        for _ in range(self.tune.num_samples):
+            for point in grid:
+                params = {}
+                for key, dim in self.search.items():
+                    params[key] = point[key] if key in point else dim.sample(rng)
+                out.append(params)
+        return out
+
+    def trial_configs(self, n: int | None = None) -> list[RunConfig]:
+        """The configs of the first ``n`` (default: all) trials of ``sampled_params``."""
+        return [self.trial_config(params) for params in self.sampled_params()[:n]]
+
+    def dry_run_trials(self, n: int | None = None) -> list[plan.PlannedTrial]:
+        """The first ``n`` (default: all) planned trials with resources and memory estimates."""
+        check_sweep_name(self.name)  # again: a caller may have renamed the sweep (run_sweep(name=...))
+        return plan.dry_run_trials(self, n)
+
+    def plan_text(self, n: int | None = plan.PLAN_ROWS) -> str:
+        """The dry run as text: the sweep's settings, then one row per planned trial."""
+        return plan.format_plan(self, self.dry_run_trials(n))
+
+    # ---- (de)serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec (includes and overrides applied): loadable with ``load_spec``."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["base"] = copy.deepcopy(self.base)
+        out["search"] = {k: d.to_yaml() for k, d in self.search.items()}
+        out["objective"] = dataclasses.asdict(self.objective)
+        out["tune"] = dataclasses.asdict(self.tune)
+        out["after_trial"] = dataclasses.asdict(self.after_trial)
+        out["tracking"] = dataclasses.asdict(self.tracking)
+        out["storage"] = self.storage
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+#: config keys that may name a local file or folder: a relative one is taken from the working directory
+PATH_KEYS = ("model.name_or_path", "model.tokenizer", "data.train", "data.val", "data.template")
+
+
+def absolute_local_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Relative paths in :data:`PATH_KEYS` (in ``base`` and in ``search``) that exist from the working
+    directory, made absolute: Ray's workers run elsewhere (hub names and missing files stay as they are,
+    for the input checks to judge)."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            p = Path(value).expanduser()
+            return str(p.resolve()) if p.exists() else value
+        return value
+
+    base = raw.get("base")
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        if isinstance(base, dict) and isinstance(base.get(section), dict) and name in base[section]:
+            base[section][name] = fix(base[section][name])
+        dim = (raw.get("search") or {}).get(key) if isinstance(raw.get("search"), dict) else None
+        if isinstance(dim, dict):
+            for verb in ("grid", "choice"):
+                if isinstance(dim.get(verb), list):
+                    dim[verb] = [fix(v) for v in dim[verb]]
+        elif dim is not None:
+            raw["search"][key] = fix(dim)
+    return raw
+
+
+def load_spec(
+    path_or_dict: str | Path | dict[str, Any] | SweepSpec,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    base_dir: str | Path | None = None,
+    check_inputs: bool = True,
+) -> SweepSpec:
+    """Read a sweep spec (file or dict), apply ``include``s and ``--set`` overrides, validate it.
+
+    ``check_inputs``: also check that the model, data files, template and eval tasks exist here
+    (``orchestrator.spec.inputs.check_inputs``); False for a spec written for another machine.
+
+    Overrides: ``tune.num_samples=2`` and ``base.train.max_steps=20`` address the spec;
+    a bare config key (``train.lr=3e-4``) means ``base.train.lr`` and pins a searched key;
+    ``search.lora.rank={choice: [4, 8]}`` replaces one search dimension.
+    """
+    if isinstance(path_or_dict, SweepSpec):
+        if not overrides:
+            return path_or_dict
+        path_or_dict = path_or_dict.to_dict()
+    source = None
+    if isinstance(path_or_dict, dict):
+        raw = resolve_includes(copy.deepcopy(path_or_dict), Path(base_dir or "."), ())
+    else:
+        path = Path(path_or_dict)
+        source = str(path.resolve())
+        raw = read_spec_file(path)
+    raw = absolute_local_paths(apply_spec_overrides(raw, overrides))
+    spec = parse_spec(raw, default_name=Path(source).stem if source else "sweep")
+    spec.source = source
+    validate_spec(spec, check_inputs=check_inputs)
+    return spec
+
+
+def read_spec_file(path: Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    try:
+        raw = load_yaml(path)
+    except ConfigError as e:
+        raise SpecError("include" if _seen else "spec", str(e)) from e
+    return resolve_includes(raw, path.parent, (*_seen, str(path.resolve())))
+
+
+def resolve_includes(raw: dict[str, Any], base_dir: Path, seen: tuple[str, ...]) -> dict[str, Any]:
+    """Deep-merge the files named in ``include`` (in order), then ``raw`` on top."""
+    includes = raw.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise SpecError(
+            "include", f"{includes!r} is invalid: expected a list of YAML paths relative to the file"
+        )
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        p = (base_dir / inc).resolve()
+        if str(p) in seen:
+            raise SpecError("include", f"{inc!r} includes itself (cycle: {' -> '.join([*seen, str(p)])})")
+        if not p.is_file():
+            raise SpecError("include", f"{inc!r} not found (looked for {p})")
+        merged = merge_specs(merged, read_spec_file(p, seen))
+    return merge_specs(merged, raw)
+
+
+def merge_specs(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """``high`` wins. Mappings merge recursively, except that a ``search`` entry replaces the included
+    one whole (and ``null`` removes it)."""
+    out = copy.deepcopy(low)
+    for key, value in high.items():
+        if key == "search" and isinstance(value, dict) and isinstance(out.get("search"), dict):
+            search = out["search"]
+            for k, v in value.items():
+                if v is None:
+                    search.pop(k, None)
+                else:
+                    search[k] = copy.deepcopy(v)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _deep_merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(low)
+    for k, v in high.items():
+        out[k] = (
+            _deep_merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict)
+            else copy.deepcopy(v)
+        )
+    return out
+
+
+def apply_spec_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        head = key.split(".", 1)[0]
+        if head == "search":
+            rest = key[len("search.") :]
+            if not rest:
+                raise SpecError(f"--set {key}", "expected search.<config key>={verb: ...}")
+            search = raw.setdefault("search", {}) or {}
+            raw["search"] = search
+            if value is None:
+                search.pop(rest, None)
+            else:
+                search[rest] = value
+            continue
+        if head not in TOP_KEYS or head in ("include",):
+            key = f"base.{key}"  # a bare config key: train.lr=... means base.train.lr
+        if key.startswith("base."):
+            config_key = key[len("base.") :]
+            search = raw.get("search") or {}
+            if config_key in search:  # pinning a searched key removes it from the search
+                search.pop(config_key)
+        try:
+            set_dotted(raw, key, value)
+        except ConfigError as e:
+            raise SpecError(f"--set {key}", str(e)) from e
+    return raw
+
+
+# ---- parsing ----------------------------------------------------------------------------------------
+def parse_spec(raw: dict[str, Any], default_name: str = "sweep") -> SweepSpec:
+    """A resolved spec mapping (includes and overrides applied) -> ``SweepSpec``, not yet validated."""
+    if not isinstance(raw, dict):
+        raise SpecError("spec", f"expected a mapping at the top level, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise SpecError(unknown[0], f"unknown top-level key; accepted: {', '.join(TOP_KEYS)}")
+    name = raw.get("name") or default_name
+    check_sweep_name(name.strip() if isinstance(name, str) else name)
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise SpecError("base", f"expected a run config mapping (model, data, methods, ...), got {base!r}")
+    search_raw = raw.get("search") or {}
+    if not isinstance(search_raw, dict):
+        raise SpecError("search", f"expected a mapping of config key -> {{verb: ...}}, got {search_raw!r}")
+    search = {str(k): parse_dim(str(k), v) for k, v in search_raw.items()}
+    _check_nested_keys(list(search))
+    after = parse_section("after_trial", raw.get("after_trial"), AfterTrial)
+    if not isinstance(raw.get("tune") or {}, dict):
+        raise SpecError("tune", f"expected a mapping, got {raw.get('tune')!r}")
+    tune_raw = dict(raw.get("tune") or {})
+    sched_raw = tune_raw.pop("scheduler", None)
+    tune = parse_section("tune", tune_raw, TuneSettings)
+    tune.scheduler = parse_scheduler(sched_raw)
+    obj_raw = raw.get("objective")
+    if obj_raw is None:
+        obj_raw = (
+            {"metric": "eval/score", "mode": "max"}
+            if after.evaluate
+            else {"metric": "val_loss", "mode": "min"}
+        )
+    objective = parse_section("objective", obj_raw, Objective)
+    storage = raw.get("storage") or DEFAULT_STORAGE
+    if not isinstance(storage, str):
+        raise SpecError("storage", f"{storage!r} is invalid: expected a folder or a URI (s3://..., gs://...)")
+    return SweepSpec(
+        name=name.strip(),
+        base=copy.deepcopy(base),
+        search=search,
+        objective=objective,
+        tune=tune,
+        after_trial=after,
+        tracking=parse_section("tracking", raw.get("tracking"), Tracking),
+        storage=storage,
+        description=str(raw.get("description") or ""),
+    )
+
+
+def _check_nested_keys(keys: list[str]) -> None:
+    for a in keys:
+        for b in keys:
+            if a != b and b.startswith(a + "."):
+                raise SpecError(f"search.{b}", f"overlaps search.{a}: search a section or its keys, not both")
+
+
+__all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec"]
