@@ -1,6 +1,6 @@
 """TokenTune for BERT-style encoders (sequence classification), the paper's second setting.
 
-Same split as the decoder path (see ``token_select_decoder``), with bidirectional attention: S and R
+Same split as the decoder path (see ``decoder``), with bidirectional attention: S and R
 queries attend over every non-padding key (R keys/values detached for S). The classifier reads the
 first row of the encoder output; the S rows are packed in position order, so that row is the first
 selected token, which must be the first real token ([CLS] / <s>; drawn masks always contain it, and

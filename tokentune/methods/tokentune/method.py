@@ -7,8 +7,8 @@ the stock model does, but runs R's rows of every layer under ``torch.no_grad()``
 activations (plus the keys and values S attends to) are saved for backward.
 
 This module holds the settings, the selection (pure functions) and the registered method;
-the split forward lives in ``token_select_decoder`` (Llama-style decoders) and
-``token_select_encoder`` (BERT/RoBERTa sequence classification), on pieces shared through
+the split forward lives in ``decoder`` (Llama-style decoders) and
+``encoder`` (BERT/RoBERTa sequence classification), on pieces shared through
 ``split_forward``.
 """
 
@@ -191,7 +191,7 @@ def tokentune_loss(model: nn.Module, batch: dict[str, torch.Tensor], selected: t
     Runs through ``model(**batch)`` (so peft/DDP/DeepSpeed wrappers run their forward) with the
     transformers model's forward temporarily replaced by the split forward. Decoders: mean
     next-token cross-entropy over selected positions with a valid next label. Encoders: the
-    model's own classification loss (see ``token_select_encoder``).
+    model's own classification loss (see ``encoder``).
     """
     if check_supported(model) == "encoder":
         return tokentune_encoder_loss(model, batch, selected)

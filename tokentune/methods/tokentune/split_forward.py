@@ -5,7 +5,7 @@ packed streams (``Stream``): ``pack`` lists a row subset's positions, ``gather_r
 ``additive`` turns a boolean attention mask into the one float mask every layer shares, ``sdpa`` is
 the attention both paths call and ``split_layer`` runs one layer on both streams. ``unwrap_model`` finds the transformers model inside peft, DDP and
 DeepSpeed wrappers, and ``replaced_forward`` swaps its forward for the split one while the wrappers
-still run. A leaf module: ``token_select``, ``token_select_decoder`` and ``token_select_encoder``
+still run. A leaf module: ``method``, ``decoder`` and ``encoder``
 import it, it imports none of them.
 """
 
