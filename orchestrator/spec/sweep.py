@@ -15,8 +15,7 @@ and ``search`` maps dotted config keys to one verb each::
       train.lr: {loguniform: [1.0e-4, 3.0e-3]}
       methods: {grid: [[lora], [lora, tokentune]]}
     objective: {metric: eval/score, mode: max}
-    tune: {algorithm: grid, num_samples: 1, max_concurrent: auto, scheduler: {type: fifo}}
-    tune: {max_memory_gb: null}      # trials whose memory estimate is above it are refused
+    tune: {algorithm: grid, num_samples: 1, max_concurrent: auto, max_memory_gb: null, scheduler: {type: fifo}}
     after_trial: {action: merge+eval, keep_merged: best, cpus: 1, gpus: 0, timeout_s: 1800}
     tracking: {uri: null, experiment: null}
     storage: sweeps
