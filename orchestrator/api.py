@@ -62,6 +62,7 @@ def run_sweep(
     progress: bool = True,
     quiet: bool = False,
     verbose: bool = False,
+    check_inputs: bool = True,
 ) -> SweepResult:
     """Run (or resume, or dry-run) a sweep; see the module docstring.
 
@@ -73,16 +74,18 @@ def run_sweep(
     ``spec``: a YAML path, a spec dict, or a ``SweepSpec``; ``overrides``: ``--set`` items
     (``tune.num_samples=2``, ``train.lr=3e-4`` = ``base.train.lr``); ``name``: the sweep folder
     (default: the spec's name); ``resume``: continue ``<storage>/<name>`` (finished trials are kept);
-    ``dry_run``: validate and plan only (``SweepResult.plan_text``, ``trials`` with status planned).
+    ``dry_run``: validate and plan only (``SweepResult.plan_text``, ``trials`` with status planned);
+    ``check_inputs=False``: do not check that the model, data and eval tasks exist here (a spec meant for
+    another machine; the plan names what was not checked).
     """
     t0 = time.perf_counter()
-    sweep = load_spec(spec, overrides)
+    sweep = load_spec(spec, overrides, check_inputs=check_inputs)
     if name:
         check_sweep_name(name.strip())  # a plain folder name: never leads outside storage
-        sweep.name = name.strip()
+        sweep = sweep.replaced(name=name.strip())
     sweep_dir, storage_uri = sweep_location(sweep)
     if resume:
-        sweep = _stored_spec(sweep, sweep_dir, storage_uri)
+        sweep = _stored_spec(sweep, sweep_dir, storage_uri, check_inputs)
     if dry_run:  # every trial built once; the text shows the first 50, as plan_text() does
         trials = sweep.dry_run_trials()
         planned = [TrialResult(f"plan_{p.index:04d}", p.params, _plan_metrics(p), "planned") for p in trials]
@@ -159,15 +162,14 @@ def _stored_file(sweep_dir: Path, storage_uri: str) -> tuple[str, dict[str, Any]
     return None
 
 
-def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str) -> SweepSpec:
+def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str, check_inputs: bool = True) -> SweepSpec:
     """The spec stored with the sweep (``sweep.yaml``: local, else at a URI storage), or ``fresh``."""
     found = _stored_file(sweep_dir, storage_uri)
     if found is None:
         return fresh
     stored, raw = found
     raw.pop("sweep_id", None)
-    spec = load_spec(raw)
-    spec.source = stored
+    spec = load_spec(raw, check_inputs=check_inputs).replaced(source=stored)
     if spec.to_dict() != fresh.to_dict():
         log.warning("resume: using the sweep's stored spec %s (the given spec or overrides differ)", stored)
     return spec
@@ -289,7 +291,7 @@ def _run(
             print(table, flush=True)
         if progress and not quiet:
             print(summary, flush=True)
-        if spec.after_trial.merge or spec.after_trial.evaluate:
+        if spec.after_trial.merges:
             prune_merged(
                 sweep_dir, best.trial_id if best else None, PRUNE_POLICY[spec.after_trial.keep_merged]
             )

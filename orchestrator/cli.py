@@ -27,6 +27,36 @@ MORE_EXAMPLES = """\
 """
 
 
+SPEC_KEYS = (
+    "Spec keys: include, name, description, base (a run config: `tokentune methods --all`), search (key: "
+    "{grid|choice|uniform|quniform|loguniform|randint|fixed: ...}), objective, tune, after_trial, tracking, "
+    "storage."
+)
+
+
+def help_spec_lines() -> list[str]:
+    """``tokentune sweep --help-spec``: each settings section of a spec, every key with default and help."""
+    from orchestrator.spec.sections import SECTIONS, section_docs
+    from tokentune.reference import format_lines
+
+    lines = [SPEC_KEYS, ""]
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}: {(cls.__doc__ or '').strip().split(': ', 1)[-1]}")
+        lines += format_lines(section_docs(name), width=44)
+    return lines
+
+
+class HelpSpec(argparse.Action):
+    """``--help-spec``: print the spec's settings and exit, like ``--help`` (no spec file needed)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print("\n".join(help_spec_lines()))
+        parser.exit()
+
+
 def add_sweep_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s = sub.add_parser(
         "sweep",
@@ -35,10 +65,15 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "Train job; completed trials are merged and evaluated with lm-eval; everything is logged to MLflow "
         "(a parent run per sweep, a child per trial).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Spec keys: include, name, base (a run config), search (key: {grid|choice|uniform|loguniform|"
-        "randint: ...}), objective, tune, after_trial, tracking, storage. See README.md 'Sweep reference'.",
+        epilog=f"{SPEC_KEYS} `--help-spec` lists every setting of the sections with its default. See "
+        "README.md 'Sweep reference'.",
     )
     s.add_argument("spec", help="sweep YAML, e.g. search_spaces/quickstart.yaml")
+    s.add_argument(
+        "--help-spec",
+        action=HelpSpec,
+        help="list the spec's settings sections (objective, tune, after_trial, tracking) and exit",
+    )
     base.add_set(s)
     s.add_argument("--name", help="sweep name (folder under storage; default: the spec's name)")
     s.add_argument(
@@ -46,6 +81,12 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     s.add_argument(
         "--dry-run", action="store_true", help="validate and print the trials, resources and memory"
+    )
+    s.add_argument(
+        "--no-input-checks",
+        action="store_true",
+        help="do not check that the model, data and eval tasks exist here (a spec meant for another machine; "
+        "the plan names what was not checked)",
     )
     s.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     s.add_argument("--quiet", action="store_true", help="print only the progress lines and the results table")
@@ -106,6 +147,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         address=args.address,
         quiet=args.quiet,
         verbose=args.verbose,
+        check_inputs=not args.no_input_checks,
     )
     if args.dry_run:
         print(result.plan_text)

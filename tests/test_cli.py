@@ -135,3 +135,31 @@ def test_sweep_summary_counts_stopped_trials_apart_from_failed(monkeypatch, caps
     assert out[1] == "results: /s/joint/results.csv and pareto.png beside it"
     assert "mlflow ui --backend-store-uri sqlite:////s/joint/mlflow.db --host 127.0.0.1" in out[2]
     assert out[3].strip() == "http://127.0.0.1:5000/#/compare-runs?x"
+
+
+def test_help_spec_lists_every_spec_setting(capsys):
+    """``tokentune sweep --help-spec`` (no spec file needed) prints each spec section's settings with their
+    defaults and help, from the sections' own ``describe()``."""
+    from orchestrator.spec.sections import SECTIONS, section_docs
+    from tokentune.reference import format_value
+
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--help-spec"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in SECTIONS:
+        for doc in section_docs(name):
+            assert f"{doc.key} = {format_value(doc.default)}" in out and doc.help in out
+    assert "after_trial.action = merge+eval" in out and "tune.max_memory_gb = null" in out
+
+
+def test_sweep_dry_run_of_a_spec_for_another_machine(capsys):
+    """Offline, a paper spec's hub model is not here: its dry run is refused, naming --no-input-checks,
+    and runs with it, saying what was not checked and estimating memory from the model's known shape."""
+    spec = "search_spaces/tokentune_paper.yaml"
+    assert main(["sweep", spec, "--dry-run"]) == 2
+    assert "--no-input-checks" in capsys.readouterr().err
+    assert main(["sweep", spec, "--dry-run", "--no-input-checks"]) == 0
+    out = capsys.readouterr().out
+    assert "note: inputs not checked" in out and "meta-llama/Llama-2-7b-hf" in out
+    assert " GB (weights " in out and "memory: unknown" not in out

@@ -6,6 +6,7 @@ that trial."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def fake_hub_cache(root: Path, repo: str) -> Path:
 # ---- the inputs exist ---------------------------------------------------------------------------------------
 def test_shipped_defaults_pass_without_notes():
     s = load_spec(REPO / "search_spaces" / "quickstart.yaml")
-    assert s.notes == [] and "note:" not in s.plan_text()
+    assert s.notes == () and "note:" not in s.plan_text()
 
 
 def test_model_path_must_exist(tmp_path):
@@ -61,7 +62,7 @@ def test_model_path_must_exist(tmp_path):
     searched = spec()
     searched["search"] = {"model.name_or_path": {"grid": [None, missing]}}
     refused(searched, "search.model.name_or_path", missing)
-    assert load_spec(spec(model={"name_or_path": str(default_model_path())})).notes == []
+    assert load_spec(spec(model={"name_or_path": str(default_model_path())})).notes == ()
 
 
 def test_hub_model_offline_online_and_cached(tmp_path, monkeypatch):
@@ -75,7 +76,7 @@ def test_hub_model_offline_online_and_cached(tmp_path, monkeypatch):
     assert "note: base.model.name_or_path" in s.plan_text() and "downloaded at trial start" in s.plan_text()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake_hub_cache(tmp_path / "hub", "someone/cached-model")
-    assert load_spec(spec(model={"name_or_path": "someone/cached-model"})).notes == []
+    assert load_spec(spec(model={"name_or_path": "someone/cached-model"})).notes == ()
 
 
 def test_data_files_must_exist(tmp_path, monkeypatch):
@@ -91,7 +92,7 @@ def test_data_files_must_exist(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     refused(spec(data={"train": "nobody/no-such-dataset"}), "base.data.train", "HF_DATASETS_OFFLINE=1")
     (tmp_path / "datasets" / "somebody___cached").mkdir(parents=True)
-    assert load_spec(spec(data={"train": "somebody/cached"})).notes == []
+    assert load_spec(spec(data={"train": "somebody/cached"})).notes == ()
 
 
 def test_eval_tasks_must_be_known(monkeypatch):
@@ -112,7 +113,7 @@ def test_eval_tasks_must_be_known(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     s = load_spec(spec(eval={"tasks": ["tt_next", "arc_easy:25"]}))  # known; its dataset: a note offline
     assert len(s.notes) == 1 and "arc_easy" in s.notes[0] and "offline" in s.notes[0]
-    assert load_spec(spec(eval={"tasks": ["tokentune_mini", "tt_next:2"]})).notes == []
+    assert load_spec(spec(eval={"tasks": ["tokentune_mini", "tt_next:2"]})).notes == ()
 
 
 @pytest.mark.slow
@@ -124,6 +125,11 @@ def test_eval_task_names_against_lm_evals_own_index():
 def test_skipping_the_input_checks():
     s = load_spec(spec(data={"train": "/nowhere/train.jsonl"}), check_inputs=False)
     assert s.base["data"]["train"] == "/nowhere/train.jsonl"
+    # the plan says what was not checked (the shipped defaults need no check)
+    assert len(s.notes) == 1 and "inputs not checked" in s.notes[0]
+    assert "base.data.train='/nowhere/train.jsonl'" in s.notes[0] and "model" not in s.notes[0]
+    assert "note: inputs not checked (check_inputs=False / --no-input-checks)" in s.plan_text()
+    assert load_spec(spec(), check_inputs=False).notes == ()  # only shipped defaults: nothing to say
 
 
 # ---- files say which file and where -------------------------------------------------------------------------
@@ -187,10 +193,14 @@ def test_plain_names_pass_and_a_rename_is_checked_again():
     s = load_spec({"name": "my-sweep_1.0"})
     assert s.name == "my-sweep_1.0"
     assert load_spec({"name": "_private"}).name == "_private"
-    s.name = ".."  # e.g. run_sweep(name=...) after loading: checked before anything is written
-    with pytest.raises(SpecError) as info:
-        s.dry_run_trials()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.name = ".."  # a resolved spec is frozen
+    with pytest.raises(
+        SpecError
+    ) as info:  # e.g. run_sweep(name=...): a renamed copy is checked as it is made
+        s.replaced(name="..")
     assert info.value.key == "name"
+    assert s.replaced(name="other").name == "other" and s.name == "my-sweep_1.0"
 
 
 @pytest.mark.parametrize("name", ["..", "with space", "-dash", "x" * 129, "a/b"])
@@ -267,7 +277,7 @@ def test_after_trial_timeout_setting():
     assert load_spec({"name": "t"}).after_trial.timeout_s == 1800
     assert load_spec({"name": "t", "after_trial": {"timeout_s": None}}).after_trial.timeout_s is None
     s = load_spec({"name": "t", "after_trial": {"timeout_s": 90}})
-    assert "timeout 90 s" in s.plan_text()
+    assert "timeout_s=90" in s.plan_text()
     for bad in (0, -5, "x", True):
         refused({"name": "t", "after_trial": {"timeout_s": bad}}, "after_trial.timeout_s", "seconds > 0")
 

@@ -69,7 +69,7 @@ def test_merge_and_evaluate_adapter(adapter, tmp_path):
 
 
 def test_merge_only(adapter, tmp_path):
-    """after_trial.merge without evaluate: the same merge, no lm-eval, no eval.json."""
+    """after_trial.action: merge: the same merge, no lm-eval, no eval.json."""
     out = merge_and_evaluate(adapter, tmp_path / "m", EVAL, evaluate=False)
     assert out["error"] is None and out["eval_json"] is None and out["results"] == {}
     assert set(out["metrics"]) == {"merge_s"}
@@ -83,6 +83,36 @@ def test_merge_only(adapter, tmp_path):
         missing["error"].startswith("merge failed: FileNotFoundError")
         and "adapter_config.json" in missing["error"]
     )
+
+
+def test_after_trial_action_decides_merge_and_evaluation(adapter, tmp_path, monkeypatch):
+    """The trial driver's ``after_training`` follows ``after_trial.action``: none does nothing, merge merges
+    without evaluating, merge+eval merges and evaluates; the EvalConfig goes on as the typed object. The
+    post-trial call runs in this process here (its Ray task is test_run_post_trial_as_a_ray_task's)."""
+    from orchestrator.run import post_trial
+    from orchestrator.run.trial import after_training
+    from orchestrator.spec.sections import AfterTrial
+    from tokentune.config import EvalConfig
+
+    calls = []
+
+    def in_process(final_dir, trial_dir, eval_cfg, *, evaluate, keep_merged, **ray_options):
+        calls.append((type(eval_cfg), evaluate))
+        return merge_and_evaluate(final_dir, trial_dir, eval_cfg, evaluate=evaluate, keep_merged=keep_merged)
+
+    monkeypatch.setattr(post_trial, "run_post_trial", in_process)
+    eval_cfg = EvalConfig(tasks=["tt_next"], limit=4)
+    for tdir in ("none", "merge", "eval"):
+        (tmp_path / tdir).mkdir()
+    assert after_training(AfterTrial(action="none"), str(adapter), tmp_path / "none", eval_cfg) == {}
+    assert calls == [] and not any((tmp_path / "none").iterdir())
+    merged = after_training(AfterTrial(action="merge"), str(adapter), tmp_path / "merge", eval_cfg)
+    assert set(merged) == {"merge_s"} and calls == [(EvalConfig, False)]
+    assert (tmp_path / "merge" / "merged" / "config.json").is_file()
+    assert not (tmp_path / "merge" / "eval.json").exists()
+    scored = after_training(AfterTrial(action="merge+eval"), str(adapter), tmp_path / "eval", eval_cfg)
+    assert calls[-1] == (EvalConfig, True) and scored["eval/score"] == scored["eval/tt_next/acc"]
+    assert (tmp_path / "eval" / "eval.json").is_file()
 
 
 def test_full_checkpoint_is_evaluated_in_place(tmp_path):

@@ -1,11 +1,14 @@
 """Settings are documented once: the README's config tables are generated from the settings dataclasses'
-defaults and help (``python -m tools.readme_tables``), list every section and method, and are up to date."""
+defaults and help (``python -m tools.readme_tables``), list every section and method of the run config and
+every settings section of a sweep spec, and are up to date."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from orchestrator.spec.sections import SECTIONS as SPEC_SECTIONS
+from orchestrator.spec.sections import section_docs
 from tokentune import reference
 from tokentune.config import SECTIONS
 from tokentune.methods import REGISTRY
@@ -24,7 +27,7 @@ def test_readme_settings_tables_are_up_to_date():
 
 def test_readme_lists_every_section_and_method():
     listed = readme_tables.documented_sections(README.read_text())
-    missing = ({"methods"} | set(SECTIONS) | set(REGISTRY)) - listed
+    missing = ({"methods"} | set(SECTIONS) | set(REGISTRY) | set(SPEC_SECTIONS)) - listed
     assert not missing, f"add {sorted(missing)} to a `<!-- settings: ... -->` table in README.md"
 
 
@@ -36,13 +39,17 @@ def test_every_key_with_its_default_is_in_the_readme():
         keys, default = row.split(" | ")[:2]
         for key in re.findall(r"`([\w.]+)`", keys):
             cells[key] = default.strip().strip("`")
-    for name, cls in {**SECTIONS, **{n: REGISTRY[n].config_cls for n in REGISTRY}}.items():
-        for doc in describe(cls, name):
-            assert doc.key in cells, f"{doc.key} is not in README.md"
-            assert cells[doc.key] == reference.format_value(doc.default), doc.key
+    run_config = {**SECTIONS, **{n: REGISTRY[n].config_cls for n in REGISTRY}}
+    documented = [d for name, cls in run_config.items() for d in describe(cls, name)]
+    documented += [d for name in SPEC_SECTIONS for d in section_docs(name)]
+    for doc in documented:
+        assert doc.key in cells, f"{doc.key} is not in README.md"
+        assert cells[doc.key] == reference.format_value(doc.default), doc.key
     assert (
         cells["lora.rank"] == "8" and cells["model.name_or_path"] == "null" and cells["train.lr"] == "0.001"
     )
+    assert cells["after_trial.action"] == "merge+eval" and cells["tune.max_memory_gb"] == "null"
+    assert cells["tune.scheduler.type"] == "fifo" and "tune.scheduler" not in cells  # documented as a section
 
 
 def test_check_mode_reports_stale_tables(tmp_path, capsys):
@@ -51,3 +58,15 @@ def test_check_mode_reports_stale_tables(tmp_path, capsys):
     assert readme_tables.main([str(stale), "--check"]) == 1
     assert readme_tables.main([str(stale)]) == 0 and readme_tables.main([str(stale), "--check"]) == 0
     assert "| `lora.rank` | `8` |" in stale.read_text()
+
+
+def test_check_mode_reports_a_stale_spec_table(tmp_path):
+    stale = tmp_path / "README.md"
+    stale.write_text(
+        "x\n<!-- settings: tune.scheduler after_trial -->\n| `after_trial.merge` | `true` |\n<!-- /settings -->\n"
+    )
+    assert readme_tables.main([str(stale), "--check"]) == 1
+    assert readme_tables.main([str(stale)]) == 0 and readme_tables.main([str(stale), "--check"]) == 0
+    text = stale.read_text()
+    assert "| `after_trial.action` | `merge+eval` |" in text and "`tune.scheduler.grace_period`" in text
+    assert "after_trial.merge" not in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +77,7 @@ def test_quickstart_covers_the_three_dimensions():
         ("lora",) in methods and any("tokentune" in m for m in methods) and any("ist" in m for m in methods)
     )
     assert len({t.config.method_configs["lora"].rank for t in trials}) >= 2
-    assert spec.objective.metric == "eval/score" and spec.after_trial.evaluate
+    assert spec.objective.metric == "eval/score" and spec.after_trial.evaluates
     tt = [t.config.method_configs["tokentune"] for t in trials if "tokentune" in t.config.methods]
     assert tt and all(c.select == "labelled" for c in tt)  # not handicapped by the one-token answers
 
@@ -125,7 +127,9 @@ def test_uncached_hub_model_skips_layer_check_with_warning(caplog, monkeypatch):
         spec = load_spec(d)
     assert "not in the HF cache" in caplog.text
     assert spec.dry_run_trials()[0].memory is None  # no shape, no estimate
-    assert "model shape unknown" in spec.plan_text()
+    assert (
+        "memory: unknown (model shape not available offline): nobody/not-a-cached-model" in spec.plan_text()
+    )
     assert "will be downloaded at trial start" in spec.plan_text()
 
 
@@ -214,8 +218,8 @@ def test_bad_objective():
         spec_dict(objective={"metric": "eval/score", "mode": "maximize"}), "objective.mode", "min or max"
     )
     expect_error(spec_dict(objective={"metric": "accuracy", "mode": "max"}), "objective.metric", "eval/score")
-    d = spec_dict(objective={"metric": "eval/score", "mode": "max"}, after_trial={"evaluate": False})
-    expect_error(d, "objective.metric", "after_trial.evaluate")
+    d = spec_dict(objective={"metric": "eval/score", "mode": "max"}, after_trial={"action": "merge"})
+    expect_error(d, "objective.metric", "after_trial.action: merge+eval")
     # any measured memory/* key is an objective; peak_memory_bytes is gone
     spec = load_spec(spec_dict(objective={"metric": "memory/activations_gb", "mode": "min"}))
     assert spec.objective.metric == "memory/activations_gb"
@@ -227,8 +231,9 @@ def test_bad_objective():
 
 def test_default_objective_follows_evaluation():
     assert load_spec(spec_dict()).objective.metric == "eval/score"
-    spec = load_spec(spec_dict(after_trial={"evaluate": False, "merge": False}))
+    spec = load_spec(spec_dict(after_trial={"action": "none"}))
     assert (spec.objective.metric, spec.objective.mode) == ("val_loss", "min")
+    assert load_spec(spec_dict(after_trial={"action": "merge"})).objective.metric == "val_loss"
 
 
 def test_grid_with_optuna():
@@ -249,6 +254,110 @@ def test_tune_settings_errors():
     assert load_spec(d).tune.scheduler.metric == "memory/train_gb"  # reported while training
     expect_error(spec_dict(tune={"max_concurrent": 0}), "tune.max_concurrent", "auto")
     expect_error(spec_dict(after_trial={"keep_merged": "some"}), "after_trial.keep_merged", "best")
+
+
+def test_after_trial_action():
+    assert load_spec(spec_dict()).after_trial.action == "merge+eval"
+    for action, merges, evaluates in (
+        ("none", False, False),
+        ("merge", True, False),
+        ("merge+eval", True, True),
+    ):
+        a = load_spec(spec_dict(after_trial={"action": action})).after_trial
+        assert (a.action, a.merges, a.evaluates) == (action, merges, evaluates)
+    expect_error(spec_dict(after_trial={"action": "eval"}), "after_trial.action", "'eval'", "none | merge")
+    # merge: false with evaluate: true used to be silently ignored: the old keys name the new one
+    for old in ({"merge": False, "evaluate": True}, {"evaluate": False}, {"merge": True}):
+        expect_error(spec_dict(after_trial=old), "after_trial.action", "no longer accepted", "merge+eval")
+    expect_error(spec_dict(), "after_trial.action", overrides=["after_trial.evaluate=false"])
+
+
+def test_spec_sections_are_settings_checked_where_built():
+    """Each section is a frozen setting(default, help) dataclass: documented, valid at its defaults, and
+    checked when built (in Python as in YAML), naming section.key, the value and what is accepted."""
+    from orchestrator.spec.sections import SECTIONS, AfterTrial, TuneSettings, section_docs
+
+    for name, cls in SECTIONS.items():
+        docs = section_docs(name)
+        assert docs and all(d.help and d.key.startswith(name + ".") for d in docs), name
+        cls()
+    with pytest.raises(SpecError) as info:
+        AfterTrial(keep_merged="some")
+    assert (
+        info.value.key == "after_trial.keep_merged"
+        and "'some'" in str(info.value)
+        and "best, all" in str(info.value)
+    )
+    with pytest.raises(SpecError) as info:
+        TuneSettings(scheduler={"type": "asha", "grace_period": 0})
+    assert info.value.key == "tune.scheduler.grace_period"
+    assert TuneSettings(scheduler="asha").scheduler.type == "asha"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TuneSettings().seed = 1
+    expect_error(
+        spec_dict(tune={"schedular": "asha"}), "tune.schedular", "accepted keys in tune", "scheduler"
+    )
+    expect_error(spec_dict(tune={"scheduler": {"typ": "asha"}}), "tune.scheduler.typ", "type")
+    expect_error(spec_dict(tune={"scheduler": 3}), "tune.scheduler", "expected a mapping")
+    expect_error(
+        spec_dict(tune={"scheduler": {"grace_period": 4, "max_t": 2}}), "tune.scheduler.max_t", ">= grace"
+    )
+
+
+def test_trial_configs_are_built_once(monkeypatch):
+    """A resolved spec builds each planned trial's RunConfig once: validation, the dry run and the tuner's
+    resource and ASHA computations share them; a renamed copy keeps them; a trial's driver (the spec
+    pickled to it) builds its own."""
+    from orchestrator.run.space import default_max_t, max_concurrent_trials, trial_demand
+    from tokentune.config import RunConfig
+
+    built = []
+    from_dict = RunConfig.from_dict.__func__
+    monkeypatch.setattr(
+        RunConfig, "from_dict", classmethod(lambda cls, d: built.append(1) or from_dict(cls, d))
+    )
+    search = {"methods": {"grid": [["lora"], ["lora", "tokentune"]]}, "lora.rank": {"grid": [4, 8]}}
+    spec = load_spec(spec_dict(search=search))
+    assert len(built) == 1 + 4 + 4  # base, each key's candidates, each combination (= the 4 trials)
+    spec.plan_text()
+    spec.dry_run_trials()
+    cluster = {"CPU": 8.0}
+    trial_demand(spec, cluster), max_concurrent_trials(spec, cluster), default_max_t(spec)
+    spec.replaced(name="other").plan_text()
+    assert len(built) == 9
+    driver_copy = pickle.loads(pickle.dumps(spec))
+    assert driver_copy == spec and driver_copy._configs == {}
+    cfg = driver_copy.trial_config({"methods": ["lora"], "lora.rank": 8})
+    assert len(built) == 10 and cfg is not spec.planned_config({"methods": ["lora"], "lora.rank": 8})
+
+
+def test_known_model_shapes_stand_in_offline():
+    """The hub models the shipped specs name have a known shape, so a dry run estimates their memory
+    without their config.json; an unknown one says so."""
+    from tokentune.shape import KNOWN_SHAPES
+
+    for path in SPACES:
+        model = (yaml.safe_load(path.read_text()).get("base") or {}).get("model") or {}
+        name = model.get("name_or_path")
+        assert name is None or name in KNOWN_SHAPES, f"{path.name}: add {name}'s shape to KNOWN_SHAPES"
+        if name is not None:
+            assert model_shape(name) == KNOWN_SHAPES[name]
+    assert KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"].layers == 32
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_search_space_dry_runs_offline_without_input_checks(path, monkeypatch):
+    """``run_sweep(FILE, dry_run=True, check_inputs=False)`` (``tokentune sweep FILE --dry-run
+    --no-input-checks``) plans every shipped spec offline, its memory estimated from the model's shape."""
+    from orchestrator.api import run_sweep
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run_sweep(path, dry_run=True, check_inputs=False, progress=False)
+    assert len(res.trials) == res.spec.num_trials() >= 1
+    assert all(t.status == "planned" and "memory/estimate_gb" in t.metrics for t in res.trials)
+    assert "memory: unknown" not in res.plan_text
+    if "paper" in path.name:
+        assert "note: inputs not checked" in res.plan_text
 
 
 def test_combination_errors_name_the_combination(tmp_path):
@@ -434,11 +543,16 @@ def test_memory_estimate_of_a_7b_model():
 
 def test_memory_limit_marks_trials(tmp_path):
     d = spec_dict(search={"methods": {"grid": [["lora"], ["lora", "tokentune"]]}})
-    d["base"]["compute"] = {"max_memory_gb": 0.05}
+    d["tune"] = {"max_memory_gb": 0.05}
     d["base"]["tokentune"] = {"ratio": 0.2}
     d["base"]["train"]["batch_size"] = 16
     spec = load_spec(d)
     over = {tuple(p.config.methods): p.over_limit for p in spec.dry_run_trials()}
     assert over == {("lora",): True, ("lora", "tokentune"): False}
-    assert "REFUSED" in spec.plan_text() and "compute.max_memory_gb" in spec.plan_text()
-    expect_error({**d, "base": {**d["base"], "compute": {"max_memory_gb": -1}}}, "base.compute.max_memory_gb")
+    assert "REFUSED: > tune.max_memory_gb=0.05" in spec.plan_text()
+    expect_error({**d, "tune": {"max_memory_gb": -1}}, "tune.max_memory_gb", "GB > 0")
+    # it moved out of the run config: the old key names the new one
+    old = {**d, "tune": {}, "base": {**d["base"], "compute": {"max_memory_gb": 0.05}}}
+    expect_error(old, "tune.max_memory_gb", "base.compute.max_memory_gb is no longer accepted", "tune:")
+    expect_error(spec_dict(), "tune.max_memory_gb", overrides=["compute.max_memory_gb=20"])
+    expect_error(spec_dict(search={"compute.max_memory_gb": {"grid": [1, 2]}}), "tune.max_memory_gb")

@@ -373,7 +373,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     # long enough that the second trial is still training ~3 s after its first checkpoint
     d["base"]["train"].update({"max_steps": 200, "save_every": 20, "log_every": 10})
     d["tune"] = {"max_concurrent": 1}  # one at a time: the kill hits the second trial mid-training
-    d["after_trial"] = {"merge": False, "evaluate": False}  # keeps the test short
+    d["after_trial"] = {"action": "none"}  # keeps the test short
     d["objective"] = {"metric": "val_loss", "mode": "min"}
     spec_file.write_text(yaml.safe_dump(d))
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_file), "--set", f"storage={tmp_path}"]

@@ -1,7 +1,8 @@
 """The settings reference: every run-config section and method's settings with default and help.
 
 The help lives once, on the settings dataclasses (``tokentune.settings.setting``); this module only
-renders ``describe()``, as console lines for ``tokentune methods``. The README's config tables are
+renders ``describe()``, as console lines for ``tokentune methods`` (``format_lines`` also renders a sweep
+spec's sections for ``tokentune sweep --help-spec``). The README's config tables are
 rendered from the same ``docs()`` by ``python -m tools.readme_tables``.
 """
 
@@ -59,8 +60,13 @@ def format_value(value: Any) -> str:
 
 def console_lines(name: str, width: int = 36) -> list[str]:
     """``    lora.rank = 8                  adapter rank`` lines (help aligned; none printed when empty)."""
+    return format_lines(docs(name), width)
+
+
+def format_lines(settings: list[SettingDoc], width: int = 36) -> list[str]:
+    """Console lines of any settings' docs (a sweep spec's sections too: ``tokentune sweep --help-spec``)."""
     out = []
-    for doc in docs(name):
+    for doc in settings:
         line = f"    {doc.key} = {format_value(doc.default)}"
         out.append(f"{line.ljust(width)}  {doc.help}".rstrip() if doc.help else line)
     return out

@@ -25,6 +25,17 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any 
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+class UnknownKeyError(ConfigError):
+    """A key a settings section does not have; ``key`` is ``section.key``, ``accepted`` the section's keys."""
+
+    def __init__(self, section: str, key: str, accepted: list[str]) -> None:
+        self.key = f"{section}.{key}"
+        self.accepted = accepted
+        super().__init__(
+            f"unknown config key '{self.key}'; accepted keys in {section}: {', '.join(accepted)}"
+        )
+
+
 @dataclass(frozen=True)
 class SettingDoc:
     key: str  # ``section.field``
@@ -47,7 +58,8 @@ def describe(cls: type, section: str) -> list[SettingDoc]:
 
 
 def build_section(name: str, cls: type, value: Any) -> Any:
-    """Build one section dataclass from a mapping (or pass a built one through), naming unknown keys."""
+    """Build one section dataclass from a mapping (or pass a built one through), naming unknown keys
+    (``UnknownKeyError``); the dataclass's ``__post_init__`` checks the values."""
     if value is None:
         return cls()
     if isinstance(value, cls):
@@ -57,9 +69,7 @@ def build_section(name: str, cls: type, value: Any) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(value) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{name}.{unknown[0]}'; accepted keys in {name}: {', '.join(sorted(names))}"
-        )
+        raise UnknownKeyError(name, unknown[0], sorted(names))
     try:
         return cls(**value)
     except TypeError as e:  # wrong types that slipped through (e.g. a number where a list goes)

@@ -47,10 +47,17 @@ class ModelShape:
         }
 
 
-#: Shapes of the models the shipped paper specs use, for dry runs without the hub.
+#: Shapes of hub models (their config.json's sizes), used when the config.json is not here: a dry run
+#: offline, or of a spec meant for another machine, still checks the methods' shapes and estimates memory.
+#: The models the shipped paper specs name (search_spaces/*_paper.yaml; bench/memory.py --preset
+#: llama2-7b is the first), and a few of their common neighbours.
 KNOWN_SHAPES = {
     "meta-llama/Llama-2-7b-hf": ModelShape(32, 4096, 11008, 32, 32, 32000),
     "huggyllama/llama-7b": ModelShape(32, 4096, 11008, 32, 32, 32000),
+    "meta-llama/Llama-2-13b-hf": ModelShape(40, 5120, 13824, 40, 40, 32000),
+    "huggyllama/llama-13b": ModelShape(40, 5120, 13824, 40, 40, 32000),
+    "meta-llama/Meta-Llama-3-8B": ModelShape(32, 4096, 14336, 32, 8, 128256),
+    "mistralai/Mistral-7B-v0.1": ModelShape(32, 4096, 14336, 32, 8, 32000),
 }
 _CACHE: dict[str, ModelShape | None] = {}
 
@@ -58,7 +65,7 @@ _CACHE: dict[str, ModelShape | None] = {}
 def model_shape(name_or_path: str | None) -> ModelShape | None:
     """Read ``config.json`` of the shipped default, a local folder, or a cached hub model.
 
-    Returns None (with a warning) for a hub model that is not cached and not in ``KNOWN_SHAPES``.
+    A hub model that is not cached gets its ``KNOWN_SHAPES`` entry; None (with a warning) if it has none.
     """
     key = str(name_or_path)
     if key not in _CACHE:

@@ -1,6 +1,7 @@
 """The README's settings tables, generated from the settings dataclasses' defaults and help.
 
-The README marks each generated table with the sections it lists::
+The README marks each generated table with the sections it lists (a run config's sections and methods,
+or a sweep spec's sections such as ``tune.scheduler``)::
 
     <!-- settings: model data train -->
     | key | default | meaning |
@@ -18,10 +19,19 @@ import re
 import sys
 from pathlib import Path
 
+from orchestrator.spec.sections import SECTIONS as SPEC_SECTIONS
+from orchestrator.spec.sections import section_docs
 from tokentune.reference import docs, format_value
+from tokentune.settings import SettingDoc
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-_BLOCK = re.compile(r"(<!-- settings: (?P<names>[\w ]+?) -->\n)(?P<body>.*?)(<!-- /settings -->)", re.DOTALL)
+_BLOCK = re.compile(r"(<!-- settings: (?P<names>[\w. ]+?) -->\n)(?P<body>.*?)(<!-- /settings -->)", re.DOTALL)
+
+
+def settings_docs(name: str) -> list[SettingDoc]:
+    """A sweep spec section's settings (``tune``, ``tune.scheduler`` ...), else a run config section's or a
+    method's."""
+    return section_docs(name) if name in SPEC_SECTIONS else docs(name)
 
 
 def markdown_table(names: list[str]) -> str:
@@ -29,7 +39,7 @@ def markdown_table(names: list[str]) -> str:
     share a row (``lora.rank`` / ``dora.rank``)."""
     rows: dict[tuple[str, str, str], list[str]] = {}
     for name in names:
-        for doc in docs(name):
+        for doc in settings_docs(name):
             field = doc.key.rsplit(".", 1)[-1]
             rows.setdefault((field, format_value(doc.default), doc.help), []).append(doc.key)
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]

@@ -50,7 +50,7 @@ class PostTrialError(RuntimeError):
 
 
 def as_eval_config(eval_cfg: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
-    """An ``EvalConfig`` from itself, its dict (as it crosses to a Ray task) or None (the defaults)."""
+    """An ``EvalConfig`` from itself, its dict (a caller's shorthand) or None (the defaults)."""
     if isinstance(eval_cfg, EvalConfig):
         return eval_cfg
     return build_section("eval", EvalConfig, None if eval_cfg is None else dict(eval_cfg))
@@ -95,7 +95,7 @@ def merge_and_evaluate(
             evaluated in place).
         trial_dir: the trial's folder; gets ``merged/`` (adapters) and, when evaluating, ``eval.json``.
         eval_cfg: tasks, num_fewshot, limit, batch_size (an ``EvalConfig`` or its dict).
-        evaluate: False merges only (``after_trial.merge`` without ``after_trial.evaluate``).
+        evaluate: False merges only (``after_trial.action: merge``).
         keep_merged: False deletes ``merged/`` after evaluation.
         device: where the model is evaluated ("cpu", "cuda", "cuda:0").
         reuse: return an existing successful ``eval.json`` made with the same config (resume).
@@ -222,7 +222,7 @@ class PostTrialWorker:
 
         threading.Thread(target=_warm_imports, name="post-trial-imports", daemon=True).start()
 
-    def run(self, final_dir: str, trial_dir: str, eval_cfg: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    def run(self, final_dir: str, trial_dir: str, eval_cfg: EvalConfig, **kw: Any) -> dict[str, Any]:
         return merge_and_evaluate(final_dir, trial_dir, eval_cfg, **kw)
 
 
@@ -277,11 +277,8 @@ def run_post_trial(
     gpus = float((resources or {}).get("num_gpus") or 0)
     if device is None:
         device = "cuda" if gpus > 0 else "cpu"
-    args = (
-        str(Path(final_dir).resolve()),
-        str(Path(trial_dir).resolve()),
-        dataclasses.asdict(as_eval_config(eval_cfg)),
-    )
+    # the EvalConfig crosses to the task or the worker as the typed object, built and checked here
+    args = (str(Path(final_dir).resolve()), str(Path(trial_dir).resolve()), as_eval_config(eval_cfg))
     kwargs = {"evaluate": evaluate, "keep_merged": keep_merged, "device": device}
     use_worker = worker is not None and gpus == 0
     try:

@@ -142,8 +142,8 @@ def trial_demand(spec: SweepSpec, cluster: dict[str, float] | None = None) -> di
         train_cpus = max(train_cpus, c.workers * c.cpus_per_worker)
         train_gpus = max(train_gpus, c.workers * c.gpus_per_worker if use_gpu else 0.0)
     a = spec.after_trial
-    after_cpus = a.cpus if (a.merge or a.evaluate) else 0.0
-    after_gpus = a.gpus if (a.merge or a.evaluate) else 0.0
+    after_cpus = a.cpus if a.merges else 0.0
+    after_gpus = a.gpus if a.merges else 0.0
     return {
         "CPU": spec.tune.driver_cpus + max(train_cpus, after_cpus),
         "GPU": max(train_gpus, after_gpus),

@@ -43,9 +43,10 @@ from orchestrator.results.trial_status import (
     write_status,
 )
 from orchestrator.run.slots import train_slot
-from orchestrator.spec.parts import max_memory_gb
 from orchestrator.spec.plan import over_memory_limit
+from orchestrator.spec.sections import AfterTrial
 from orchestrator.spec.sweep import SweepSpec
+from tokentune.config import EvalConfig
 from tokentune.errors import is_number
 from tokentune.estimate import MemoryEstimate, estimate_measured, estimate_memory
 from tokentune.redact import redact_text
@@ -180,11 +181,11 @@ def _close_finished_run(tracker, run_id: str, tdir: Path, metrics: dict[str, Any
 def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: TrialContext) -> dict[str, Any]:
     from orchestrator.run.train_driver import run_train_job
 
-    limit = max_memory_gb(spec.base)
+    limit = spec.tune.max_memory_gb
     est = estimate_memory(cfg) if limit else None
     if over_memory_limit(est, limit):
         raise TrialFailed(
-            f"refused before launch: estimated {est.short()} per worker > compute.max_memory_gb={limit}"
+            f"refused before launch: estimated {est.short()} per worker > tune.max_memory_gb={limit}"
         )
 
     log_event(tdir, "train queued")
@@ -210,27 +211,35 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             raise TrialFailed(f"training diverged: {name} = {value}")
     metrics = _train_metrics(res.metrics)
     metrics.update(estimate_vs_measured(estimate_measured(cfg, metrics), metrics))
-
-    a = spec.after_trial
-    if a.merge or a.evaluate:
-        from orchestrator.run.post_trial import run_post_trial
-
-        log_event(tdir, "post-trial started")
-        post = run_post_trial(
-            res.final_dir,
-            tdir,
-            cfg.eval,
-            evaluate=a.evaluate,
-            keep_merged=True,  # pruned per after_trial.keep_merged when the sweep ends
-            resources={"num_cpus": a.cpus, "num_gpus": a.gpus},
-            timeout_s=a.timeout_s,  # on timeout the task is cancelled and this trial fails
-            worker=ctx.post_trial_worker,
-        )
-        log_event(tdir, "post-trial finished")
-        if post.get("error"):
-            raise TrialFailed(post["error"])
-        metrics.update({k: v for k, v in (post.get("metrics") or {}).items() if is_number(v)})
+    metrics.update(after_training(spec.after_trial, res.final_dir, tdir, cfg.eval, ctx.post_trial_worker))
     return metrics
+
+
+def after_training(
+    after: AfterTrial, final_dir: str, tdir: Path, eval_cfg: EvalConfig, worker: str | None = None
+) -> dict[str, Any]:
+    """``after_trial.action`` for a trained trial: ``none`` does nothing, ``merge`` merges its adapter into
+    the base, ``merge+eval`` also runs lm-eval on it (a Ray task, or the sweep's warm ``worker``); returns
+    the metrics it adds. A failed merge or evaluation fails the trial (``TrialFailed``)."""
+    if not after.merges:
+        return {}
+    from orchestrator.run.post_trial import run_post_trial
+
+    log_event(tdir, "post-trial started")
+    post = run_post_trial(
+        final_dir,
+        tdir,
+        eval_cfg,
+        evaluate=after.evaluates,
+        keep_merged=True,  # pruned per after_trial.keep_merged when the sweep ends
+        resources={"num_cpus": after.cpus, "num_gpus": after.gpus},
+        timeout_s=after.timeout_s,  # on timeout the task is cancelled and this trial fails
+        worker=worker,
+    )
+    log_event(tdir, "post-trial finished")
+    if post.get("error"):
+        raise TrialFailed(post["error"])
+    return {k: v for k, v in (post.get("metrics") or {}).items() if is_number(v)}
 
 
 def _train_metrics(m: dict[str, Any]) -> dict[str, Any]:

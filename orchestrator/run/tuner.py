@@ -65,7 +65,7 @@ def start_sweep_actors(spec: SweepSpec, ctx: TrialContext, cluster: dict[str, fl
     from orchestrator.run.space import max_concurrent_trials, trial_demand
 
     a = spec.after_trial
-    if not (a.merge or a.evaluate):
+    if not a.merges:
         return []
     handles = []
     if not a.gpus and not ctx.storage_uri:

@@ -9,6 +9,7 @@ file (UTF-8 JSON, only known placeholders); ``eval.tasks`` shipped or known to l
 A hub name that is not cached is an error offline (``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``: the
 trial could never load it) and otherwise a note (it cannot be checked here; the trial downloads it);
 an lm-eval task's dataset cannot be checked offline (a note). ``null`` means the shipped default.
+``unchecked_inputs(spec)`` is the note of a spec whose inputs are not checked (``check_inputs=False``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,26 @@ def check_inputs(spec: SweepSpec) -> list[str]:
             if note and note not in notes:
                 notes.append(note)
     return notes
+
+
+def unchecked_inputs(spec: SweepSpec) -> list[str]:
+    """``check_inputs=False`` (a spec meant for another machine): one note naming every input value that
+    was not checked here (the shipped defaults need no check)."""
+    items: list[str] = []
+    for key in INPUT_KEYS:
+        for where, value in _input_values(spec, key):
+            if value is None or (key == "data.template" and value == "alpaca"):
+                continue
+            item = f"{where}={value!r}" if where.endswith(key) else f"{where} -> {key}={value!r}"
+            if item not in items:
+                items.append(item)
+    if not items:
+        return []
+    return [
+        "inputs not checked (check_inputs=False / --no-input-checks): "
+        + ", ".join(items)
+        + "; they must exist where the trials run"
+    ]
 
 
 def _input_values(spec: SweepSpec, key: str):
@@ -133,7 +154,8 @@ def _not_cached(key: str, value: str, where: str, offline_var: str) -> str:
         raise SpecError(
             where,
             f"{key}={value!r} is not a local path and not in the local Hugging Face cache, and the hub is "
-            f"offline ({offline[0]}=1): expected {ACCEPTED_INPUT[key]}, downloaded beforehand for a hub name",
+            f"offline ({offline[0]}=1): expected {ACCEPTED_INPUT[key]}, downloaded beforehand for a hub name "
+            "(a spec meant for another machine: --no-input-checks / check_inputs=False)",
         )
     return (
         f"{where}: {value!r} is not in the local Hugging Face cache, so it is not checked here (not "

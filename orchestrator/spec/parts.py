@@ -2,17 +2,16 @@
 
 - ``SpecError``: every user-facing spec error, naming the offending key (``search.lora.rank``);
 - ``SearchDim``: one searched config key and its verb (``{grid: [4, 8]}``, ``{loguniform: [1e-4, 1e-2]}``);
-- the settings sections ``objective``, ``tune`` (with ``tune.scheduler``), ``after_trial``, ``tracking``;
-- a trial's run config from a config dict: ``compute.max_memory_gb`` is a spec-only key (trials
-  estimated above it are refused) that ``RunConfig`` does not know, so it is read here and stripped.
+- small helpers: ``value_label``, ``lookup_dotted``.
 
-``orchestrator.spec.sweep`` assembles these into a ``SweepSpec``; ``orchestrator.spec.validate`` checks them.
+The settings sections (``objective``, ``tune``, ``after_trial``, ``tracking``) are in
+``orchestrator.spec.sections``; ``orchestrator.spec.sweep`` assembles the parts into a ``SweepSpec``;
+``orchestrator.spec.validate`` checks what needs more than one part.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import random
@@ -21,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tokentune.config import ConfigError, RunConfig
+from tokentune.config import ConfigError
 from tokentune.errors import is_int, is_number
 
 VERBS = ("grid", "choice", "uniform", "quniform", "loguniform", "randint", "fixed")
@@ -154,108 +153,6 @@ def parse_dim(key: str, value: Any) -> SearchDim:
             return SearchDim(key, verb, low=int(args[0]), high=int(args[1]), q=int(q))
         q = float(q)
     return SearchDim(key, verb, low=low, high=high, q=q)
-
-
-# ---- the settings sections ------------------------------------------------------------------------
-@dataclass
-class Objective:
-    """The metric Tune optimises (``objective``)."""
-
-    metric: str = "eval/score"
-    mode: str = "max"
-    memory_budget_gb: float | None = None  # the summary also names the best trial measured within it
-
-
-@dataclass
-class SchedulerSpec:
-    """``tune.scheduler``: FIFO, or ASHA stopping trials early on a training metric."""
-
-    type: str = "fifo"
-    grace_period: int = 1
-    reduction_factor: float = 2
-    metric: str = "val_loss"
-    mode: str = "min"
-    time_attr: str = "training_iteration"
-    max_t: int | None = None  # None: computed from the largest train.max_steps
-
-
-@dataclass
-class TuneSettings:
-    """``tune``: the search algorithm, how many trials, how many at once."""
-
-    algorithm: str = "grid"
-    num_samples: int = 1
-    max_concurrent: int | str = "auto"
-    time_limit_s: float | None = None
-    seed: int = 0
-    max_failures: int = 0  # Tune retries of an errored trial (its Train run resumes by name)
-    startup_trials: int | None = None  # optuna: random trials before TPE (None: about a third)
-    driver_cpus: float = 0.0  # CPUs the trial driver reserves (the Train workers reserve their own)
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-
-
-@dataclass
-class AfterTrial:
-    """``after_trial``: merge and evaluate each trial's adapter, in a Ray task of its own."""
-
-    merge: bool = True
-    evaluate: bool = True
-    keep_merged: str = "best"  # best | all | none: merged checkpoints kept after the sweep
-    cpus: float = 1
-    gpus: float = 0
-    # merge + evaluate a trial while the next one trains (orchestrator.run.slots): auto = when trials train
-    # on GPUs (on CPUs the merge and eval would take the cores training needs); false: a trial holds its
-    # place in tune.max_concurrent until it is scored
-    overlap: bool | str = "auto"
-    # seconds for merge + eval of one trial (None: no limit); then the task is cancelled, the trial fails
-    timeout_s: float | None = 1800
-
-
-@dataclass
-class Tracking:
-    """``tracking``: the MLflow tracking URI and experiment."""
-
-    uri: str | None = None  # None: sqlite:///<sweep dir>/mlflow.db
-    experiment: str | None = None  # None: the sweep name
-
-
-def parse_section(name: str, value: Any, cls: type) -> Any:
-    """A settings section's mapping -> ``cls`` (None: the defaults); unknown keys name ``name.key``."""
-    if value is None:
-        return cls()
-    if not isinstance(value, dict):
-        raise SpecError(name, f"expected a mapping, got {value!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in value:
-        if k not in names:
-            raise SpecError(f"{name}.{k}", f"unknown key; accepted keys in {name}: {', '.join(names)}")
-    return cls(**value)
-
-
-def parse_scheduler(value: Any) -> SchedulerSpec:
-    """``tune.scheduler``: a mapping, or just the type (``asha``)."""
-    if isinstance(value, str):
-        value = {"type": value}
-    return parse_section("tune.scheduler", value, SchedulerSpec)
-
-
-# ---- a trial's run config ----------------------------------------------------------------------------
-def build_run_config(d: dict[str, Any]) -> RunConfig:
-    """``RunConfig.from_dict`` of a config dict without the spec-only ``compute.max_memory_gb``."""
-    compute = d.get("compute")
-    if isinstance(compute, dict) and "max_memory_gb" in compute:
-        d = {**d, "compute": {k: v for k, v in compute.items() if k != "max_memory_gb"}}
-    return RunConfig.from_dict(d)
-
-
-def max_memory_gb(d: dict[str, Any]) -> float | None:
-    """``compute.max_memory_gb`` of a config dict: trials estimated above it are refused."""
-    value = (d.get("compute") or {}).get("max_memory_gb")
-    if value is not None and not (is_number(value) and value > 0):
-        raise SpecError(
-            "base.compute.max_memory_gb", f"{value!r} is invalid: expected null or a number of GB > 0"
-        )
-    return value
 
 
 # ---- small helpers -------------------------------------------------------------------------------------

@@ -4,25 +4,32 @@
     print(format_plan(spec, trials))         # spec.plan_text()
 
 Pure: never imports ray. The memory estimate is ``tokentune.estimate`` (composed from the methods' own
-terms); a trial estimated above the spec-only ``compute.max_memory_gb`` is marked REFUSED, as the
-trial itself refuses to launch. The text ends with the input checks' notes (what could not be checked
-here) and passes through ``tokentune.redact``: the console never shows a token or a password.
+terms; a model's shape from its config.json, or ``tokentune.shape.KNOWN_SHAPES`` offline); a trial
+estimated above ``tune.max_memory_gb`` is marked REFUSED, as the trial itself refuses to launch. The
+settings lines are the sections' own ``describe()`` keys with the spec's values. The text ends with the
+input checks' notes (what could not be checked here) and passes through ``tokentune.redact``: the console
+never shows a token or a password.
 """
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.spec.parts import max_memory_gb, value_label
+from orchestrator.spec.parts import value_label
+from orchestrator.spec.sections import section_docs
 from tokentune.config import RunConfig
 from tokentune.estimate import MemoryEstimate, estimate_memory
 from tokentune.redact import redact_text
+from tokentune.reference import format_value
 
 if TYPE_CHECKING:
     from orchestrator.spec.sweep import SweepSpec
 
 PLAN_ROWS = 50  # trials the plan text shows; the rest are counted
+PLAN_WIDTH = 110  # a settings line wraps here
+UNKNOWN_MEMORY = "memory: unknown (model shape not available offline)"
 
 
 @dataclass
@@ -40,9 +47,9 @@ class PlannedTrial:
 def dry_run_trials(spec: SweepSpec, n: int | None = None) -> list[PlannedTrial]:
     """The first ``n`` (default: all) planned trials with resources and memory estimates."""
     planned = []
-    limit = max_memory_gb(spec.base)
+    limit = spec.tune.max_memory_gb
     for i, params in enumerate(spec.sampled_params()[:n]):
-        cfg = spec.trial_config(params)
+        cfg = spec.planned_config(params)  # built once per spec: the tuner reads the same
         mem = estimate_memory(cfg)
         over = over_memory_limit(mem, limit)
         planned.append(PlannedTrial(i, params, cfg, trial_resources(cfg, spec.tune.driver_cpus), mem, over))
@@ -50,7 +57,7 @@ def dry_run_trials(spec: SweepSpec, n: int | None = None) -> list[PlannedTrial]:
 
 
 def over_memory_limit(estimate: MemoryEstimate | None, limit_gb: float | None) -> bool:
-    """The rule the dry run marks REFUSED and a trial refuses to launch by (``compute.max_memory_gb``)."""
+    """The rule the dry run marks REFUSED and a trial refuses to launch by (``tune.max_memory_gb``)."""
     return bool(limit_gb and estimate is not None and estimate.total_gb > limit_gb)
 
 
@@ -73,21 +80,11 @@ def trial_resources(cfg: RunConfig, driver_cpus: float = 0.0) -> dict[str, Any]:
 def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
     """The sweep's settings, then one row per planned trial (searched values, resources, memory), then
     the input checks' notes; redacted."""
-    t, s, a = spec.tune, spec.tune.scheduler, spec.after_trial
-    sched = (
-        "fifo"
-        if s.type == "fifo"
-        else f"asha({s.metric}/{s.mode}, {s.time_attr}, grace {s.grace_period}, rf {s.reduction_factor})"
-    )
+    t = spec.tune
     lines = [
         f"sweep {spec.name!r}" + (f" ({spec.source})" if spec.source else ""),
-        f"  objective: {spec.objective.metric} ({spec.objective.mode});  algorithm: {t.algorithm} (seed {t.seed});  "
-        f"scheduler: {sched}",
-        f"  trials: {spec.num_trials()} ({'grid x ' if spec.grid_dims() else ''}num_samples {t.num_samples});  "
-        f"max_concurrent: {t.max_concurrent};  time limit: {t.time_limit_s or 'none'}",
-        f"  after each trial: merge={a.merge} evaluate={a.evaluate} (cpus {a.cpus}, gpus {a.gpus}, "
-        f"timeout {'none' if a.timeout_s is None else f'{a.timeout_s:g} s'}); keep merged: {a.keep_merged}; "
-        f"overlap with the next training: {a.overlap}",
+        f"  trials: {spec.num_trials()} ({'grid x ' if spec.grid_dims() else ''}num_samples {t.num_samples})",
+        *settings_lines(spec),
         f"  storage: {spec.storage}/{spec.name}",
         "  search:",
     ]
@@ -108,8 +105,28 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
             f"max_steps {tr.max_steps}, batch {tr.batch_size}x{tr.grad_accum}, max_length {cfg.data.max_length}, "
             f"eval tasks {cfg.eval.tasks or '(shipped)'} limit {cfg.eval.limit}"
         )
+    unknown = sorted({str(p.config.model.name_or_path) for p in trials if p.memory is None})
+    if unknown:
+        lines.append(f"  {UNKNOWN_MEMORY}: {', '.join(unknown)}")
     lines += [f"  note: {note}" for note in spec.notes]
     return redact_text("\n".join(lines))
+
+
+def settings_lines(spec: SweepSpec) -> list[str]:
+    """``  tune: algorithm=grid num_samples=1 ...``: each section's documented keys (``describe()``) with the
+    spec's values, wrapped at ``PLAN_WIDTH``."""
+    out = []
+    for name, section in spec.settings().items():
+        pairs = [
+            f"{doc.key[len(name) + 1 :]}={format_value(getattr(section, doc.key[len(name) + 1 :]))}"
+            for doc in section_docs(name)
+        ]
+        head = f"  {name}: "
+        indent = " " * len(head)
+        out += textwrap.wrap(
+            " ".join(pairs), PLAN_WIDTH, initial_indent=head, subsequent_indent=indent, break_on_hyphens=False
+        )
+    return out
 
 
 def _trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
@@ -117,12 +134,11 @@ def _trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
     keys = [k for k, d in spec.search.items() if d.verb != "fixed"]
     header = ["#", *keys, "workers", "cpus", "gpus", "zero", "memory/worker (est.)"]
     rows = []
-    limit = max_memory_gb(spec.base)
     for p in trials:
         r = p.resources
-        mem = p.memory.short() if p.memory else "? (model shape unknown)"
+        mem = p.memory.short() if p.memory else "unknown"
         if p.over_limit:
-            mem += f"  REFUSED: > compute.max_memory_gb={limit}"
+            mem += f"  REFUSED: > tune.max_memory_gb={spec.tune.max_memory_gb}"
         rows.append(
             [
                 str(p.index),

@@ -15,17 +15,21 @@ and ``search`` maps dotted config keys to one verb each::
       train.lr: {loguniform: [1.0e-4, 3.0e-3]}
       methods: {grid: [[lora], [lora, tokentune]]}
     objective: {metric: eval/score, mode: max}
-    tune: {algorithm: grid, num_samples: 1, max_concurrent: auto, scheduler: {type: fifo}}
-    after_trial: {merge: true, evaluate: true, keep_merged: best, cpus: 1, gpus: 0, timeout_s: 1800}
+    tune: {algorithm: grid, num_samples: 1, max_concurrent: auto, max_memory_gb: null, scheduler: {type: fifo}}
+    after_trial: {action: merge+eval, keep_merged: best, cpus: 1, gpus: 0, timeout_s: 1800}
     tracking: {uri: null, experiment: null}
     storage: sweeps
 
-This module reads a spec (includes, ``--set`` overrides, parsing) and holds ``SweepSpec``; its parts
-and their parsing are in ``orchestrator.spec.parts``, the checks in ``orchestrator.spec.validate`` (run by
+This module reads a spec (includes, ``--set`` overrides, parsing) and holds ``SweepSpec``, frozen once
+resolved (``spec.replaced(name=...)`` makes a changed copy); its settings sections are in
+``orchestrator.spec.sections``, its other parts in ``orchestrator.spec.parts``, the checks that need more
+than one part in ``orchestrator.spec.validate`` (run by
 ``load_spec`` before any cluster resource is used; every error is a ``SpecError`` naming the key), the
 dry run in ``orchestrator.spec.plan``. ``load_spec`` also checks that the inputs exist (model, data files,
 template, eval tasks; ``check_inputs=False`` skips that, e.g. for a spec meant for another machine) and
-keeps what it could not check (an uncached hub name while online) in ``SweepSpec.notes``.
+keeps what it could not check (an uncached hub name while online, or every input when skipped) in
+``SweepSpec.notes``. The planned trials' configs are built once per spec (``planned_config``) and shared by
+the validation, the dry run and the tuner; a trial's driver builds its own (``trial_config``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,29 +46,30 @@ from typing import Any
 import yaml
 
 from orchestrator.spec import plan
-from orchestrator.spec.parts import (
+from orchestrator.spec.parts import SearchDim, SpecError, lookup_dotted, parse_dim
+from orchestrator.spec.sections import (
     AfterTrial,
     Objective,
-    SearchDim,
-    SpecError,
     Tracking,
     TuneSettings,
-    build_run_config,
-    lookup_dotted,
-    parse_dim,
-    parse_scheduler,
     parse_section,
+    refuse_moved_keys,
 )
 from orchestrator.spec.validate import check_sweep_name, validate_spec
 from tokentune.config import ConfigError, RunConfig, load_yaml, parse_override, set_dotted
 
 TOP_KEYS = tuple("include name description base search objective tune after_trial tracking storage".split())
 DEFAULT_STORAGE = "sweeps"
+#: fields that leave every trial's config as it is: a copy changing only these keeps the built configs
+SAME_CONFIGS = ("name", "description", "source", "notes")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepSpec:
-    """A sweep: the ``base`` run config (a dict), the searched keys, and how Tune runs the trials."""
+    """A sweep: the ``base`` run config (a dict), the searched keys, and how Tune runs the trials.
+
+    Frozen once resolved (``load_spec``): ``replaced(...)`` makes a changed copy (``run_sweep(name=...)``).
+    """
 
     name: str
     base: dict[str, Any]
@@ -75,11 +81,42 @@ class SweepSpec:
     storage: str = DEFAULT_STORAGE
     description: str = ""
     source: str | None = None  # the YAML file it came from
-    notes: list[str] = field(default_factory=list)  # what the input checks could not check
+    notes: tuple[str, ...] = ()  # what the input checks could not check
+    #: planned trials' configs by their searched values (``planned_config``); not pickled, not compared
+    _configs: dict[str, RunConfig] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_sweep_name(self.name)  # also a copy's (``replaced(name=...)``): it never leads outside storage
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    def replaced(self, **changes: Any) -> SweepSpec:
+        """A copy with ``changes`` (checked as a new spec); it keeps the configs built so far when only
+        ``SAME_CONFIGS`` fields change."""
+        new = dataclasses.replace(self, **changes)
+        if set(changes) <= set(SAME_CONFIGS):
+            new._configs.update(self._configs)
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_configs"}  # a trial builds its own
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _configs={})
+
+    def settings(self) -> dict[str, Any]:
+        """Each settings section by its YAML key (as ``orchestrator.spec.sections.SECTIONS``)."""
+        return {
+            "objective": self.objective,
+            "tune": self.tune,
+            "tune.scheduler": self.tune.scheduler,
+            "after_trial": self.after_trial,
+            "tracking": self.tracking,
+        }
 
     # ---- trials ----------------------------------------------------------------------------------
     def trial_config(self, tune_config: dict[str, Any] | None = None) -> RunConfig:
-        """The trial's full config: ``base`` plus the sampled values of ``tune_config``.
+        """The trial's full config, built now (the trial's own, to change): ``base`` plus the sampled values
+        of ``tune_config``.
 
         ``tune_config`` may be flat (``{"lora.rank": 8}``) or nested (``{"lora": {"rank": 8}}``).
         """
@@ -89,7 +126,15 @@ class SweepSpec:
             if not found and dim.verb != "fixed":
                 raise SpecError(f"search.{key}", f"the trial config has no value for it: {tune_config!r}")
             set_dotted(d, key, dim.coerce(value) if found else copy.deepcopy(dim.values[0]))
-        return build_run_config(d)
+        return RunConfig.from_dict(d)
+
+    def planned_config(self, params: dict[str, Any]) -> RunConfig:
+        """The config of planned searched values (``sampled_params``, a validated combination), built once
+        per spec and shared by the validation, the dry run and the tuner: read it, never change it."""
+        key = json.dumps(params, sort_keys=True, default=str)
+        if key not in self._configs:
+            self._configs[key] = self.trial_config(params)
+        return self._configs[key]
 
     def grid_dims(self) -> list[SearchDim]:
         return [d for d in self.search.values() if d.verb == "grid"]
@@ -124,12 +169,12 @@ class SweepSpec:
         return out
 
     def trial_configs(self, n: int | None = None) -> list[RunConfig]:
-        """The configs of the first ``n`` (default: all) trials of ``sampled_params``."""
-        return [self.trial_config(params) for params in self.sampled_params()[:n]]
+        """The configs of the first ``n`` (default: all) trials of ``sampled_params`` (``planned_config``:
+        built once, shared, read-only)."""
+        return [self.planned_config(params) for params in self.sampled_params()[:n]]
 
     def dry_run_trials(self, n: int | None = None) -> list[plan.PlannedTrial]:
         """The first ``n`` (default: all) planned trials with resources and memory estimates."""
-        check_sweep_name(self.name)  # again: a caller may have renamed the sweep (run_sweep(name=...))
         return plan.dry_run_trials(self, n)
 
     def plan_text(self, n: int | None = plan.PLAN_ROWS) -> str:
@@ -196,7 +241,8 @@ def load_spec(
     """Read a sweep spec (file or dict), apply ``include``s and ``--set`` overrides, validate it.
 
     ``check_inputs``: also check that the model, data files, template and eval tasks exist here
-    (``orchestrator.spec.inputs.check_inputs``); False for a spec written for another machine.
+    (``orchestrator.spec.inputs.check_inputs``); False for a spec written for another machine (its
+    ``notes`` then name the inputs that were not checked).
 
     Overrides: ``tune.num_samples=2`` and ``base.train.max_steps=20`` address the spec;
     a bare config key (``train.lr=3e-4``) means ``base.train.lr`` and pins a searched key;
@@ -214,10 +260,8 @@ def load_spec(
         source = str(path.resolve())
         raw = read_spec_file(path)
     raw = absolute_local_paths(apply_spec_overrides(raw, overrides))
-    spec = parse_spec(raw, default_name=Path(source).stem if source else "sweep")
-    spec.source = source
-    validate_spec(spec, check_inputs=check_inputs)
-    return spec
+    spec = parse_spec(raw, default_name=Path(source).stem if source else "sweep", source=source)
+    return spec.replaced(notes=validate_spec(spec, check_inputs=check_inputs))
 
 
 def read_spec_file(path: Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -309,13 +353,15 @@ def apply_spec_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, A
 
 
 # ---- parsing ----------------------------------------------------------------------------------------
-def parse_spec(raw: dict[str, Any], default_name: str = "sweep") -> SweepSpec:
-    """A resolved spec mapping (includes and overrides applied) -> ``SweepSpec``, not yet validated."""
+def parse_spec(raw: dict[str, Any], default_name: str = "sweep", source: str | None = None) -> SweepSpec:
+    """A resolved spec mapping (includes and overrides applied) -> ``SweepSpec``: each settings section
+    checked as it is built; what needs more than one part is ``validate_spec``'s."""
     if not isinstance(raw, dict):
         raise SpecError("spec", f"expected a mapping at the top level, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         raise SpecError(unknown[0], f"unknown top-level key; accepted: {', '.join(TOP_KEYS)}")
+    refuse_moved_keys(raw)
     name = raw.get("name") or default_name
     check_sweep_name(name.strip() if isinstance(name, str) else name)
     base = raw.get("base") or {}
@@ -327,20 +373,9 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep") -> SweepSpec:
     search = {str(k): parse_dim(str(k), v) for k, v in search_raw.items()}
     _check_nested_keys(list(search))
     after = parse_section("after_trial", raw.get("after_trial"), AfterTrial)
-    if not isinstance(raw.get("tune") or {}, dict):
-        raise SpecError("tune", f"expected a mapping, got {raw.get('tune')!r}")
-    tune_raw = dict(raw.get("tune") or {})
-    sched_raw = tune_raw.pop("scheduler", None)
-    tune = parse_section("tune", tune_raw, TuneSettings)
-    tune.scheduler = parse_scheduler(sched_raw)
     obj_raw = raw.get("objective")
-    if obj_raw is None:
-        obj_raw = (
-            {"metric": "eval/score", "mode": "max"}
-            if after.evaluate
-            else {"metric": "val_loss", "mode": "min"}
-        )
-    objective = parse_section("objective", obj_raw, Objective)
+    if obj_raw is None:  # eval/score (max) when each trial is evaluated, else val_loss (min)
+        obj_raw = {} if after.evaluates else {"metric": "val_loss", "mode": "min"}
     storage = raw.get("storage") or DEFAULT_STORAGE
     if not isinstance(storage, str):
         raise SpecError("storage", f"{storage!r} is invalid: expected a folder or a URI (s3://..., gs://...)")
@@ -348,12 +383,13 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep") -> SweepSpec:
         name=name.strip(),
         base=copy.deepcopy(base),
         search=search,
-        objective=objective,
-        tune=tune,
+        objective=parse_section("objective", obj_raw, Objective),
+        tune=parse_section("tune", raw.get("tune"), TuneSettings),
         after_trial=after,
         tracking=parse_section("tracking", raw.get("tracking"), Tracking),
         storage=storage,
         description=str(raw.get("description") or ""),
+        source=source,
     )
 
 
