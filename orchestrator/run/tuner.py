@@ -14,7 +14,8 @@ workers. The limit lives in the search algorithm (Tune ignores ``TuneConfig.max_
 for a search-generator instance).
 
 ``TuneConfig`` gets no metric/mode: the objective goes to Optuna and ASHA its own metric (Tune
-refuses both at once), and the best trial is picked from ``status.json`` results here.
+refuses both at once), and the best trial is picked from the collected results
+(``orchestrator.results.best``).
 """
 
 from __future__ import annotations
@@ -324,20 +325,6 @@ def searched_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
         if section in REGISTRY and section not in methods:
             out[key] = None
     return out
-
-
-def best_trial(trials: list[TrialResult], metric: str, mode: str) -> TrialResult | None:
-    scored = [
-        t
-        for t in trials
-        if t.status == "finished"
-        and isinstance(t.metrics.get(metric), (int, float))
-        and math.isfinite(t.metrics[metric])
-    ]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda t: t.metrics[metric])
 
 
 def set_tune_env(verbose: bool = False) -> None:
