@@ -178,7 +178,7 @@ def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str) -> SweepSp
 def _dry_run(sweep: SweepSpec, sweep_dir: Path) -> SweepResult:
     """Every trial built once (status ``planned``); the text shows the first 50, as ``plan_text()`` does."""
     trials = sweep.dry_run_trials()
-    planned = [TrialResult(f"plan_{p.index:04d}", p.params, _plan_metrics(p), "planned") for p in trials]
+    planned = [TrialResult(f"plan_{p.index:04d}", p.searched, _plan_metrics(p), "planned") for p in trials]
     text = format_plan(sweep, trials[:PLAN_ROWS])
     return SweepResult(sweep.name, str(sweep_dir), planned, plan_text=text, spec=sweep)
 
@@ -333,7 +333,7 @@ def _summarise(
     """The results table, the best trial (``best.best_trial`` by the objective, as the files, the
     MLflow tags and the parent's description have it), printed and logged on the parent run."""
     from orchestrator.results import mlflow_ui, report
-    from orchestrator.results.console import config_text
+    from orchestrator.results.console import searched_text
 
     goals = objective_goals(spec)
     rows = report.results_table([_row_input(t) for t in trials], list(spec.search), goals)
@@ -342,8 +342,8 @@ def _summarise(
     fit_row = report.best_within(rows, budget, goals) if budget is not None else None
     best, fit = (_trial_of(trials, row) for row in (best_row, fit_row))
     table = report.format_table(rows)
-    best_config = config_text(_row_input(best)["searched"]) if best else ""
-    summary = report.summary_lines(rows, best_row, goals, budget, fit_row, best_config)
+    best_searched = searched_text(_row_input(best)["searched"]) if best else ""
+    summary = report.summary_lines(rows, best_row, goals, budget, fit_row, best_searched)
     description = mlflow_ui.sweep_description(spec.name, table, summary)
     paths = tracker.log_summary(rows, sweep_dir, goals, memory_budget_gb=budget, description=description)
     if progress:
@@ -379,7 +379,7 @@ def _tracking_origin(spec: SweepSpec) -> str:
 
 
 def _row_input(t: TrialResult) -> dict[str, Any]:
-    searched = {k: (value_label(v) if isinstance(v, dict) else v) for k, v in t.config.items()}
+    searched = {k: (value_label(v) if isinstance(v, dict) else v) for k, v in t.searched.items()}
     return {
         "trial_id": t.trial_id,
         "status": t.status,

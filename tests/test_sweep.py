@@ -299,7 +299,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     spec = load_spec(d, [f"storage={store.as_uri()}"], check_inputs=False)
     res = run_sweep(spec, progress=False)
     assert Path(res.sweep_dir) == tmp_path / "sweeps" / "with_failure"
-    by = {(t.config["data.train"], str(t.config["eval.tasks"])): t for t in res.trials}
+    by = {(t.searched["data.train"], str(t.searched["eval.tasks"])): t for t in res.trials}
     assert len(by) == 4, list(by)
     ok, bad_task = by[(None, "None")], by[(None, str(["tt_next", "no_such_task_xyz"]))]
     assert ok.status == "finished" and _finite(ok.metrics["eval/score"])
