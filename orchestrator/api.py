@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 
 SPEC_FILE = "sweep.yaml"
 LOCK_FILE = ".lock"  # flock'ed by the running sweep's driver; holds its pid
-#: after_trial.keep_merged (what to keep) -> post_trial.prune_merged policy (what to delete)
-PRUNE_POLICY = {"best": "best", "all": "none", "none": "all"}
 
 
 def run_sweep(
@@ -229,7 +227,7 @@ def _run(
             from orchestrator.run.post_trial import prune_merged
 
             best_id = result.best.trial_id if result.best else None
-            prune_merged(sweep_dir, best_id, PRUNE_POLICY[spec.after_trial.keep_merged])
+            prune_merged(sweep_dir, best_id, spec.after_trial.keep_merged)
         status = "FINISHED"
     finally:
         tracker.end_parent(status)

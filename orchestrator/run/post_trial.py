@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.results.trial_status import log_event
+from orchestrator.spec.validate import KEEP_MERGED
 from tokentune.config import EvalConfig
 from tokentune.files import write_json_atomic
 from tokentune.redact import redact, redact_text
@@ -41,7 +42,6 @@ from tokentune.settings import build_section
 
 log = logging.getLogger(__name__)
 
-PRUNE_POLICIES = ("none", "best", "all")
 _RESULT_KEYS = ("metrics", "results", "merged_dir", "eval_json", "error")
 
 
@@ -343,24 +343,25 @@ def _reserved(resources: Mapping[str, Any] | None, timeout_s: float | None) -> I
 
 
 # ---------------------------------------------------------------------------------- pruning
-def prune_merged(sweep_dir: str | Path, best_trial_id: str | None, policy: str = "best") -> list[Path]:
-    """Delete ``<sweep_dir>/trials/*/merged`` per ``policy``; returns the deleted folders.
+def prune_merged(sweep_dir: str | Path, best_trial_id: str | None, keep: str = "best") -> list[Path]:
+    """Delete the ``<sweep_dir>/trials/*/merged`` checkpoints that ``keep`` (``after_trial.keep_merged``)
+    does not keep; returns the deleted folders.
 
-    ``none`` keeps every merged checkpoint, ``best`` keeps only ``best_trial_id``'s, ``all`` deletes
-    them all (adapters in ``final/`` always stay: a merge can be redone).
+    ``all`` keeps every merged checkpoint, ``best`` only ``best_trial_id``'s, ``none`` deletes them all
+    (adapters in ``final/`` always stay: a merge can be redone).
     """
-    if policy not in PRUNE_POLICIES:
+    if keep not in KEEP_MERGED:
         raise ValueError(
-            f"keep-merged policy {policy!r} is invalid: expected one of {', '.join(PRUNE_POLICIES)}"
+            f"after_trial.keep_merged={keep!r} is invalid: expected one of {', '.join(KEEP_MERGED)}"
         )
-    if policy == "none":
+    if keep == "all":
         return []
     deleted = []
     trials = Path(sweep_dir) / "trials"
     for merged in sorted(trials.glob("*/merged*")):
         if merged.name not in ("merged", "merged.tmp") or merged.is_symlink() or not merged.is_dir():
             continue
-        if policy == "best" and merged.parent.name == str(best_trial_id) and merged.name == "merged":
+        if keep == "best" and merged.parent.name == str(best_trial_id) and merged.name == "merged":
             continue
         shutil.rmtree(merged)
         deleted.append(merged)
