@@ -39,7 +39,6 @@ from tools.asset_common import (
     OPPOSITE,
     PEOPLE,
     PLACES,
-    RESPONSE_HEADER,  # noqa: F401 (re-exported: callers import the template from here)
     SAME,
     SYNONYMS,
     TEMPLATE_TOKENS,
