@@ -31,10 +31,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from orchestrator.results.best import Goal, best_trial
 from orchestrator.results.types import SweepResult, TrialResult
 from orchestrator.run.storage_sync import download_trials, is_uri, read_text, upload_file
 from orchestrator.spec.parts import value_label
@@ -43,12 +44,14 @@ from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
 from orchestrator.spec.validate import check_sweep_name, refuse_local_store_on_cluster
 from tokentune.files import write_text_atomic
 
+if TYPE_CHECKING:
+    from orchestrator.results.tracking import SweepTracker
+    from orchestrator.run.trial import TrialContext
+
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "sweep.yaml"
 LOCK_FILE = ".lock"  # flock'ed by the running sweep's driver; holds its pid
-#: after_trial.keep_merged (what to keep) -> post_trial.prune_merged policy (what to delete)
-PRUNE_POLICY = {"best": "best", "all": "none", "none": "all"}
 
 
 def run_sweep(
@@ -86,11 +89,8 @@ def run_sweep(
     sweep_dir, storage_uri = sweep_location(sweep)
     if resume:
         sweep = _stored_spec(sweep, sweep_dir, storage_uri, check_inputs)
-    if dry_run:  # every trial built once; the text shows the first 50, as plan_text() does
-        trials = sweep.dry_run_trials()
-        planned = [TrialResult(f"plan_{p.index:04d}", p.params, _plan_metrics(p), "planned") for p in trials]
-        text = format_plan(sweep, trials[:PLAN_ROWS])
-        return SweepResult(sweep.name, str(sweep_dir), planned, plan_text=text, spec=sweep)
+    if dry_run:
+        return _dry_run(sweep, sweep_dir)
     plan = sweep.plan_text(PLAN_ROWS)
     with sweep_lock(sweep_dir, sweep.name):
         return _run(
@@ -175,6 +175,14 @@ def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str, check_inpu
     return spec
 
 
+def _dry_run(sweep: SweepSpec, sweep_dir: Path) -> SweepResult:
+    """Every trial built once (status ``planned``); the text shows the first 50, as ``plan_text()`` does."""
+    trials = sweep.dry_run_trials()
+    planned = [TrialResult(f"plan_{p.index:04d}", p.searched, _plan_metrics(p), "planned") for p in trials]
+    text = format_plan(sweep, trials[:PLAN_ROWS])
+    return SweepResult(sweep.name, str(sweep_dir), planned, plan_text=text, spec=sweep)
+
+
 def _plan_metrics(p) -> dict[str, Any]:
     out: dict[str, Any] = {f"resources/{k}": v for k, v in p.resources.items()}
     if p.memory is not None:
@@ -195,52 +203,73 @@ def _run(
     quiet: bool = False,
     verbose: bool = False,
 ) -> SweepResult:
-    from orchestrator.results import mlflow_ui, report
-    from orchestrator.results.console import RAY_LOGS, config_text
-    from orchestrator.results.tracking import SweepTracker, default_tracking_uri
-    from orchestrator.run.post_trial import prune_merged
-    from orchestrator.run.ray_cluster import (
-        init_ray,
-        nodes_on_other_machines,
-        orphaned_placement_groups_swept,
-    )
-    from orchestrator.run.trial import TrialContext
-    from orchestrator.run.tuner import best_trial as pick_best
-    from orchestrator.run.tuner import (
-        build_tuner,
-        can_restore,
-        collect_trials,
-        restore_tuner,
-        set_tune_env,
-        start_sweep_actors,
-    )
+    """The sweep itself, step by step (the module docstring's list); the caller holds the lock."""
+    from orchestrator.results.tracking import SweepTracker
+    from orchestrator.run.ray_cluster import init_ray, nodes_on_other_machines
+    from orchestrator.run.tuner import set_tune_env, start_sweep_actors
 
-    tracking_uri = default_tracking_uri(sweep_dir, spec.tracking.uri)
-    experiment = spec.tracking.experiment or spec.name
-    remote = storage_uri if is_uri(storage_uri) else None  # None: every file is under sweep_dir
-    ctx = TrialContext(
-        spec=spec,
-        sweep_dir=str(sweep_dir),
-        train_storage=f"{storage_uri}/train",
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        progress=progress,
-        storage_uri=remote,
-    )
+    ctx = _trial_context(spec, sweep_dir, storage_uri, progress)
     if not resume:
-        where: Path | str | None = sweep_dir if (sweep_dir / SPEC_FILE).exists() else None
-        if where is None and remote and read_text(remote, SPEC_FILE) is not None:
-            where = remote
-        if where is not None:
-            raise SpecError(
-                "name",
-                f"sweep {spec.name!r} already exists at {where}: resume it (--resume / resume=True) or "
-                "give a new name (--name / name=...)",
-            )
+        _refuse_existing(spec, sweep_dir, ctx.storage_uri)
     set_tune_env(verbose)
     cluster = init_ray(address, log_to_driver=verbose)  # worker logs stay in Ray's log folder
     # before anything is written: a refused sweep can be started again with another tracking URI
-    refuse_local_store_on_cluster(tracking_uri, _tracking_origin(spec), nodes_on_other_machines())
+    refuse_local_store_on_cluster(ctx.tracking_uri, _tracking_origin(spec), nodes_on_other_machines())
+    sweep_id = _write_spec(spec, sweep_dir, ctx.storage_uri, resume)
+    if progress and not quiet:
+        _print_plan(plan, verbose)
+    tracker = SweepTracker(ctx.tracking_uri, ctx.experiment, spec.name, sweep_id=sweep_id)
+    ctx.parent_run_id = tracker.start_parent(spec.to_dict())
+    actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
+    status = "FAILED"
+    try:
+        trials = _fit(spec, ctx, cluster, resume=resume, progress=progress, verbose=verbose)
+        result = _summarise(spec, trials, tracker, sweep_dir, progress=progress, quiet=quiet)
+        if spec.after_trial.merges:
+            from orchestrator.run.post_trial import prune_merged
+
+            best_id = result.best.trial_id if result.best else None
+            prune_merged(sweep_dir, best_id, spec.after_trial.keep_merged)
+        status = "FINISHED"
+    finally:
+        tracker.end_parent(status)
+    result.mlflow_parent_run_id, result.tracking_uri = ctx.parent_run_id, ctx.tracking_uri
+    result.plan_text, result.wall_s, result.spec = plan, time.perf_counter() - t0, spec
+    return result
+
+
+def _trial_context(spec: SweepSpec, sweep_dir: Path, storage_uri: str, progress: bool) -> TrialContext:
+    """What every trial needs (the tracking store, the folders); the parent run id is added later."""
+    from orchestrator.results.tracking import default_tracking_uri
+    from orchestrator.run.trial import TrialContext
+
+    return TrialContext(
+        spec=spec,
+        sweep_dir=str(sweep_dir),
+        train_storage=f"{storage_uri}/train",
+        tracking_uri=default_tracking_uri(sweep_dir, spec.tracking.uri),
+        experiment=spec.tracking.experiment or spec.name,
+        progress=progress,
+        storage_uri=storage_uri if is_uri(storage_uri) else None,  # None: every file is under sweep_dir
+    )
+
+
+def _refuse_existing(spec: SweepSpec, sweep_dir: Path, remote: str | None) -> None:
+    """A fresh start into a folder (or URI storage) that holds a sweep is a ``SpecError``."""
+    where: Path | str | None = sweep_dir if (sweep_dir / SPEC_FILE).exists() else None
+    if where is None and remote and read_text(remote, SPEC_FILE) is not None:
+        where = remote
+    if where is not None:
+        raise SpecError(
+            "name",
+            f"sweep {spec.name!r} already exists at {where}: resume it (--resume / resume=True) or "
+            "give a new name (--name / name=...)",
+        )
+
+
+def _write_spec(spec: SweepSpec, sweep_dir: Path, remote: str | None, resume: bool) -> str:
+    """Write ``sweep.yaml`` (with the sweep's UUID: the stored one on resume, else a new one), also to a
+    URI storage; on resume fetch the trials that finished elsewhere. Returns the sweep id."""
     found = _stored_file(sweep_dir, remote or "") if resume else None
     sweep_id = (found[1].get("sweep_id") if found else None) or str(uuid.uuid4())
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -249,55 +278,81 @@ def _run(
         upload_file(sweep_dir / SPEC_FILE, remote, SPEC_FILE)
         if resume:  # trials that finished on other nodes (or machines) must not run again
             download_trials(remote, sweep_dir)
-    if progress and not quiet:
-        print(plan, flush=True)
-        if not verbose:
-            print(f"Ray worker logs: {RAY_LOGS} (--verbose prints them here)", flush=True)
+    return sweep_id
 
-    tracker = SweepTracker(tracking_uri, experiment, spec.name, sweep_id=sweep_id)
-    parent = tracker.start_parent(spec.to_dict())
-    ctx.parent_run_id = parent
-    actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
+
+def _print_plan(plan: str, verbose: bool) -> None:
+    from orchestrator.results.console import RAY_LOGS
+
+    print(plan, flush=True)
+    if not verbose:
+        print(f"Ray worker logs: {RAY_LOGS} (--verbose prints them here)", flush=True)
+
+
+def _fit(
+    spec: SweepSpec,
+    ctx: TrialContext,
+    cluster: dict[str, float],
+    *,
+    resume: bool,
+    progress: bool,
+    verbose: bool,
+) -> list[TrialResult]:
+    """Run Ray Tune (restored on resume when it can be) and collect the trials."""
+    from orchestrator.run.ray_cluster import orphaned_placement_groups_swept
+    from orchestrator.run.tuner import build_tuner, can_restore, collect_trials, restore_tuner
+
     restoring = resume and can_restore(ctx)
     if resume and not restoring:
-        log.warning("resume: no Tune experiment to restore under %s; starting the sweep", sweep_dir)
-    status = "FAILED"
-    try:
-        tuner = (
-            restore_tuner(spec, ctx)
-            if restoring
-            else build_tuner(spec, ctx, cluster, progress=progress, verbose=verbose)
-        )
-        with orphaned_placement_groups_swept():  # freed when a trial driver dies with its node
-            grid = tuner.fit()
-        if remote:  # the trials that ran on other nodes
-            download_trials(remote, sweep_dir)
-        trials = collect_trials(grid, spec, sweep_dir)
-        best = pick_best(trials, spec.objective.metric, spec.objective.mode)
-        rows = report.results_table([_row_input(t) for t in trials], search_keys=list(spec.search))
-        budget = spec.objective.memory_budget_gb
-        fit_row = report.best_within(rows, budget) if budget is not None else None
-        fit = next((t for t in trials if fit_row and t.trial_id == fit_row["trial_id"]), None)
-        table = report.format_table(rows)
-        best_id = best and (best.trial_id, spec.objective.metric, best.metrics.get(spec.objective.metric))
-        best_config = config_text(dict(_row_input(best)["config"])) if best else ""
-        summary = report.summary_lines(rows, best_id, budget, fit_row, best_config=best_config)
-        description = mlflow_ui.sweep_description(spec.name, table, summary)
-        paths = tracker.log_summary(rows, sweep_dir, memory_budget_gb=budget, description=description)
-        compare = mlflow_ui.compare_url(
-            mlflow_ui.ui_base(tracking_uri), tracker.child_run_ids(), tracker.experiment_id
-        )
-        if progress:
-            print(table, flush=True)
-        if progress and not quiet:
-            print(summary, flush=True)
-        if spec.after_trial.merges:
-            prune_merged(
-                sweep_dir, best.trial_id if best else None, PRUNE_POLICY[spec.after_trial.keep_merged]
-            )
-        status = "FINISHED"
-    finally:
-        tracker.end_parent(status)
+        log.warning("resume: no Tune experiment to restore under %s; starting the sweep", ctx.sweep_dir)
+    if restoring:
+        tuner = restore_tuner(spec, ctx)
+    else:
+        tuner = build_tuner(spec, ctx, cluster, progress=progress, verbose=verbose)
+    with orphaned_placement_groups_swept():  # freed when a trial driver dies with its node
+        grid = tuner.fit()
+    if ctx.storage_uri:  # the trials that ran on other nodes
+        download_trials(ctx.storage_uri, ctx.sweep_dir)
+    return collect_trials(grid, spec, ctx.sweep_dir)
+
+
+def objective_goals(spec: SweepSpec) -> list[Goal]:
+    """The sweep's objective as ``best``'s goals: ``[(objective.metric, objective.mode)]``."""
+    return [(spec.objective.metric, spec.objective.mode)]
+
+
+def _summarise(
+    spec: SweepSpec,
+    trials: list[TrialResult],
+    tracker: SweepTracker,
+    sweep_dir: Path,
+    *,
+    progress: bool,
+    quiet: bool,
+) -> SweepResult:
+    """The results table, the best trial (``best.best_trial`` by the objective, as the files, the
+    MLflow tags and the parent's description have it), printed and logged on the parent run."""
+    from orchestrator.results import mlflow_ui, report
+    from orchestrator.results.console import searched_text
+
+    goals = objective_goals(spec)
+    rows = report.results_table([_row_input(t) for t in trials], list(spec.search), goals)
+    budget = spec.objective.memory_budget_gb
+    best_row = best_trial(rows, goals)
+    fit_row = report.best_within(rows, budget, goals) if budget is not None else None
+    best, fit = (_trial_of(trials, row) for row in (best_row, fit_row))
+    table = report.format_table(rows)
+    best_searched = searched_text(_row_input(best)["searched"]) if best else ""
+    summary = report.summary_lines(rows, best_row, goals, budget, fit_row, best_searched)
+    description = mlflow_ui.sweep_description(spec.name, table, summary)
+    paths = tracker.log_summary(rows, sweep_dir, goals, memory_budget_gb=budget, description=description)
+    if progress:
+        print(table, flush=True)
+    if progress and not quiet:
+        print(summary, flush=True)
+    compare = mlflow_ui.compare_url(
+        mlflow_ui.ui_base(tracker.tracking_uri), tracker.child_run_ids(), tracker.experiment_id
+    )
     return SweepResult(
         name=spec.name,
         sweep_dir=str(sweep_dir),
@@ -306,13 +361,12 @@ def _run(
         best_within_budget=fit,
         mlflow_compare_url=compare,
         results_csv=str(paths["csv"]),
-        mlflow_parent_run_id=parent,
-        tracking_uri=tracking_uri,
-        plan_text=plan,
         table_text=table,
-        wall_s=time.perf_counter() - t0,
-        spec=spec,
     )
+
+
+def _trial_of(trials: list[TrialResult], row: dict[str, Any] | None) -> TrialResult | None:
+    return next((t for t in trials if row is not None and t.trial_id == row["trial_id"]), None)
 
 
 def _tracking_origin(spec: SweepSpec) -> str:
@@ -325,11 +379,11 @@ def _tracking_origin(spec: SweepSpec) -> str:
 
 
 def _row_input(t: TrialResult) -> dict[str, Any]:
-    config = {k: (value_label(v) if isinstance(v, dict) else v) for k, v in t.config.items()}
+    searched = {k: (value_label(v) if isinstance(v, dict) else v) for k, v in t.searched.items()}
     return {
         "trial_id": t.trial_id,
         "status": t.status,
-        "config": config,
+        "searched": searched,
         "metrics": t.metrics,
         "error": t.error,
     }

@@ -20,7 +20,8 @@ from tokentune.assets import (
     default_train_data,
     default_val_data,
 )
-from tools.build_assets import RESPONSE_HEADER, format_prompt
+from tokentune.data import RESPONSE_HEADER
+from tools.asset_common import format_prompt
 
 MAX_MODEL_BYTES = 20 * 2**20
 

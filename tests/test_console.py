@@ -1,5 +1,5 @@
 """The sweep's console (orchestrator.results.console and the ``tokentune sweep`` ending): progress lines with
-counts and ETA, stopped vs failed, the best trial's config in one line, ``--quiet``."""
+counts and ETA, stopped vs failed, the best trial's searched values in one line, ``--quiet``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import re
 from types import SimpleNamespace
 
-from orchestrator.results.console import SweepProgress, config_text, duration
+from orchestrator.results.console import SweepProgress, duration, searched_text
 from orchestrator.results.trial_status import trial_dir, write_status
 
 
@@ -15,11 +15,11 @@ def _trial(tid: str, **config) -> SimpleNamespace:
     return SimpleNamespace(trial_id=tid, config=config)
 
 
-def test_config_text_and_duration():
-    assert config_text({"methods": ["lora", "tokentune"], "lora.rank": 4, "ist.budget": None}) == (
+def test_searched_text_and_duration():
+    assert searched_text({"methods": ["lora", "tokentune"], "lora.rank": 4, "ist.budget": None}) == (
         "methods=lora+tokentune lora.rank=4"
     )
-    long = config_text({f"k{i}": "x" * 10 for i in range(20)}, limit=40)
+    long = searched_text({f"k{i}": "x" * 10 for i in range(20)}, limit=40)
     assert len(long) == 40 and long.endswith("...")
     assert [duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
 

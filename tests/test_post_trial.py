@@ -246,15 +246,15 @@ def test_prune_merged(tmp_path):
             (tmp_path / "trials" / tid / "final").mkdir(exist_ok=True)
 
     make()
-    assert prune_merged(tmp_path, "t2", "none") == []
+    assert prune_merged(tmp_path, "t2", "all") == []  # keep: what stays
     deleted = prune_merged(tmp_path, "t2", "best")
     assert sorted(p.parent.name for p in deleted) == ["t1", "t3"]
     assert (tmp_path / "trials" / "t2" / "merged").is_dir() and (
         tmp_path / "trials" / "t1" / "final"
     ).is_dir()
     make()
-    assert len(prune_merged(tmp_path, "t2", "all")) == 3
-    with pytest.raises(ValueError, match="none, best, all"):
+    assert len(prune_merged(tmp_path, "t2", "none")) == 3
+    with pytest.raises(ValueError, match="keep_merged='some' is invalid: expected one of best, all, none"):
         prune_merged(tmp_path, "t2", "some")
 
 

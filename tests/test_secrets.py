@@ -140,7 +140,7 @@ def test_results_error_column(tmp_path):
     from orchestrator.results import report
 
     trials = [
-        {"trial_id": f"t{i}", "status": "failed", "config": {"lora.rank": 4}, "error": text}
+        {"trial_id": f"t{i}", "status": "failed", "searched": {"lora.rank": 4}, "error": text}
         for i, text in enumerate(TEXTS.values())
     ]
     rows = report.results_table(trials, search_keys=["lora.rank"])

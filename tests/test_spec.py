@@ -61,7 +61,7 @@ def test_every_search_space_loads_and_dry_runs(path):
     trials = spec.dry_run_trials()
     assert len(trials) == spec.num_trials() >= 1
     for t in trials:
-        cfg = spec.trial_config(t.params)
+        cfg = spec.trial_config(t.searched)
         assert cfg.methods == t.config.methods
         assert t.resources["workers"] >= 1
     text = spec.plan_text()
@@ -497,10 +497,10 @@ def test_expand_grid_and_samples_are_seeded():
     )
     spec = load_spec(d)
     assert len(spec.expand_grid()) == 6 and spec.num_trials() == 12
-    a, b = spec.sampled_params(), load_spec(d).sampled_params()
+    a, b = spec.searched_values(), load_spec(d).searched_values()
     assert a == b  # the same seed draws the same values
     assert all(1e-4 <= p["train.lr"] <= 1e-2 and 0.1 <= p["tokentune.ratio"] <= 1.0 for p in a)
-    other = load_spec({**d, "tune": {"num_samples": 2, "seed": 4}}).sampled_params()
+    other = load_spec({**d, "tune": {"num_samples": 2, "seed": 4}}).searched_values()
     assert [p["train.lr"] for p in other] != [p["train.lr"] for p in a]
 
 

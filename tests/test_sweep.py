@@ -231,11 +231,13 @@ def test_quickstart_sweep_end_to_end(tmp_path):
     for rank in ("4", "16"):
         assert by[("lora,tokentune,ist", rank)] <= 0.5 * by[("lora", rank)], by
     assert sorted(r["trial_id"] for r in rows if r["pareto"] == "*")  # the front is marked
+    assert [r["trial_id"] for r in rows if r["best"] == "*"] == [res.best.trial_id]  # one best, everywhere
     assert Path(res.sweep_dir, "sweep.yaml").is_file() and Path(res.sweep_dir, "pareto.png").is_file()
     # MLflow: one parent, one FINISHED child per trial, with loss curves and eval scores
     parents, children = _mlflow_runs(res.tracking_uri, "quickstart")
     assert [p.info.run_id for p in parents] == [res.mlflow_parent_run_id]
     assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["tokentune.best_trial"] == res.best.trial_id
     assert sorted(c.data.tags["tokentune.trial_id"] for c in children) == sorted(
         t.trial_id for t in res.trials
     )
@@ -299,7 +301,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     spec = load_spec(d, [f"storage={store.as_uri()}"], check_inputs=False)
     res = run_sweep(spec, progress=False)
     assert Path(res.sweep_dir) == tmp_path / "sweeps" / "with_failure"
-    by = {(t.config["data.train"], str(t.config["eval.tasks"])): t for t in res.trials}
+    by = {(t.searched["data.train"], str(t.searched["eval.tasks"])): t for t in res.trials}
     assert len(by) == 4, list(by)
     ok, bad_task = by[(None, "None")], by[(None, str(["tt_next", "no_such_task_xyz"]))]
     assert ok.status == "finished" and _finite(ok.metrics["eval/score"])

@@ -27,7 +27,8 @@ from tokentune.assets import (
     default_train_data,
     default_val_data,
 )
-from tools.build_assets import format_prompt, main
+from tools.asset_common import format_prompt
+from tools.build_assets import main
 from tools.build_multi import MAX_TOKENS, MIN_TOKENS
 
 

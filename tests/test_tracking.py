@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.results import report
+from orchestrator.results import best, report
 from orchestrator.results.tracking import (
     TAG_ERROR,
     TAG_PARENT,
@@ -242,7 +242,7 @@ def test_failed_trial_from_another_process_has_error_tag_and_artifact(store, tmp
 
 # ----------------------------------------------------------------------------------- summary
 def _trials():
-    def t(tid, methods, rank, ratio, accs, mem, status="TERMINATED", error=None):
+    def t(tid, methods, rank, ratio, accs, mem, status="finished", error=None):
         metrics = {f"eval/{task}/acc": a for task, a in accs.items()}
         metrics.update({"tokens_per_s": 1000.0, "wall_s": 30.0, "val_loss": 2.0})
         if mem is not None:
@@ -252,7 +252,7 @@ def _trials():
         return {
             "trial_id": tid,
             "status": status,
-            "config": {
+            "searched": {
                 "methods": methods,
                 "lora": {"rank": rank},
                 "tokentune": {"ratio": ratio},
@@ -270,7 +270,7 @@ def _trials():
         t("t3", ["lora"], 8, 1.0, {"a": 0.60, "b": 0.60}, 200 * mib),  # dominated by t2
         t("t4", ["lora", "tokentune"], 16, 0.5, {"a": 0.80, "b": 0.90}, 300 * mib),  # front (best)
         t("t5", ["lora"], 16, 1.0, {"a": 0.80, "b": 0.90}, 400 * mib),  # dominated by t4 (tie on score)
-        t("t6", ["lora"], 32, 1.0, {}, None, status="ERROR", error="RuntimeError: boom"),
+        t("t6", ["lora"], 32, 1.0, {}, None, status="failed", error="RuntimeError: boom"),
     ]
 
 
@@ -313,8 +313,9 @@ def test_results_table_and_pareto_front():
     # objective.memory_budget_gb: the best trial whose measured memory fits
     assert report.best_within(rows, 250 / 1024)["trial_id"] == "t2"
     assert report.best_within(rows, 50 / 1024) is None
+    goals = [("eval/score", "max")]
     lines = report.summary_lines(
-        rows, ("t4", "eval/score", 0.85), 250 / 1024, report.best_within(rows, 250 / 1024)
+        rows, best.best_trial(rows, goals), goals, 250 / 1024, report.best_within(rows, 250 / 1024)
     )
     assert "best trial: t4 (eval/score=0.85, train_gb 300.0MiB measured (estimate 330.0MiB))" in lines
     assert "best within objective.memory_budget_gb=0.244140625: t2 (eval/score=0.7" in lines
@@ -325,7 +326,7 @@ def test_results_table_and_pareto_front():
     gpu_rows = report.results_table(gpu, search_keys=SEARCHED)
     assert report.memory_axis(gpu_rows) == "memory/cuda_peak_gb"
     assert [r["trial_id"] for r in gpu_rows if r["pareto"] == "*"] == ["t2", "t4"]
-    assert report.best_row(rows)["trial_id"] == "t4"
+    assert best.best_trial(rows, [("eval/score", "max")])["trial_id"] == "t4"
     # hand-made rows: equal points are both on the front; missing values are ignored
     hand = [
         {"id": "a", "s": 1.0, "m": 10},
@@ -385,13 +386,74 @@ def test_log_summary_writes_files_and_logs_on_parent(store, tmp_path):
 def test_point_labels_name_methods_and_searched_values_only():
     rows = report.results_table(_trials(), search_keys=SEARCHED)
     names = {"lora", "tokentune"}
-    assert report.config_label(rows[1], names) == "lora,tokentune ratio=0.3 rank=8 lr=0.001"
+    assert report.searched_label(rows[1], names) == "lora,tokentune ratio=0.3 rank=8 lr=0.001"
     # t1 trains without tokentune: its tokentune.ratio did not apply and is not in the label
-    assert report.config_label(rows[0], names) == "lora rank=4 lr=0.001"
+    assert report.searched_label(rows[0], names) == "lora rank=4 lr=0.001"
     # two settings with the same last part are named in full
-    assert report.config_label({"methods": "dora", "lora.rank": 4, "dora.rank": 8}) == (
+    assert report.searched_label({"methods": "dora", "lora.rank": 4, "dora.rank": 8}) == (
         "dora lora.rank=4 dora.rank=8"
     )
+
+
+def test_best_trial_follows_the_objective():
+    rows = report.results_table(_trials(), search_keys=SEARCHED)
+    assert best.best_trial(rows, [("eval/score", "max")])["trial_id"] == "t4"  # t5 ties: row order
+    assert best.best_trial(rows, [("memory/train_gb", "min")])["trial_id"] == "t1"
+    assert best.best_trial(rows, [("val_loss", "min")])["trial_id"] == "t1"  # all equal: the first
+    assert best.best_trial(rows, [("eval/score", "min")])["trial_id"] == "t1"  # t6 failed: never best
+    assert best.best_trial([], [("eval/score", "max")]) is None
+    # a list objective: the finished rows on its front, best first by the first goal
+    goals = [("eval/score", "max"), ("memory/train_gb", "min")]
+    assert [r["trial_id"] for r in best.best_trials(rows, goals)] == ["t4", "t2", "t1"]
+    assert best.best_trial(rows, goals)["trial_id"] == "t4"
+    stopped = [{**r, "status": "stopped"} if r["trial_id"] == "t1" else r for r in rows]
+    assert best.best_trial(stopped, [("memory/train_gb", "min")])["trial_id"] == "t2"  # only finished ones
+    # the table marks what best_trials picks; a goal metric no other column holds gets a column
+    by_memory = report.results_table(_trials(), SEARCHED, [("memory/train_gb", "min")])
+    assert [r["trial_id"] for r in by_memory if r["best"] == "*"] == ["t1"]
+    assert [r["trial_id"] for r in rows if r["best"] == "*"] == ["t4"]
+    trials = _trials()
+    trials[2]["metrics"]["loss"] = 0.1
+    by_loss = report.results_table(trials, SEARCHED, [("loss", "min")])
+    assert by_loss[2]["loss"] == 0.1 and by_loss[2]["best"] == "*"
+    assert report.searched_label(by_loss[2]) == "lora ratio=1 rank=8 lr=0.001"  # no loss=: not searched
+    with pytest.raises(ValueError, match="mode 'up'"):
+        best.best_trial(rows, [("eval/score", "up")])
+
+
+def test_summary_tags_the_trial_the_objective_picks(store, tmp_path):
+    """Objective memory/train_gb (min): the MLflow tag, the parent's description, the results files'
+    mark and ``SweepResult.best`` all name the same trial (the tag once said the best eval/score)."""
+    from orchestrator.api import _summarise
+    from orchestrator.results.types import TrialResult
+    from orchestrator.spec.sweep import load_spec
+
+    uri, _ = store
+    spec = load_spec(
+        {
+            "name": "by-memory",
+            "base": {"methods": ["lora"], "train": {"max_steps": 5}},
+            "search": {"lora.rank": {"grid": [4, 8]}},
+            "objective": {"metric": "memory/train_gb", "mode": "min"},
+        }
+    )
+    trials = [
+        TrialResult(
+            t["trial_id"], {"lora.rank": t["searched"]["lora"]["rank"]}, t["metrics"], t["status"], t["error"]
+        )
+        for t in _trials()
+    ]
+    tracker = SweepTracker(uri, "exp-objective", spec.name)
+    parent = tracker.start_parent({"name": spec.name})
+    result = _summarise(spec, trials, tracker, tmp_path, progress=False, quiet=True)
+    assert result.best is not None and result.best.trial_id == "t1"  # the least memory, not t4's score
+    run = _client(uri).get_run(parent)
+    assert run.data.tags["tokentune.best_trial"] == "t1"
+    assert run.data.metrics["best/memory/train_gb"] == pytest.approx(100 / 1024)
+    assert "best trial: t1 (memory/train_gb=0.09766" in run.data.tags["mlflow.note.content"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["trial_id"] for r in saved if r["best"] == "*"] == ["t1"]
+    assert "best" in (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
 
 
 def test_pareto_plot_without_points(tmp_path):

@@ -176,6 +176,12 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
         default="auto",
         help="device to evaluate on: auto (cuda when available, else cpu), cpu, cuda, cuda:1 (default: auto)",
     )
+    _add_eval_files(p)
+    return p
+
+
+def _add_eval_files(p: argparse.ArgumentParser) -> None:
+    """``tokentune eval``'s options for where the base model, the merged model and the results are."""
     p.add_argument(
         "--base",
         default=None,
@@ -195,7 +201,6 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="FILE.json",
         help="also write the metrics, per-task results and lm-eval's raw output to this JSON file",
     )
-    return p
 
 
 def add_methods_parser(sub: Any) -> argparse.ArgumentParser:

@@ -22,23 +22,29 @@ import torch
 
 from tokentune.config import DataConfig
 from tokentune.errors import ConfigError
+from tokentune.methods.base import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 #: template key -> the placeholders it may use
 TEMPLATE_FIELDS = {"prompt_input": ("instruction", "input"), "prompt_no_input": ("instruction",)}
 
+# The Alpaca template, in the parts the shipped tokenizer and tasks are built from (tools/asset_common)
+PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request."
+)
+PREAMBLE_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+INSTRUCTION_HEADER = "\n\n### Instruction:\n"
+INPUT_HEADER = "\n\n### Input:\n"
+# No trailing newline: lm-eval moves trailing whitespace of a context into the continuation, so the
+# "\n" after "### Response:" must stay a token of its own for context and training prompts to agree.
+RESPONSE_HEADER = "\n\n### Response:"
 ALPACA_TEMPLATE = {
     "prompt_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        f"{PREAMBLE_INPUT}{INSTRUCTION_HEADER}{{instruction}}{INPUT_HEADER}{{input}}{RESPONSE_HEADER}\n"
     ),
-    "prompt_no_input": (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:\n"
-    ),
+    "prompt_no_input": f"{PREAMBLE_NO_INPUT}{INSTRUCTION_HEADER}{{instruction}}{RESPONSE_HEADER}\n",
 }
 
 

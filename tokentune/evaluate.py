@@ -85,8 +85,6 @@ def evaluate(
         "raw": <lm-eval results, JSON-serialisable>}``. Group rows (e.g. ``tokentune_mini``)
         carry the mean over their tasks.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     specs = [parse_task_spec(s) for s in _as_list(tasks)]
@@ -102,25 +100,40 @@ def evaluate(
         manager = TaskManager(include_path=str(default_tasks_dir()), include_defaults=needs_defaults)
         _check_names_indexed([name for name, _ in specs], manager, shipped)
         loaded = [t for name, shots in specs for t in _load_task(manager, name, shots, num_fewshot)]
-        lm = HFLM(pretrained=model_obj, tokenizer=tok, batch_size=batch_size)
-        raw = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=loaded,
-            task_manager=manager,
-            num_fewshot=None,  # set per task in _load_task
-            limit=limit,
-            bootstrap_iters=0,
-            log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        raw = _simple_evaluate(model_obj, tok, loaded, manager, limit, batch_size, seed)
     finally:
         model_obj.train(was_training)
     if raw is None:  # non-zero rank in a distributed run
         return {"results": {}, "metrics": {}, "raw": {}}
     return summarize(raw)
+
+
+def _simple_evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[Any],
+    manager: Any,
+    limit: int | float | None,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any] | None:
+    """``lm_eval.simple_evaluate`` on the loaded ``tasks`` (few-shot counts set per task), seeded."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    return lm_eval.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+        tasks=tasks,
+        task_manager=manager,
+        num_fewshot=None,  # set per task in _load_task
+        limit=limit,
+        bootstrap_iters=0,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:

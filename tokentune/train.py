@@ -37,6 +37,7 @@ from tokentune.engine import DeepSpeedEngine, PlainEngine, dist_info
 from tokentune.files import write_json_atomic
 from tokentune.memory import MemoryMeter, Throughput, reset_peak
 from tokentune.methods import MethodStack, StepContext
+from tokentune.methods.base import IGNORE_INDEX
 from tokentune.models import load_model, load_tokenizer
 
 Report = Callable[..., None]
@@ -95,7 +96,7 @@ def validation_loss(model, batches: list[dict[str, torch.Tensor]], autocast) -> 
     for b in batches:
         with autocast():
             loss = model(**b).loss
-        n = int((b["labels"][:, 1:] != -100).sum())
+        n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(loss) * n
         count += n
     model.train(was_training)

@@ -10,32 +10,25 @@ import json
 import shutil
 from pathlib import Path
 
-# --------------------------------------------------------------------------------------------------
-# Prompt template (must equal the training code's Alpaca template)
-# --------------------------------------------------------------------------------------------------
-PREAMBLE_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request."
+from tokentune.data import (
+    ALPACA_TEMPLATE,
+    INPUT_HEADER,
+    INSTRUCTION_HEADER,
+    PREAMBLE_INPUT,
+    PREAMBLE_NO_INPUT,
+    RESPONSE_HEADER,
 )
-PREAMBLE_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the request."
-)
-INSTRUCTION_HEADER = "\n\n### Instruction:\n"
-INPUT_HEADER = "\n\n### Input:\n"
-# No trailing newline: lm-eval moves trailing whitespace of a context into the continuation, so the
-# "\n" after "### Response:" must stay a token of its own for context and training prompts to agree.
-RESPONSE_HEADER = "\n\n### Response:"
+from tokentune.data import format_prompt as alpaca_prompt
+
+# --------------------------------------------------------------------------------------------------
+# Prompt template: the training code's Alpaca template (tokentune.data), one token per part
+# --------------------------------------------------------------------------------------------------
 TEMPLATE_TOKENS = [PREAMBLE_INPUT, PREAMBLE_NO_INPUT, INSTRUCTION_HEADER, INPUT_HEADER, RESPONSE_HEADER]
 
 
 def format_prompt(instruction: str, input_text: str = "") -> str:
-    """The Alpaca prompt; the response (``output`` + eos) follows it directly."""
-    if input_text:
-        return (
-            f"{PREAMBLE_INPUT}{INSTRUCTION_HEADER}{instruction}{INPUT_HEADER}{input_text}{RESPONSE_HEADER}\n"
-        )
-    return f"{PREAMBLE_NO_INPUT}{INSTRUCTION_HEADER}{instruction}{RESPONSE_HEADER}\n"
+    """The Alpaca prompt (``tokentune.data.format_prompt``); the response (``output`` + eos) follows it."""
+    return alpaca_prompt({"instruction": instruction, "input": input_text}, ALPACA_TEMPLATE)
 
 
 # --------------------------------------------------------------------------------------------------

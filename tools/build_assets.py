@@ -26,6 +26,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from tools.asset_common import (
     ADJECTIVES,
@@ -39,7 +40,6 @@ from tools.asset_common import (
     OPPOSITE,
     PEOPLE,
     PLACES,
-    RESPONSE_HEADER,  # noqa: F401 (re-exported: callers import the template from here)
     SAME,
     SYNONYMS,
     TEMPLATE_TOKENS,
@@ -620,7 +620,7 @@ def _build_model_dir(model_dir: Path, splits: dict, docs: list[str], args: argpa
     return tokenizer
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="output root (default: package)")
     parser.add_argument(
@@ -638,7 +638,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-multi-train", type=int, default=500, help="train rows per multi-token task")
     parser.add_argument("--n-multi-val", type=int, default=25, help="val rows per multi-token task")
     parser.add_argument("--n-multi-test", type=int, default=100, help="test docs per multi-token task")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _write_instruction_data(data_dir: Path, splits: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The shipped train and val rows (instruction, input, output), shuffled with the seed."""
+    strip = ("instruction", "input", "output")
+    train = [{k: r[k] for k in strip} for rows in splits.values() for r in rows["train"]]
+    val = [{k: r[k] for k in strip} for rows in splits.values() for r in rows["val"]]
+    random.Random(SEED + 2).shuffle(train)
+    random.Random(SEED + 3).shuffle(val)
+    write_jsonl(data_dir / "instruct_train.jsonl", train)
+    write_jsonl(data_dir / "instruct_val.jsonl", val)
+    return train, val
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
 
     import os
 
@@ -663,14 +679,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = _build_model_dir(model_dir, splits, docs, args)
 
     print("[4/5] writing instruction data")
-    data_dir = out / "data"
-    strip = ("instruction", "input", "output")
-    train = [{k: r[k] for k in strip} for rows in splits.values() for r in rows["train"]]
-    val = [{k: r[k] for k in strip} for rows in splits.values() for r in rows["val"]]
-    random.Random(SEED + 2).shuffle(train)
-    random.Random(SEED + 3).shuffle(val)
-    write_jsonl(data_dir / "instruct_train.jsonl", train)
-    write_jsonl(data_dir / "instruct_val.jsonl", val)
+    train, val = _write_instruction_data(out / "data", splits)
 
     print("[5/5] writing lm-eval tasks")
     write_tasks(out / "tasks", {name: rows["test"] for name, rows in splits.items()})

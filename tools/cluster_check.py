@@ -203,30 +203,7 @@ def security_problems(path: str | Path) -> list[str]:
     for s in strings:
         if re.search(r"RAY_AUTH_MODE\s*[=:]\s*['\"]?disabled", s):
             problems.append(f"{p}: token authentication is switched off ({s.strip()[:80]!r})")
-    if is_rayjob(config):
-        cluster = (config.get("spec") or {}).get("rayClusterSpec") or {}
-        host = ((cluster.get("headGroupSpec") or {}).get("rayStartParams") or {}).get("dashboard-host")
-        if str(host) != HEAD_DASHBOARD_HOST:
-            problems.append(
-                f"{p}: the head's rayStartParams.dashboard-host is {host!r}, not {HEAD_DASHBOARD_HOST}"
-            )
-        if not _token_auth_in_rayjob(cluster):
-            problems.append(f"{p}: token authentication is not on (authOptions.mode: token)")
-        for c in _containers(cluster):
-            for e in c.get("env") or []:
-                if is_secret_key(str(e.get("name", ""))) and "value" in e:
-                    problems.append(f"{p}: {e['name']} is written in the file; use valueFrom.secretKeyRef")
-    else:
-        starts = [s for s in commands if "ray start" in s]
-        if not starts:
-            problems.append(f"{p}: no `ray start` command found")
-        for s in starts:
-            if "--head" in s and not re.search(r"--dashboard-host[=\s]+127\.0\.0\.1\b", s):
-                problems.append(
-                    f"{p}: a head `ray start` does not bind the dashboard to 127.0.0.1: {s.strip()[:120]!r}"
-                )
-            if not re.search(r"RAY_AUTH_MODE=token\b", s):
-                problems.append(f"{p}: a `ray start` runs without RAY_AUTH_MODE=token: {s.strip()[:120]!r}")
+    problems += _ray_problems(p, config, commands)
     if is_rayjob(config):  # a container's command + args, as one command line
         cluster = (config.get("spec") or {}).get("rayClusterSpec") or {}
         strings += [
@@ -252,6 +229,37 @@ def security_problems(path: str | Path) -> list[str]:
     if is_rayjob(config):
         problems += network_policy_problems(p, docs)
     problems += _secret_problems(p, text)
+    return problems
+
+
+def _ray_problems(p: Path, config: dict[str, Any], commands: list[str]) -> list[str]:
+    """The Ray head's dashboard bound to 127.0.0.1 and token authentication on (a RayJob's cluster spec,
+    else every `ray start` command); no secret written into a RayJob's container env."""
+    problems: list[str] = []
+    if is_rayjob(config):
+        cluster = (config.get("spec") or {}).get("rayClusterSpec") or {}
+        host = ((cluster.get("headGroupSpec") or {}).get("rayStartParams") or {}).get("dashboard-host")
+        if str(host) != HEAD_DASHBOARD_HOST:
+            problems.append(
+                f"{p}: the head's rayStartParams.dashboard-host is {host!r}, not {HEAD_DASHBOARD_HOST}"
+            )
+        if not _token_auth_in_rayjob(cluster):
+            problems.append(f"{p}: token authentication is not on (authOptions.mode: token)")
+        for c in _containers(cluster):
+            for e in c.get("env") or []:
+                if is_secret_key(str(e.get("name", ""))) and "value" in e:
+                    problems.append(f"{p}: {e['name']} is written in the file; use valueFrom.secretKeyRef")
+    else:
+        starts = [s for s in commands if "ray start" in s]
+        if not starts:
+            problems.append(f"{p}: no `ray start` command found")
+        for s in starts:
+            if "--head" in s and not re.search(r"--dashboard-host[=\s]+127\.0\.0\.1\b", s):
+                problems.append(
+                    f"{p}: a head `ray start` does not bind the dashboard to 127.0.0.1: {s.strip()[:120]!r}"
+                )
+            if not re.search(r"RAY_AUTH_MODE=token\b", s):
+                problems.append(f"{p}: a `ray start` runs without RAY_AUTH_MODE=token: {s.strip()[:120]!r}")
     return problems
 
 

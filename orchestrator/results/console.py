@@ -21,11 +21,11 @@ from ray.tune import Callback
 from orchestrator.results.trial_status import read_status, trial_dir
 
 
-def config_text(config: dict[str, Any], limit: int = 90) -> str:
+def searched_text(searched: dict[str, Any], limit: int = 90) -> str:
     """``lora.rank=4 methods=lora+tokentune`` (searched values only, unset ones left out; lists joined by
     ``+``), cut to ``limit``."""
     parts = []
-    for key, value in config.items():
+    for key, value in searched.items():
         if value is None or value == "":  # a searched key this trial's methods do not use
             continue
         if isinstance(value, (list, tuple)):
@@ -65,7 +65,7 @@ class SweepProgress(Callback):
     # ---- Tune hooks ----------------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started.setdefault(trial.trial_id, time.monotonic())
-        self._say(f"trial {trial.trial_id} started | {config_text(_searched(trial.config))}")
+        self._say(f"trial {trial.trial_id} started | {searched_text(_searched(trial.config))}")
         self._counts()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

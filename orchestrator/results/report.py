@@ -2,22 +2,22 @@
 
 A *trial* (the input) is a dict as the sweep collects it::
 
-    {"trial_id": "t_0001", "status": "TERMINATED",
-     "config": {"methods": ["lora"], "lora": {"rank": 8}, "train": {"lr": 1e-3}, ...},  # nested or dotted
+    {"trial_id": "t_0001", "status": "finished",                  # only finished trials can be best
+     "searched": {"methods": ["lora"], "lora.rank": 8, "train.lr": 1e-3, ...},  # dotted or nested
      "metrics": {"eval/tt_next/acc": 0.6, "eval/score": 0.55, "memory/train_gb": 0.11,
                  "memory/estimate_gb": 0.12, "tokens_per_s": 900.0, "wall_s": 41.0, "val_loss": 1.9, ...},
      "error": None}
 
 Metric keys may also sit at the top level of the trial dict. A *row* (the output) is flat: trial id,
-status, the searched config values, eval scores, whether it is on the Pareto front, memory (measured
+status, the searched values, eval scores, whether it is on the Pareto front, memory (measured
 and estimated), cost and loss columns, error.
 
 The memory axis is measured, per worker (``tokentune.memory``): ``memory/cuda_peak_gb`` when every
 trial ran on a GPU, else ``memory/train_gb`` (weights + gradients + optimizer state + saved
 activations, the runtime excluded). ``memory_axis(rows)`` says which.
 
-Nothing here knows a method: columns are the searched keys (or the config keys that differ between
-trials), and a point's label is its method list plus its searched values.
+Nothing here knows a method: columns are the searched keys (or the searched keys whose values differ
+between trials), and a point's label is its method list plus its searched values.
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator.results.best import Goal, best_trial, best_trials, front, number
 from tokentune.files import write_json_atomic, write_text_atomic
 from tokentune.redact import redact_text
 
-#: the run config's method list: the first config column when present
+#: the run config's method list: the first searched column when present
 METHODS_KEY = "methods"
-#: config keys that differ between trials but are not settings worth a column
+#: searched keys that differ between trials but are not settings worth a column
 IGNORED_KEYS = ("train.output_dir", "output_dir", "trial_id", "storage", "name")
 TRAIN_MEMORY = "memory/train_gb"
 CUDA_PEAK = "memory/cuda_peak_gb"
@@ -51,6 +52,7 @@ COST_KEYS = [*MEMORY_KEYS, "tokens_per_s", "wall_s", "val_loss"]
 OPTIONAL_KEYS = (CUDA_PEAK, "memory/process_rss_gb")
 SCORE_KEY = "eval/score"
 PARETO_KEY = "pareto"
+BEST_KEY = "best"  # "*" on the rows ``best.best_trials`` picks by the objective
 MEMORY_LABELS = {
     TRAIN_MEMORY: "measured training memory per worker, GB (weights + grads + optimizer + activations)",
     CUDA_PEAK: "measured CUDA peak allocated per worker, GB",
@@ -69,16 +71,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _metrics_of(trial: Mapping[str, Any]) -> dict[str, Any]:
     metrics = dict(trial.get("metrics") or {})
     for key in COST_KEYS:
@@ -92,27 +84,27 @@ def _metrics_of(trial: Mapping[str, Any]) -> dict[str, Any]:
 
 def eval_score(metrics: Mapping[str, Any]) -> float | None:
     """``eval/score`` if present, else the mean of the ``eval/<task>/acc`` values."""
-    if _number(metrics.get(SCORE_KEY)) is not None:
-        return _number(metrics[SCORE_KEY])
-    accs = [_number(v) for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/acc")]
+    if number(metrics.get(SCORE_KEY)) is not None:
+        return number(metrics[SCORE_KEY])
+    accs = [number(v) for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/acc")]
     accs = [a for a in accs if a is not None]
     return sum(accs) / len(accs) if accs else None
 
 
-def _config_keys(configs: list[dict[str, Any]], search_keys: list[str] | None) -> list[str]:
+def _searched_keys(searched: list[dict[str, Any]], search_keys: list[str] | None) -> list[str]:
     """``search_keys`` as given; else ``methods`` and the keys whose value differs between trials,
     the settings of the methods in the trials' method lists first (in the order the methods appear)."""
     if search_keys is not None:
         return list(search_keys)
-    present = {k for c in configs for k in c}
+    present = {k for c in searched for k in c}
     varying = []
     for key in sorted(present - {METHODS_KEY}):
         if key.endswith(IGNORED_KEYS):
             continue
-        values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in configs}
+        values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in searched}
         if len(values) > 1:
             varying.append(key)
-    order = list(dict.fromkeys(m for c in configs for m in _methods_of(c)))
+    order = list(dict.fromkeys(m for c in searched for m in _methods_of(c)))
     rank = {name: i for i, name in enumerate(order)}
     varying.sort(key=lambda k: rank.get(k.split(".", 1)[0], len(order)))  # stable: sorted within a method
     return ([METHODS_KEY] if METHODS_KEY in present else []) + varying
@@ -126,54 +118,66 @@ def _methods_of(config: Mapping[str, Any]) -> list[str]:
     return [str(m) for m in value] if isinstance(value, (list, tuple)) else []
 
 
-def results_table(trials: list[dict[str, Any]], search_keys: list[str] | None = None) -> list[dict[str, Any]]:
-    """One flat row per trial: trial_id, status, config values, eval scores, cost, val_loss, error.
+def results_table(
+    trials: list[dict[str, Any]],
+    search_keys: list[str] | None = None,
+    goals: Sequence[Goal] = ((SCORE_KEY, "max"),),
+) -> list[dict[str, Any]]:
+    """One flat row per trial: trial_id, status, searched values, eval scores, cost, val_loss, error.
 
-    Config columns are ``search_keys`` when given (a sweep passes its searched keys), else ``methods``
-    plus every config key whose value differs between trials. Eval columns: ``eval/score`` (mean task
-    accuracy) and every ``eval/<task>/acc``.
+    Searched columns are ``search_keys`` when given (a sweep passes its searched keys), else ``methods``
+    plus every searched key whose value differs between trials. Eval columns: ``eval/score`` (mean task
+    accuracy), every ``eval/<task>/acc`` and the metric of each of ``goals`` (the objective) that is
+    no other column. Marks: ``best`` (the rows ``best.best_trials`` picks by ``goals``) and ``pareto``
+    (the front of ``eval/score`` vs measured memory).
     """
-    configs = [flatten(t.get("config") or t.get("params") or {}) for t in trials]
-    keys = _config_keys(configs, search_keys)
+    searched = [flatten(t.get("searched") or {}) for t in trials]
+    keys = _searched_keys(searched, search_keys)
     metrics = [_metrics_of(t) for t in trials]
     acc_keys = sorted({k for m in metrics for k in m if k.startswith("eval/") and k.endswith("/acc")})
-    optional = [k for k in OPTIONAL_KEYS if any(_number(m.get(k)) is not None for m in metrics)]
+    acc_keys += [g for g, _ in goals if g not in (SCORE_KEY, *acc_keys, *COST_KEYS, *keys)]
+    optional = [k for k in OPTIONAL_KEYS if any(number(m.get(k)) is not None for m in metrics)]
     rows = []
-    for trial, config, m in zip(trials, configs, metrics):
+    for trial, values, m in zip(trials, searched, metrics):
         row: dict[str, Any] = {"trial_id": trial.get("trial_id"), "status": trial.get("status")}
         for key in keys:
-            value = config.get(key)
+            value = values.get(key)
             row[key] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         row[SCORE_KEY] = eval_score(m)
         for key in acc_keys:
-            row[key] = _number(m.get(key))
-        row[PARETO_KEY] = None
+            row[key] = number(m.get(key))
+        row[BEST_KEY] = row[PARETO_KEY] = None
         for key in COST_KEYS:
             if key not in OPTIONAL_KEYS or key in optional:
-                row[key] = _number(m.get(key))
+                row[key] = number(m.get(key))
         row["error"] = redact_text(str(trial.get("error") or "")) or None  # errors may quote a secret
         rows.append(row)
     front = {id(r) for r in pareto_front(rows, SCORE_KEY, memory_axis(rows))}
+    best = {id(r) for r in best_trials(rows, goals)}
     for row in rows:
-        row[PARETO_KEY] = "*" if id(row) in front else ""
+        row[BEST_KEY], row[PARETO_KEY] = ("*" if id(row) in best else ""), ("*" if id(row) in front else "")
     return rows
 
 
 def memory_axis(rows: list[dict[str, Any]]) -> str:
     """The measured memory the Pareto front uses: CUDA peak when every trial with a score has one."""
-    scored = [r for r in rows if _number(r.get(SCORE_KEY)) is not None] or rows
-    if scored and all(_number(r.get(CUDA_PEAK)) is not None for r in scored):
+    scored = [r for r in rows if number(r.get(SCORE_KEY)) is not None] or rows
+    if scored and all(number(r.get(CUDA_PEAK)) is not None for r in scored):
         return CUDA_PEAK
     return TRAIN_MEMORY
 
 
 def best_within(
-    rows: list[dict[str, Any]], budget_gb: float, score_key: str = SCORE_KEY, memory_key: str | None = None
+    rows: list[dict[str, Any]],
+    budget_gb: float,
+    goals: Sequence[Goal] | None = None,
+    memory_key: str | None = None,
 ) -> dict[str, Any] | None:
-    """The best-scoring row whose measured memory is at most ``budget_gb`` (None if none fits)."""
+    """The best finished row (``best.best_trial`` by ``goals``, default the highest ``eval/score``)
+    whose measured memory is at most ``budget_gb`` (None if none fits)."""
     memory_key = memory_key or memory_axis(rows)
-    fits = [r for r in rows if (m := _number(r.get(memory_key))) is not None and m <= budget_gb]
-    return best_row(fits, score_key)
+    fits = [r for r in rows if (m := number(r.get(memory_key))) is not None and m <= budget_gb]
+    return best_trial(fits, goals or [(SCORE_KEY, "max")])
 
 
 def columns_of(rows: list[dict[str, Any]]) -> list[str]:
@@ -215,40 +219,30 @@ def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
 def pareto_front(
     rows: list[dict[str, Any]], score_key: str = SCORE_KEY, memory_key: str = TRAIN_MEMORY
 ) -> list[dict[str, Any]]:
-    """Rows no other row dominates (score at least as high and memory at least as low, one strictly).
-
-    Rows missing either value are left out. Returned by memory, lowest first; ties (equal score and
-    memory) are all kept.
+    """Rows no other row dominates (score at least as high and memory at least as low, one strictly):
+    ``best.front`` over (score, max) and (memory, min), any status. Rows missing either value are left
+    out. Returned by memory, lowest first; ties (equal score and memory) are all kept.
     """
-    points = [(r, _number(r.get(score_key)), _number(r.get(memory_key))) for r in rows]
-    points = [(r, s, m) for r, s, m in points if s is not None and m is not None]
-    front = []
-    for row, s, m in points:
-        dominated = any((s2 >= s and m2 <= m) and (s2 > s or m2 < m) for _, s2, m2 in points)
-        if not dominated:
-            front.append((row, s, m))
-    front.sort(key=lambda p: (p[2], -p[1]))
-    return [row for row, _, _ in front]
+    points = front(rows, [(score_key, "max"), (memory_key, "min")])
+    return sorted(points, key=lambda r: (number(r[memory_key]), -number(r[score_key])))
 
 
-def best_row(rows: list[dict[str, Any]], score_key: str = SCORE_KEY) -> dict[str, Any] | None:
-    scored = [r for r in rows if _number(r.get(score_key)) is not None]
-    return max(scored, key=lambda r: _number(r[score_key])) if scored else None
-
-
-def config_label(row: Mapping[str, Any], method_names: set[str] | frozenset[str] = frozenset()) -> str:
-    """A short label from a row's method list and config columns, e.g. ``lora,tokentune rank=8 ratio=0.3``.
+def searched_label(row: Mapping[str, Any], method_names: set[str] | frozenset[str] = frozenset()) -> str:
+    """A short label from a row's method list and searched columns (those before ``eval/score``), e.g.
+    ``lora,tokentune rank=8 ratio=0.3``.
 
     A setting is named by its last part (``rank``), or in full where two columns share it
     (``lora.rank``, ``dora.rank``). A setting of a method in ``method_names`` (every method of the
     sweep) that is not in this row's method list is left out: it did not apply to this trial.
     """
-    skip = {"trial_id", "status", "error", PARETO_KEY, METHODS_KEY, *COST_KEYS}
+    skip = {"trial_id", "status", "error", BEST_KEY, PARETO_KEY, METHODS_KEY, *COST_KEYS}
     active = set(_methods_of(row))
+    columns = list(row)
     keys = [
         k
         for k, v in row.items()
         if k not in skip
+        and (SCORE_KEY not in row or columns.index(k) < columns.index(SCORE_KEY))
         and not k.startswith("eval/")
         and v not in (None, "")
         and not (k.split(".", 1)[0] in method_names and k.split(".", 1)[0] not in active)
@@ -281,13 +275,13 @@ def pareto_plot(
     path.parent.mkdir(parents=True, exist_ok=True)
     memory_key = memory_key or memory_axis(rows)
     points = [
-        r for r in rows if _number(r.get(score_key)) is not None and _number(r.get(memory_key)) is not None
+        r for r in rows if number(r.get(score_key)) is not None and number(r.get(memory_key)) is not None
     ]
     front = pareto_front(points, score_key, memory_key)
     front_ids = {id(r) for r in front}
     method_names = {m for r in rows for m in _methods_of(r)}
     label = MEMORY_LABELS.get(memory_key, memory_key)
-    small = memory_key.endswith("_gb") and all(_number(r[memory_key]) < 1 for r in points)
+    small = memory_key.endswith("_gb") and all(number(r[memory_key]) < 1 for r in points)
     mib = 1024.0 if small else 1.0
     xlabel = label.replace(", GB", ", MiB") if small else label
 
@@ -295,15 +289,15 @@ def pareto_plot(
     if points:
         other = [r for r in points if id(r) not in front_ids]
         ax.scatter(
-            [_number(r[memory_key]) * mib for r in other],
-            [_number(r[score_key]) for r in other],
+            [number(r[memory_key]) * mib for r in other],
+            [number(r[score_key]) for r in other],
             c="tab:gray",
             s=36,
             label="trial",
         )
         ax.scatter(
-            [_number(r[memory_key]) * mib for r in front],
-            [_number(r[score_key]) for r in front],
+            [number(r[memory_key]) * mib for r in front],
+            [number(r[score_key]) for r in front],
             c="tab:red",
             s=60,
             marker="D",
@@ -311,16 +305,16 @@ def pareto_plot(
             zorder=3,
         )
         ax.step(
-            [_number(r[memory_key]) * mib for r in front],
-            [_number(r[score_key]) for r in front],
+            [number(r[memory_key]) * mib for r in front],
+            [number(r[score_key]) for r in front],
             where="post",
             c="tab:red",
             alpha=0.5,
         )
         for r in points:
             ax.annotate(
-                config_label(r, method_names),
-                (_number(r[memory_key]) * mib, _number(r[score_key])),
+                searched_label(r, method_names),
+                (number(r[memory_key]) * mib, number(r[score_key])),
                 textcoords="offset points",
                 xytext=(4, 4),
                 fontsize=7,
@@ -347,34 +341,34 @@ def pareto_plot(
 # ------------------------------------------------------------------------------------ console
 def summary_lines(
     rows: list[dict[str, Any]],
-    best: tuple[str, str, Any] | None,
+    best: Mapping[str, Any] | None,
+    goals: Sequence[Goal],
     budget_gb: float | None = None,
-    fit: dict[str, Any] | None = None,
-    best_config: str = "",
+    fit: Mapping[str, Any] | None = None,
+    best_searched: str = "",
 ) -> str:
-    """``best trial: <id> (<metric>=<value>, train_gb 12.3MiB measured (estimate 13.1MiB)) | <best_config>``
-    and, with
-    ``objective.memory_budget_gb``, the best trial measured within it (``fit``, from ``best_within``)."""
+    """``best trial: <id> (<metric>=<value>, train_gb 12.3MiB measured (estimate 13.1MiB)) | <searched>``
+    (``best``: the row ``best.best_trial`` picked by ``goals``) and, with ``objective.memory_budget_gb``,
+    the best trial measured within it (``fit``, from ``best_within``)."""
     axis = memory_axis(rows)
 
-    def memory(row: Mapping[str, Any] | None) -> str:
-        if row is None or _number(row.get(axis)) is None:
-            return ""
+    def values(row: Mapping[str, Any]) -> str:
         est = _fmt_cell("memory/estimate_gb", row.get("memory/estimate_gb")) or "?"
-        return f", {axis.removeprefix('memory/')} {_fmt_cell(axis, row.get(axis))} measured (estimate {est})"
+        parts = [f"{metric}={_fmt(row.get(metric))}" for metric, _ in goals]
+        if number(row.get(axis)) is not None:
+            parts.append(
+                f"{axis.removeprefix('memory/')} {_fmt_cell(axis, row.get(axis))} measured (estimate {est})"
+            )
+        return ", ".join(parts)
 
     lines = []
     if best is not None:
-        trial_id, metric, value = best
-        row = next((r for r in rows if r.get("trial_id") == trial_id), None)
         lines.append(
-            f"best trial: {trial_id} ({metric}={_fmt(value)}{memory(row)})"
-            + (best_config and f" | {best_config}")
+            f"best trial: {best.get('trial_id')} ({values(best)})" + (best_searched and f" | {best_searched}")
         )
     if budget_gb is not None:
         lines.append(
-            f"best within objective.memory_budget_gb={budget_gb}: {fit.get('trial_id')} "
-            f"({SCORE_KEY}={_fmt(fit.get(SCORE_KEY))}{memory(fit)})"
+            f"best within objective.memory_budget_gb={budget_gb}: {fit.get('trial_id')} ({values(fit)})"
             if fit
             else f"no trial measured within objective.memory_budget_gb={budget_gb} ({axis})"
         )
@@ -392,7 +386,7 @@ def _fmt(value: Any) -> str:
 
 
 def _fmt_cell(key: str, value: Any) -> str:
-    x = _number(value)
+    x = number(value)
     if key.endswith("_gb") and x is not None:
         return f"{x * 1024:.1f}MiB" if x < 1 else f"{x:.2f}GiB"
     if key.endswith("_ratio") and x is not None:

@@ -8,7 +8,7 @@ Tune trial processes write to the same store, and nesting is the ``mlflow.parent
     run_id = tracker.trial_run("t_0001", config)        # get-or-create by trial id; config as params
     tracker.log_metrics(run_id, {"loss": 1.2}, step=10)
     tracker.end_trial(run_id, "FINISHED")
-    tracker.log_summary(rows, sweep_dir)                 # results.csv/.json, pareto.png on the parent
+    tracker.log_summary(rows, sweep_dir, goals)          # results.csv/.json, pareto.png, best trial on the parent
     tracker.end_parent("FINISHED")
 
 The tracker pickles as its strings, so a Tune trial (another process) rebuilds it and logs into its own
@@ -27,11 +27,12 @@ import re
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from orchestrator.results import report
+from orchestrator.results.best import Goal, best_trial
 from orchestrator.results.mlflow_ui import DESCRIPTION_TAG, KIND_TAGS
 from tokentune.redact import redact, redact_text, redacted_file
 
@@ -347,7 +348,7 @@ class SweepTracker:
         self,
         rows: list[dict[str, Any]],
         out_dir: str | Path,
-        score_key: str = "eval/score",
+        goals: Sequence[Goal] = ((report.SCORE_KEY, "max"),),
         memory_key: str | None = None,
         memory_budget_gb: float | None = None,
         description: str | None = None,
@@ -355,20 +356,14 @@ class SweepTracker:
         """Write results.csv, results.json and pareto.png to ``out_dir`` and log them on the parent.
 
         Also logs the table as an MLflow table artifact (``results_table.json``, shown in the UI's
-        artifact view), the best trial's score and measured memory (``memory_key``, default
-        ``report.memory_axis``) as parent metrics, the Pareto front as a tag, and with
-        ``memory_budget_gb`` the best trial within it (``tokentune.best_within_budget``).
+        artifact view), the Pareto front (``eval/score`` vs measured memory ``memory_key``, default
+        ``report.memory_axis``) as a tag, the best trial by ``goals`` (the sweep's objective, picked by
+        ``best.best_trial`` as everywhere else) as the tag ``tokentune.best_trial`` with its goal
+        metrics, score and memory as parent metrics ``best/<metric>``, and with ``memory_budget_gb`` the
+        best trial within it (``tokentune.best_within_budget``).
         """
         memory_key = memory_key or report.memory_axis(rows)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "csv": report.write_csv(rows, out_dir / "results.csv"),
-            "json": report.write_json(rows, out_dir / "results.json"),
-            "pareto": report.pareto_plot(
-                rows, out_dir / "pareto.png", score_key=score_key, memory_key=memory_key
-            ),
-        }
+        paths = _write_summary(rows, Path(out_dir), memory_key)
         if self.parent_run_id is None:
             return paths
         for path in paths.values():
@@ -380,18 +375,15 @@ class SweepTracker:
             except Exception as err:  # pandas missing or an odd column type: fall back to plain JSON
                 log.warning("log_table failed (%s); logging the table as JSON", err)
                 self.client.log_dict(self.parent_run_id, table, "results_table.json")
-        front = report.pareto_front(rows, score_key, memory_key)
-        best = report.best_row(rows, score_key)
+        front = report.pareto_front(rows, report.SCORE_KEY, memory_key)
+        best = best_trial(rows, goals)
         tags: dict[str, Any] = {"tokentune.pareto_front": ",".join(str(r.get("trial_id")) for r in front)}
         if best is not None:
             tags["tokentune.best_trial"] = best.get("trial_id")
-            self.log_metrics(
-                self.parent_run_id,
-                {f"best/{k}": best.get(k) for k in (score_key, memory_key, "val_loss")},
-                None,
-            )
+            keys = dict.fromkeys([*(m for m, _ in goals), report.SCORE_KEY, memory_key, "val_loss"])
+            self.log_metrics(self.parent_run_id, {f"best/{k}": best.get(k) for k in keys}, None)
         if memory_budget_gb is not None:
-            fit = report.best_within(rows, memory_budget_gb, score_key, memory_key)
+            fit = report.best_within(rows, memory_budget_gb, goals, memory_key)
             tags["tokentune.best_within_budget"] = fit.get("trial_id") if fit else "none"
         if description:  # the parent run's description in the UI (markdown)
             tags[DESCRIPTION_TAG] = description
@@ -402,6 +394,16 @@ class SweepTracker:
         """The trial runs under the parent, oldest first."""
         runs = self._matches(f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'") if self.parent_run_id else []
         return [r.info.run_id for r in sorted(runs, key=lambda r: r.info.start_time or 0)]
+
+
+def _write_summary(rows: list[dict[str, Any]], out_dir: Path, memory_key: str) -> dict[str, Path]:
+    """results.csv, results.json and pareto.png in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "csv": report.write_csv(rows, out_dir / "results.csv"),
+        "json": report.write_json(rows, out_dir / "results.json"),
+        "pareto": report.pareto_plot(rows, out_dir / "pareto.png", memory_key=memory_key),
+    }
 
 
 def _quote(value: str) -> str:

@@ -18,7 +18,7 @@ class TrialResult:
     """One trial: its searched values, final metrics and outcome."""
 
     trial_id: str
-    config: dict[str, Any]  # the searched values, e.g. {"lora.rank": 8, "methods": ["lora"]}
+    searched: dict[str, Any]  # its values of the searched keys, e.g. {"lora.rank": 8, "methods": ["lora"]}
     metrics: dict[str, Any] = field(default_factory=dict)
     status: str = "pending"  # finished | failed | stopped | pending | planned (dry run)
     error: str | None = None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.results.trial_status import log_event
+from orchestrator.spec.sections import KEEP_MERGED
 from tokentune.config import EvalConfig
 from tokentune.files import write_json_atomic
 from tokentune.redact import redact, redact_text
@@ -41,7 +42,6 @@ from tokentune.settings import build_section
 
 log = logging.getLogger(__name__)
 
-PRUNE_POLICIES = ("none", "best", "all")
 _RESULT_KEYS = ("metrics", "results", "merged_dir", "eval_json", "error")
 
 
@@ -106,53 +106,22 @@ def merge_and_evaluate(
         "eval/wall_s": float}, "results": {task: {metric: value}}, "merged_dir": str | None,
         "eval_json": str | None, "error": None | str}``.
     """
-    from tokentune.evaluate import evaluate_checkpoint, prepare_checkpoint
-
     final_dir, trial_dir = Path(final_dir).resolve(), Path(trial_dir).resolve()
     trial_dir.mkdir(parents=True, exist_ok=True)
     eval_json = trial_dir / "eval.json"
     cfg = as_eval_config(eval_cfg)
     if evaluate and reuse and (old := _cached(eval_json, cfg, final_dir)) is not None:
         log.info("post-trial: reusing %s", eval_json)
-        return {k: old.get(k) for k in _RESULT_KEYS}
+        return _result_keys(old)
 
-    out: dict[str, Any] = {
-        "metrics": {},
-        "results": {},
-        "merged_dir": None,
-        "eval_json": str(eval_json) if evaluate else None,
-        "error": None,
-        "final_dir": str(final_dir),
-        "eval_config": dataclasses.asdict(cfg),
-        "raw": None,
-    }
+    out = _new_result(final_dir, eval_json if evaluate else None, cfg)
     t0 = time.perf_counter()
-    stage = "merge"
-    made = False
-    target: Path | None = None
+    stage, made, target = "merge", False, None  # what the finally block needs to clean up
     try:
-        log_event(trial_dir, "merge_started")
-        target, made = prepare_checkpoint(final_dir, trial_dir / "merged")
-        log_event(trial_dir, "merge_finished")
-        out["merged_dir"] = str(target)
-        out["metrics"]["merge_s"] = time.perf_counter() - t0
+        target, made = _merge_into(out, final_dir, trial_dir)
         if evaluate:
             stage = "evaluation"
-            log_event(trial_dir, "eval_started")
-            t1 = time.perf_counter()
-            summary = evaluate_checkpoint(
-                target,
-                tasks=cfg.tasks,
-                num_fewshot=cfg.num_fewshot,
-                limit=cfg.limit,
-                batch_size=cfg.batch_size,
-                device=device,
-            )
-            out["results"] = summary["results"]
-            out["raw"] = summary.get("raw")
-            out["metrics"].update(summary["metrics"])
-            out["metrics"]["eval/wall_s"] = time.perf_counter() - t1
-            log_event(trial_dir, "eval_finished")
+            _evaluate_into(out, target, trial_dir, cfg, device)
     except Exception as err:
         out["error"] = redact_text(f"{stage} failed: {type(err).__name__}: {err}")
         out["traceback"] = redact_text(traceback.format_exc())
@@ -166,7 +135,56 @@ def merge_and_evaluate(
         _write_json(eval_json, out)
     if strict and out["error"]:
         raise PostTrialError(out["error"])
-    return {k: out[k] for k in _RESULT_KEYS}
+    return _result_keys(out)
+
+
+def _new_result(final_dir: Path, eval_json: Path | None, cfg: EvalConfig) -> dict[str, Any]:
+    """An empty result (what ``eval.json`` holds): no metrics, no error yet."""
+    return {
+        "metrics": {},
+        "results": {},
+        "merged_dir": None,
+        "eval_json": None if eval_json is None else str(eval_json),
+        "error": None,
+        "final_dir": str(final_dir),
+        "eval_config": dataclasses.asdict(cfg),
+        "raw": None,
+    }
+
+
+def _merge_into(out: dict[str, Any], final_dir: Path, trial_dir: Path) -> tuple[Path, bool]:
+    """Merge (``trial_dir/merged``; a full checkpoint is used in place); the merged folder and whether
+    it was made here, recorded in ``out``."""
+    from tokentune.evaluate import prepare_checkpoint
+
+    t0 = time.perf_counter()
+    log_event(trial_dir, "merge_started")
+    target, made = prepare_checkpoint(final_dir, trial_dir / "merged")
+    log_event(trial_dir, "merge_finished")
+    out["merged_dir"] = str(target)
+    out["metrics"]["merge_s"] = time.perf_counter() - t0
+    return target, made
+
+
+def _evaluate_into(out: dict[str, Any], target: Path, trial_dir: Path, cfg: EvalConfig, device: str) -> None:
+    """Run lm-eval on the merged ``target``; its results and metrics go into ``out``."""
+    from tokentune.evaluate import evaluate_checkpoint
+
+    log_event(trial_dir, "eval_started")
+    t1 = time.perf_counter()
+    summary = evaluate_checkpoint(
+        target,
+        tasks=cfg.tasks,
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
+    out["results"] = summary["results"]
+    out["raw"] = summary.get("raw")
+    out["metrics"].update(summary["metrics"])
+    out["metrics"]["eval/wall_s"] = time.perf_counter() - t1
+    log_event(trial_dir, "eval_finished")
 
 
 # ------------------------------------------------------------------------------------ Ray task
@@ -301,13 +319,12 @@ def run_post_trial(
     except Exception as err:  # RayTaskError, ActorDiedError, GetTimeoutError, OutOfMemoryError ...
         msg = _failure(err, timeout_s)
     log.error("post-trial of %s: %s", trial_dir, msg)
-    return {
-        "metrics": {},
-        "results": {},
-        "merged_dir": None,
-        "eval_json": str(Path(trial_dir).resolve() / "eval.json") if evaluate else None,
-        "error": msg,
-    }
+    eval_json = Path(trial_dir).resolve() / "eval.json" if evaluate else None
+    return {**_result_keys(_new_result(Path(final_dir), eval_json, as_eval_config(eval_cfg))), "error": msg}
+
+
+def _result_keys(out: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: out.get(k) for k in _RESULT_KEYS}
 
 
 def _failure(err: BaseException, timeout_s: float | None) -> str:
@@ -340,24 +357,25 @@ def _reserved(resources: Mapping[str, Any] | None, timeout_s: float | None) -> I
 
 
 # ---------------------------------------------------------------------------------- pruning
-def prune_merged(sweep_dir: str | Path, best_trial_id: str | None, policy: str = "best") -> list[Path]:
-    """Delete ``<sweep_dir>/trials/*/merged`` per ``policy``; returns the deleted folders.
+def prune_merged(sweep_dir: str | Path, best_trial_id: str | None, keep: str = "best") -> list[Path]:
+    """Delete the ``<sweep_dir>/trials/*/merged`` checkpoints that ``keep`` (``after_trial.keep_merged``)
+    does not keep; returns the deleted folders.
 
-    ``none`` keeps every merged checkpoint, ``best`` keeps only ``best_trial_id``'s, ``all`` deletes
-    them all (adapters in ``final/`` always stay: a merge can be redone).
+    ``all`` keeps every merged checkpoint, ``best`` only ``best_trial_id``'s, ``none`` deletes them all
+    (adapters in ``final/`` always stay: a merge can be redone).
     """
-    if policy not in PRUNE_POLICIES:
+    if keep not in KEEP_MERGED:
         raise ValueError(
-            f"keep-merged policy {policy!r} is invalid: expected one of {', '.join(PRUNE_POLICIES)}"
+            f"after_trial.keep_merged={keep!r} is invalid: expected one of {', '.join(KEEP_MERGED)}"
         )
-    if policy == "none":
+    if keep == "all":
         return []
     deleted = []
     trials = Path(sweep_dir) / "trials"
     for merged in sorted(trials.glob("*/merged*")):
         if merged.name not in ("merged", "merged.tmp") or merged.is_symlink() or not merged.is_dir():
             continue
-        if policy == "best" and merged.parent.name == str(best_trial_id) and merged.name == "merged":
+        if keep == "best" and merged.parent.name == str(best_trial_id) and merged.name == "merged":
             continue
         shutil.rmtree(merged)
         deleted.append(merged)

@@ -60,15 +60,15 @@ def project_root() -> str:
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers: :data:`PROPAGATED_ENV` of this process, the project importable."""
     env = {k: os.environ[k] for k in PROPAGATED_ENV if os.environ.get(k)}
-    env[TRAIN_POLL_ENV] = train_poll_interval()
+    env[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV) or TRAIN_POLL_S
     path = [project_root(), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
     return env
 
 
-def train_poll_interval() -> str:
-    """:data:`TRAIN_POLL_ENV` for Ray Train controllers started from this process (set here when unset:
-    Ray Train hands a controller the creating process's value)."""
+def set_train_poll_interval() -> str:
+    """Set :data:`TRAIN_POLL_ENV` in this process's environment when unset (Ray Train hands a controller
+    started from this process its value); returns the value."""
     return os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
 
 
@@ -93,6 +93,7 @@ def init_ray(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return dict(ray.cluster_resources())
+    set_train_poll_interval()  # for the Train controllers this process starts; workers get it below
     env = dict(runtime_env or {})
     env["env_vars"] = {**worker_env(), **env.get("env_vars", {})}
     env = without_job_conflicts(env)

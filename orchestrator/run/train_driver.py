@@ -33,7 +33,7 @@ from typing import Any
 from orchestrator.run.ray_cluster import (
     init_ray,
     orphaned_placement_groups_swept,
-    train_poll_interval,
+    set_train_poll_interval,
     worker_env,
 )
 from orchestrator.run.train_worker import (
@@ -289,7 +289,7 @@ def _trainer(fn, loop_config, cfg: RunConfig, use_gpu: bool, name, storage, max_
     resources = {"CPU": c.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = c.gpus_per_worker
-    train_poll_interval()  # the controller polls reports every 0.2 s, not 2 s
+    set_train_poll_interval()  # the controller polls reports every 0.2 s, not 2 s
     return TorchTrainer(
         fn,
         train_loop_config=loop_config,

@@ -127,6 +127,17 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             on_phase=phase,
         )
 
+    return _report_final(res, cfg, out_dir, launch, attempt, rank, world, device)
+
+
+def _report_final(
+    res: Any, cfg: RunConfig, out_dir: Path, launch: str, attempt: int, rank: int, world: int, device: Any
+) -> dict[str, Any]:
+    """The run's last report: final metrics (loss averaged over ranks) and, from rank 0, the final
+    adapter as the Ray Train checkpoint ``final`` (with ``done.json``); returns what the driver gets."""
+    import ray.train
+
+    history_file = out_dir / HISTORY_FILE
     digests = _gather_strings(res.trainable_digest, world)
     final = {
         **(res.history[-1] if res.history else {}),

@@ -60,7 +60,7 @@ class TrialFailed(RuntimeError):
 
 @dataclass
 class TrialContext:
-    """What every trial of a sweep needs besides its sampled config (picklable: the spec and strings)."""
+    """What every trial of a sweep needs besides its searched values (picklable: the spec and strings)."""
 
     spec: SweepSpec  # the resolved, validated sweep spec (pickled to the trial as the object)
     sweep_dir: str  # local, absolute: trials/, mlflow.db, results.* (on each node, for a URI storage)
@@ -91,9 +91,11 @@ class TrialReportCallback(TuneReportCallback):
 
 # ---- the trial ------------------------------------------------------------------------------------------
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """The Tune trainable: train (Ray Train), merge + evaluate (a Ray task), record, report."""
+    """The Tune trainable: train (Ray Train), merge + evaluate (a Ray task), record, report. ``config``
+    is Tune's name for the trial's searched values (as Tune sampled them)."""
     import ray.tune
 
+    searched = config
     trial_id = ray.tune.get_context().get_trial_id()
     spec = ctx.spec
     tdir = trial_dir(ctx.sweep_dir, trial_id)
@@ -101,14 +103,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     tracker = _tracker(ctx, spec)
     log_event(tdir, "trial started", trial_id=trial_id)
-    done = read_status(tdir)
-    if ctx.storage_uri and (done is None or done.get("status") != "finished"):
-        from orchestrator.run.storage_sync import fetch_status, stored_wins
-
-        stored = fetch_status(ctx.storage_uri, trial_id)  # it may have finished on another node
-        if stored is not None and stored_wins(done, stored):
-            done = stored
-    if done and done.get("status") == "finished" and done.get("metrics"):
+    done = _finished_before(ctx, tdir, trial_id)
+    if done is not None:
         log_event(tdir, "skipped (finished before)")
         close_open_run(tracker, tdir, done)
         ray.tune.report({**done["metrics"], FINAL_FLAG: 1})
@@ -117,9 +113,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run_id = None
     t0 = time.perf_counter()
     try:
-        cfg = spec.trial_config(config)
+        cfg = spec.trial_config(searched)
         cfg.train.output_dir = str(tdir)
-        run_id = tracker.trial_run(trial_id, _params(cfg.to_dict(), config))
+        run_id = tracker.trial_run(trial_id, _params(cfg.to_dict(), searched))
         tracker.set_tags(run_id, {"tokentune.trial_dir": str(tdir), "tokentune.status": "running"})
         metrics = _train_and_evaluate(spec, cfg, trial_id, tdir, ctx)
         metrics["trial_wall_s"] = time.perf_counter() - t0
@@ -130,27 +126,55 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
                 tracker.set_tags(run_id, {"tokentune.status": "stopped"})
                 tracker.end_trial(run_id, "KILLED", "stopped by Ray Tune (early stopping or time limit)")
             raise
-        msg = redact_text(_error_text(err))
-        log_event(tdir, "failed", error=msg)
-        detail = redact_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))[-20000:]
-        write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, config=_jsonable(config))
-        _upload(ctx, tdir, trial_id)
-        if run_id is not None:
-            _artifacts(tracker, run_id, tdir)
-            tracker.set_tags(run_id, {"tokentune.status": "failed"})
-            tracker.end_trial(run_id, "FAILED", msg)
+        msg = _record_failure(err, ctx, tracker, run_id, tdir, trial_id, searched)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         raise TrialFailed(msg) from None  # the original may quote a secret; Tune stores what is raised
 
     metrics.update(phase_durations(tdir))
     write_status(
-        tdir, "finished", trial_id=trial_id, metrics=metrics, config=_jsonable(config), run_id=run_id
+        tdir, "finished", trial_id=trial_id, metrics=metrics, searched=_jsonable(searched), run_id=run_id
     )
     _upload(ctx, tdir, trial_id)
     _close_finished_run(tracker, run_id, tdir, metrics, cfg.train.max_steps)
     log_event(tdir, "logged")
     ray.tune.report({**metrics, FINAL_FLAG: 1})
+
+
+def _finished_before(ctx: TrialContext, tdir: Path, trial_id: str) -> dict[str, Any] | None:
+    """The trial's ``status.json`` if it finished before (with metrics), here or, with a URI storage,
+    on another node; else None."""
+    done = read_status(tdir)
+    if ctx.storage_uri and (done is None or done.get("status") != "finished"):
+        from orchestrator.run.storage_sync import fetch_status, stored_wins
+
+        stored = fetch_status(ctx.storage_uri, trial_id)  # it may have finished on another node
+        if stored is not None and stored_wins(done, stored):
+            done = stored
+    return done if done and done.get("status") == "finished" and done.get("metrics") else None
+
+
+def _record_failure(
+    err: BaseException,
+    ctx: TrialContext,
+    tracker,
+    run_id: str | None,
+    tdir: Path,
+    trial_id: str,
+    searched: dict[str, Any],
+) -> str:
+    """Write the failure (redacted) to events.jsonl, status.json (uploaded) and the MLflow run (ended
+    FAILED); returns the one-line message."""
+    msg = redact_text(_error_text(err))
+    log_event(tdir, "failed", error=msg)
+    detail = redact_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))[-20000:]
+    write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, searched=_jsonable(searched))
+    _upload(ctx, tdir, trial_id)
+    if run_id is not None:
+        _artifacts(tracker, run_id, tdir)
+        tracker.set_tags(run_id, {"tokentune.status": "failed"})
+        tracker.end_trial(run_id, "FAILED", msg)
+    return msg
 
 
 def _upload(ctx: TrialContext, tdir: Path, trial_id: str) -> None:
@@ -267,10 +291,10 @@ def _tracker(ctx: TrialContext, spec: SweepSpec):
     return SweepTracker(ctx.tracking_uri, ctx.experiment, spec.name, parent_run_id=ctx.parent_run_id)
 
 
-def _params(full_config: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
-    """MLflow params of a trial: its whole config, and the sampled values under ``search/``."""
+def _params(full_config: dict[str, Any], searched: dict[str, Any]) -> dict[str, Any]:
+    """MLflow params of a trial: its whole config, and the searched values under ``search/``."""
     params = dict(full_config)
-    params["search"] = {str(k).replace(".", "/"): v for k, v in sampled.items()}
+    params["search"] = {str(k).replace(".", "/"): v for k, v in searched.items()}
     return params
 
 

@@ -14,7 +14,8 @@ workers. The limit lives in the search algorithm (Tune ignores ``TuneConfig.max_
 for a search-generator instance).
 
 ``TuneConfig`` gets no metric/mode: the objective goes to Optuna and ASHA its own metric (Tune
-refuses both at once), and the best trial is picked from ``status.json`` results here.
+refuses both at once), and the best trial is picked from the collected results
+(``orchestrator.results.best``).
 """
 
 from __future__ import annotations
@@ -262,26 +263,26 @@ def collect_trials(grid: Any, spec: SweepSpec, sweep_dir: str | Path) -> list[Tr
     out = []
     for t in _tune_trials(grid):
         tdir = trial_dir(sweep_dir, t.trial_id)
-        params = searched_values(spec, t.config)
+        searched = decode_searched(spec, t.config)
         st = read_status(tdir)
         last = {k: v for k, v in (t.last_result or {}).items() if _loggable(k, v) or k == "step"}
         if st is not None and st.get("status") == "finished":
             out.append(
-                TrialResult(t.trial_id, params, st.get("metrics") or last, "finished", None, str(tdir))
+                TrialResult(t.trial_id, searched, st.get("metrics") or last, "finished", None, str(tdir))
             )
         elif st is not None and st.get("status") == "failed":
             error = redact_text(str(st.get("error") or "")) or None
-            out.append(TrialResult(t.trial_id, params, last, "failed", error, str(tdir)))
+            out.append(TrialResult(t.trial_id, searched, last, "failed", error, str(tdir)))
         elif t.status == "ERROR":
             out.append(
-                TrialResult(t.trial_id, params, last, "failed", redact_text(_tune_error(t)), str(tdir))
+                TrialResult(t.trial_id, searched, last, "failed", redact_text(_tune_error(t)), str(tdir))
             )
         elif t.status == "TERMINATED":
             out.append(
-                TrialResult(t.trial_id, params, last, "stopped", "stopped before it finished", str(tdir))
+                TrialResult(t.trial_id, searched, last, "stopped", "stopped before it finished", str(tdir))
             )
         else:
-            out.append(TrialResult(t.trial_id, params, last, "pending", None, str(tdir)))
+            out.append(TrialResult(t.trial_id, searched, last, "pending", None, str(tdir)))
     return out
 
 
@@ -307,9 +308,9 @@ def _tune_error(trial: Any) -> str:
     return "the trial failed (see the Tune trial's error.txt)"
 
 
-def searched_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
-    """The trial's values of the searched keys (decoded: lists stay lists). A key of a method's section
-    whose method the trial does not use (``tokentune.ratio`` of a ``[lora]`` trial) is None."""
+def decode_searched(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's ``config`` -> its searched values (decoded: lists stay lists). A key of a method's
+    section whose method the trial does not use (``tokentune.ratio`` of a ``[lora]`` trial) is None."""
     from orchestrator.spec.parts import lookup_dotted
     from tokentune.config import RunConfig
     from tokentune.methods import REGISTRY
@@ -324,20 +325,6 @@ def searched_values(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
         if section in REGISTRY and section not in methods:
             out[key] = None
     return out
-
-
-def best_trial(trials: list[TrialResult], metric: str, mode: str) -> TrialResult | None:
-    scored = [
-        t
-        for t in trials
-        if t.status == "finished"
-        and isinstance(t.metrics.get(metric), (int, float))
-        and math.isfinite(t.metrics[metric])
-    ]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda t: t.metrics[metric])
 
 
 def set_tune_env(verbose: bool = False) -> None:

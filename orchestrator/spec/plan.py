@@ -34,10 +34,10 @@ UNKNOWN_MEMORY = "memory: unknown (model shape not available offline)"
 
 @dataclass
 class PlannedTrial:
-    """One trial of the dry run: its sampled values, full config, resources and memory estimate."""
+    """One trial of the dry run: its searched values, full config, resources and memory estimate."""
 
     index: int
-    params: dict[str, Any]
+    searched: dict[str, Any]
     config: RunConfig
     resources: dict[str, Any]
     memory: MemoryEstimate | None
@@ -48,11 +48,11 @@ def dry_run_trials(spec: SweepSpec, n: int | None = None) -> list[PlannedTrial]:
     """The first ``n`` (default: all) planned trials with resources and memory estimates."""
     planned = []
     limit = spec.tune.max_memory_gb
-    for i, params in enumerate(spec.sampled_params()[:n]):
-        cfg = spec.planned_config(params)  # built once per spec: the tuner reads the same
+    for i, searched in enumerate(spec.searched_values()[:n]):
+        cfg = spec.planned_config(searched)  # built once per spec: the tuner reads the same
         mem = estimate_memory(cfg)
         over = over_memory_limit(mem, limit)
-        planned.append(PlannedTrial(i, params, cfg, trial_resources(cfg, spec.tune.driver_cpus), mem, over))
+        planned.append(PlannedTrial(i, searched, cfg, trial_resources(cfg, spec.tune.driver_cpus), mem, over))
     return planned
 
 
@@ -92,7 +92,7 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
         "    (nothing: one configuration)"
     ]
     if t.algorithm == "optuna" or any(d.verb not in ("grid", "fixed") for d in spec.search.values()):
-        lines.append("  (sampled values below are illustrative draws with the seed; Tune draws its own)")
+        lines.append("  (searched values below are illustrative draws with the seed; Tune draws its own)")
     lines += ["", *_trial_table(spec, trials)]
     if len(trials) < spec.num_trials():
         lines.append(f"  ... {spec.num_trials() - len(trials)} more")
@@ -142,7 +142,7 @@ def _trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
         rows.append(
             [
                 str(p.index),
-                *[value_label(p.params[k]) for k in keys],
+                *[value_label(p.searched[k]) for k in keys],
                 str(r["workers"]),
                 f"{r['cpus']:g}",
                 str(r["gpus"]),

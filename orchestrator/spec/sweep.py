@@ -114,26 +114,29 @@ class SweepSpec:
         }
 
     # ---- trials ----------------------------------------------------------------------------------
-    def trial_config(self, tune_config: dict[str, Any] | None = None) -> RunConfig:
-        """The trial's full config, built now (the trial's own, to change): ``base`` plus the sampled values
-        of ``tune_config``.
+    def trial_config(self, searched: dict[str, Any] | None = None) -> RunConfig:
+        """The trial's full config, built now (the trial's own, to change): ``base`` plus its values of
+        the searched keys, ``searched``.
 
-        ``tune_config`` may be flat (``{"lora.rank": 8}``) or nested (``{"lora": {"rank": 8}}``).
+        ``searched`` may be flat (``{"lora.rank": 8}``) or nested (``{"lora": {"rank": 8}}``), and hold
+        values as Tune samples them (encoded lists are decoded); a ``fixed`` key may be left out.
         """
         d = copy.deepcopy(self.base)
         for key, dim in self.search.items():
-            found, value = lookup_dotted(tune_config or {}, key)
+            found, value = lookup_dotted(searched or {}, key)
             if not found and dim.verb != "fixed":
-                raise SpecError(f"search.{key}", f"the trial config has no value for it: {tune_config!r}")
+                raise SpecError(
+                    f"search.{key}", f"the trial's searched values have none for it: {searched!r}"
+                )
             set_dotted(d, key, dim.coerce(value) if found else copy.deepcopy(dim.values[0]))
         return RunConfig.from_dict(d)
 
-    def planned_config(self, params: dict[str, Any]) -> RunConfig:
-        """The config of planned searched values (``sampled_params``, a validated combination), built once
+    def planned_config(self, searched: dict[str, Any]) -> RunConfig:
+        """The config of planned searched values (``searched_values``, a validated combination), built once
         per spec and shared by the validation, the dry run and the tuner: read it, never change it."""
-        key = json.dumps(params, sort_keys=True, default=str)
+        key = json.dumps(searched, sort_keys=True, default=str)
         if key not in self._configs:
-            self._configs[key] = self.trial_config(params)
+            self._configs[key] = self.trial_config(searched)
         return self._configs[key]
 
     def grid_dims(self) -> list[SearchDim]:
@@ -151,10 +154,10 @@ class SweepSpec:
             return self.tune.num_samples
         return len(self.expand_grid()) * self.tune.num_samples
 
-    def sampled_params(self) -> list[dict[str, Any]]:
-        """The trials' searched values: grid product x num_samples, other verbs drawn with the seed.
+    def searched_values(self) -> list[dict[str, Any]]:
+        """The planned trials' searched values: grid product x num_samples, other verbs drawn with the seed.
 
-        The sampled values (and all of Optuna's, which depend on earlier results) are illustrative:
+        The drawn values (and all of Optuna's, which depend on earlier results) are illustrative:
         Ray Tune draws its own with the same seed.
         """
         rng = random.Random(self.tune.seed)
@@ -162,16 +165,16 @@ class SweepSpec:
         out = []
         for _ in range(self.tune.num_samples):
             for point in grid:
-                params = {}
+                searched = {}
                 for key, dim in self.search.items():
-                    params[key] = point[key] if key in point else dim.sample(rng)
-                out.append(params)
+                    searched[key] = point[key] if key in point else dim.sample(rng)
+                out.append(searched)
         return out
 
     def trial_configs(self, n: int | None = None) -> list[RunConfig]:
-        """The configs of the first ``n`` (default: all) trials of ``sampled_params`` (``planned_config``:
+        """The configs of the first ``n`` (default: all) trials of ``searched_values`` (``planned_config``:
         built once, shared, read-only)."""
-        return [self.planned_config(params) for params in self.sampled_params()[:n]]
+        return [self.planned_config(searched) for searched in self.searched_values()[:n]]
 
     def dry_run_trials(self, n: int | None = None) -> list[plan.PlannedTrial]:
         """The first ``n`` (default: all) planned trials with resources and memory estimates."""

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
     from tokentune.estimate import MemoryTerms
     from tokentune.shape import ModelShape
 
+#: the label of a position that gets no loss (PyTorch's ``cross_entropy`` default): prompt tokens and
+#: padding in the batches ``tokentune.data`` builds, and what a method's loss skips
+IGNORE_INDEX = -100
+
 
 @dataclass
 class NoConfig:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from tokentune.errors import ConfigError, check, is_int, is_number
-from tokentune.methods.base import Method, StepContext, register
+from tokentune.methods.base import IGNORE_INDEX, Method, StepContext, register
 from tokentune.methods.ist.layer_sampling import (
     centred_rewards,
     sample_layers,
@@ -145,7 +145,7 @@ def _probe_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]
     if "labels" not in out:
         labels = out["input_ids"].clone()
         if "attention_mask" in out:
-            labels[out["attention_mask"] == 0] = -100
+            labels[out["attention_mask"] == 0] = IGNORE_INDEX
         out["labels"] = labels
     return out
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokentune.methods.base import IGNORE_INDEX
 from tokentune.methods.tokentune.split_forward import (
     Stream,
     additive,
@@ -45,8 +46,6 @@ from tokentune.methods.tokentune.split_forward import (
     unwrap_model,
     validate_mask,
 )
-
-IGNORE_INDEX = -100
 
 
 def attention_mask_for(

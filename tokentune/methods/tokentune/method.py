@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from tokentune.errors import ConfigError, is_int, is_number
-from tokentune.methods.base import Method, StepContext, register
-from tokentune.methods.tokentune.decoder import IGNORE_INDEX, next_token_targets, tokentune_decoder_loss
+from tokentune.methods.base import IGNORE_INDEX, Method, StepContext, register
+from tokentune.methods.tokentune.decoder import next_token_targets, tokentune_decoder_loss
 from tokentune.methods.tokentune.encoder import tokentune_encoder_loss
 from tokentune.methods.tokentune.split_forward import first_last_real, unwrap_model
 from tokentune.settings import setting
