@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_eval_parser(sub)
     add_sweep_parser(sub)
     base.add_methods_parser(sub)
+    base.add_data_parser(sub)
     return parser
 
 

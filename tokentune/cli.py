@@ -1,4 +1,4 @@
-"""The Ray-free commands of ``tokentune``: train (in this process), merge, eval, methods.
+"""The Ray-free commands of ``tokentune``: train (in this process), merge, eval, methods, data preview.
 
 The ``tokentune`` console script is ``orchestrator.cli:main``: it builds on these parsers and handlers
 and adds ``sweep`` and the distributed ``train`` (a Ray Train job). ``python -m tokentune.cli`` runs
@@ -24,6 +24,7 @@ EXAMPLES = """\
   tokentune merge runs/tiny_lora/final runs/tiny_lora/merged   # adapter -> HF checkpoint
   tokentune eval runs/tiny_lora/merged --tasks tokentune_mini  # lm-eval on a checkpoint
   tokentune methods                                            # registered methods and settings
+  tokentune data preview examples/chat_lora.yaml --rows 5       # rendered rows, supervised spans marked
   tokentune methods --all                                      # ... and the run config's sections
 """
 KEY_NOTE = (
@@ -213,6 +214,27 @@ def add_methods_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def add_data_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "data",
+        help="look at a run config's training data (data preview: the rows as the model sees them)",
+        description="Inspect the training data of a run config without training.",
+    )
+    actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    pv = actions.add_parser(
+        "preview",
+        help="print rendered rows with the supervised spans marked, and the token counts",
+        description="Print the first rows of the training data as the model will see them (the chat "
+        "template applied, truncated to data.max_length) with the supervised tokens between [[ and ]], "
+        "each row's token and supervised counts, and the totals: rows kept and dropped, tokens per row, "
+        "supervised tokens, and the optimizer steps (train.epochs resolved).",
+    )
+    pv.add_argument("config", nargs="?", help="run config YAML (omit for the shipped default)")
+    pv.add_argument("--rows", type=_int_at_least(0), default=3, help="rows to print (default 3)")
+    add_set(pv)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The Ray-free command (``python -m tokentune.cli``): train, merge, eval, methods."""
     parser = argparse.ArgumentParser(
@@ -222,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (add_train_parser, add_merge_parser, add_eval_parser, add_methods_parser):
+    for add in (add_train_parser, add_merge_parser, add_eval_parser, add_methods_parser, add_data_parser):
         add(sub)
     return parser
 
@@ -335,6 +357,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """``tokentune data preview``: a data error (a bad row, a missing column) is a ``ConfigError`` (exit 2)."""
+    from tokentune.config import load_config
+    from tokentune.preview import preview_text
+
+    print(redact_text(preview_text(load_config(args.config, args.set), rows=args.rows)))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """Each method: kind, requirements, conflicts, then its settings (default and help)."""
     from tokentune import reference
@@ -364,6 +395,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "merge": cmd_merge,
     "eval": cmd_eval,
     "methods": cmd_methods,
+    "data": cmd_data,
 }
 
 

@@ -13,6 +13,10 @@ merge-then-evaluate path: ``tokentune eval`` calls it, and the sweep's after-tri
 A task is a shipped name (see ``shipped_tasks()``), any lm-eval task/group/tag name, or
 ``name:fewshot``. Only when a non-shipped name is asked for does lm-eval index its ~14k built-in
 tasks (~15 s); a built-in task whose dataset is unavailable offline raises ``RuntimeError``.
+
+The shipped ``*_chat`` tasks (group ``tokentune_mini_chat``) ask their documents as a chat turn: they
+are evaluated with lm-eval's ``apply_chat_template`` (the checkpoint tokenizer's chat template), which
+``apply_chat_template=None`` (auto) turns on exactly when the tasks are chat tasks.
 """
 
 from __future__ import annotations
@@ -47,6 +51,17 @@ def shipped_tasks(tasks_dir: Path | None = None) -> list[str]:
     return names
 
 
+def _chat_tasks(names: list[str], shipped: list[str]) -> bool:
+    """True when every task is a shipped chat task, False when none is; a mix is an error."""
+    chat = [n for n in names if n in shipped and n.endswith("_chat")]
+    if chat and len(chat) != len(names):
+        raise ValueError(
+            f"tasks {', '.join(chat)} are chat tasks (evaluated with the chat template) and "
+            f"{', '.join(n for n in names if n not in chat)} are not: evaluate them in separate runs"
+        )
+    return bool(chat)
+
+
 def parse_task_spec(spec: str) -> tuple[str, int | None]:
     """``"arc_challenge:25"`` -> ``("arc_challenge", 25)``; ``"tt_next"`` -> ``("tt_next", None)``."""
     spec = spec.strip()
@@ -65,6 +80,7 @@ def evaluate(
     batch_size: int = 8,
     device: str = "cpu",
     seed: int = 0,
+    apply_chat_template: bool | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval tasks on a causal LM and return flat metrics.
 
@@ -79,6 +95,8 @@ def evaluate(
         batch_size: lm-eval batch size.
         device: where a model loaded from a path is placed (a passed model is moved there too).
         seed: seeds lm-eval's python/numpy/torch/few-shot randomness.
+        apply_chat_template: render each prompt with the tokenizer's chat template (lm-eval's
+            ``--apply_chat_template``); None: when the tasks are the shipped ``*_chat`` tasks.
 
     Returns:
         ``{"results": {task: {metric: value}}, "metrics": {"eval/<task>/<metric>": value},
@@ -93,6 +111,8 @@ def evaluate(
     shipped = shipped_tasks()
     _check_names([name for name, _ in specs], shipped)
     needs_defaults = any(name not in shipped for name, _ in specs)
+    if apply_chat_template is None:
+        apply_chat_template = _chat_tasks([name for name, _ in specs], shipped)
 
     model_obj, tok = _load_model_and_tokenizer(model, tokenizer, device)
     was_training = model_obj.training
@@ -115,6 +135,7 @@ def evaluate(
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
+            apply_chat_template=apply_chat_template,
         )
     finally:
         model_obj.train(was_training)
