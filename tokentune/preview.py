@@ -10,6 +10,8 @@ truncation), tokens per row, supervised tokens, and the optimizer steps (``train
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 from tokentune.config import RunConfig
@@ -85,3 +87,24 @@ def preview_text(cfg: RunConfig, rows: int = 3) -> str:
         "micro-batches per epoch)",
     ]
     return "\n".join(lines)
+
+
+def training_rows(cfg: RunConfig) -> int:
+    """Training rows a run of ``cfg`` keeps (read, rendered and tokenized: rows whose supervised tokens
+    truncation removes are not counted), which ``train.epochs`` resolves against; cached per data
+    section, tokenizer and seed. Raises ``DataError`` naming the file and row of a bad row."""
+    key = json.dumps(
+        [dataclasses.asdict(cfg.data), cfg.model.name_or_path, cfg.model.tokenizer, cfg.train.seed],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _ROWS:
+        from tokentune.data import load_splits
+        from tokentune.models import load_tokenizer
+
+        tokenizer = prepare_tokenizer(load_tokenizer(cfg.model), cfg.data)
+        _ROWS[key] = len(load_splits(cfg.data, tokenizer, cfg.train.seed)[0])
+    return _ROWS[key]
+
+
+_ROWS: dict[str, int] = {}  # training_rows' cache

@@ -104,12 +104,27 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
         tr = cfg.train
         lines.append("")
         lines.append(
-            f"  base: model {cfg.model.name_or_path or '(shipped tiny Llama)'}, data {cfg.data.train or '(shipped)'}, "
-            f"max_steps {tr.max_steps}, batch {tr.batch_size}x{tr.grad_accum}, max_length {cfg.data.max_length}, "
+            f"  base: model {cfg.model.name_or_path or '(shipped tiny Llama)'}, data {cfg.data.train or '(shipped)'} ({cfg.data.format}), "
+            f"{steps_text(cfg)}, batch {tr.batch_size}x{tr.grad_accum}, max_length {cfg.data.max_length}, "
             f"eval tasks {cfg.eval.tasks or '(shipped)'} limit {cfg.eval.limit}"
         )
     lines += [f"  note: {note}" for note in spec.notes]
     return redact_text("\n".join(lines))
+
+
+def steps_text(cfg: RunConfig) -> str:
+    """``max_steps N``, or ``epochs E = N steps (R rows)`` (``train.epochs`` resolved from the data)."""
+    tr = cfg.train
+    if tr.epochs is None:
+        return f"max_steps {tr.max_steps}"
+    from tokentune.errors import ConfigError
+    from tokentune.preview import training_rows
+
+    try:
+        rows = training_rows(cfg)
+    except (ConfigError, OSError) as e:
+        return f"epochs {tr.epochs:g} (steps resolved at trial start: {str(e)[:80]})"
+    return f"epochs {tr.epochs:g} = max_steps {tr.total_steps(rows, cfg.compute.workers)} ({rows} rows)"
 
 
 def _trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
