@@ -38,21 +38,21 @@ class ChatError(ValueError):
 
 
 def check_chat_row(row: Any, where: str) -> list[dict[str, str]]:
-    """The row's conversation as ``[{"role", "content"}]``; ``where`` (file and row) starts every error."""
+    """The row's conversation as ``[{"role", "content"}]``; ``where`` (file and row) starts every error.
+    Turns with ``from``/``value`` (ShareGPT) are read as such under either key."""
     if not isinstance(row, dict):
         raise ChatError(f"{where}: expected an object with 'messages', got {type(row).__name__}")
-    if "messages" in row:
-        turns, role_key, content_key, roles = row["messages"], "role", "content", {r: r for r in ROLES}
-        key = "messages"
-    elif "conversations" in row:
-        turns, role_key, content_key, roles = row["conversations"], "from", "value", SHAREGPT_ROLES
-        key = "conversations"
-    else:
+    key = "messages" if "messages" in row else "conversations" if "conversations" in row else None
+    if key is None:
         raise ChatError(
             f"{where}: no 'messages' key (data.format=chat needs messages: [{{role, content}}, ...] or "
             f"ShareGPT conversations: [{{from, value}}, ...]); the row has: {', '.join(map(str, row)) or 'nothing'}"
             " (map another column with data.columns, e.g. {messages: dialog})"
         )
+    turns = row[key]
+    sharegpt = isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
     if not isinstance(turns, list):
         raise ChatError(f"{where}: {key!r} must be a list of turns, got {type(turns).__name__}")
     if not turns:

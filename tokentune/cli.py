@@ -215,19 +215,10 @@ def add_methods_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def add_data_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "data",
-        help="look at a run config's training data (data preview: the rows as the model sees them)",
-        description="Inspect the training data of a run config without training.",
-    )
+    p = sub.add_parser("data", help="look at a run config's training data (data preview)")
     actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     pv = actions.add_parser(
-        "preview",
-        help="print rendered rows with the supervised spans marked, and the token counts",
-        description="Print the first rows of the training data as the model will see them (the chat "
-        "template applied, truncated to data.max_length) with the supervised tokens between [[ and ]], "
-        "each row's token and supervised counts, and the totals: rows kept and dropped, tokens per row, "
-        "supervised tokens, and the optimizer steps (train.epochs resolved).",
+        "preview", help="print rendered rows (supervised tokens between [[ and ]]), per-row and total counts"
     )
     pv.add_argument("config", nargs="?", help="run config YAML (omit for the shipped default)")
     pv.add_argument("--rows", type=_int_at_least(0), default=3, help="rows to print (default 3)")

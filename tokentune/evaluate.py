@@ -85,8 +85,7 @@ def evaluate(
     """Run lm-eval tasks on a causal LM and return flat metrics.
 
     Args:
-        model: path to an HF checkpoint folder (or hub name, if cached) or a loaded
-            ``PreTrainedModel``.
+        model: path to an HF checkpoint folder (or hub name, if cached) or a loaded ``PreTrainedModel``.
         tokenizer: a tokenizer or its path; default: the model's folder.
         tasks: task names (``"name"`` or ``"name:fewshot"``), a list or a comma-separated string;
             default: the shipped ``tokentune_mini`` group.
@@ -95,13 +94,11 @@ def evaluate(
         batch_size: lm-eval batch size.
         device: where a model loaded from a path is placed (a passed model is moved there too).
         seed: seeds lm-eval's python/numpy/torch/few-shot randomness.
-        apply_chat_template: render each prompt with the tokenizer's chat template (lm-eval's
-            ``--apply_chat_template``); None: when the tasks are the shipped ``*_chat`` tasks.
+        apply_chat_template: prompts rendered with the chat template; None: for the ``*_chat`` tasks.
 
     Returns:
-        ``{"results": {task: {metric: value}}, "metrics": {"eval/<task>/<metric>": value},
-        "raw": <lm-eval results, JSON-serialisable>}``. Group rows (e.g. ``tokentune_mini``)
-        carry the mean over their tasks.
+        ``{"results": {task: {metric: value}}, "metrics": {"eval/<task>/<metric>": value}, "raw": ...}``
+        (raw: lm-eval's results, JSON-serialisable). Group rows (``tokentune_mini``) carry their tasks' mean.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -109,10 +106,10 @@ def evaluate(
 
     specs = [parse_task_spec(s) for s in _as_list(tasks)]
     shipped = shipped_tasks()
-    _check_names([name for name, _ in specs], shipped)
-    needs_defaults = any(name not in shipped for name, _ in specs)
-    if apply_chat_template is None:
-        apply_chat_template = _chat_tasks([name for name, _ in specs], shipped)
+    names = [name for name, _ in specs]
+    _check_names(names, shipped)
+    needs_defaults = any(name not in shipped for name in names)
+    chat = _chat_tasks(names, shipped) if apply_chat_template is None else apply_chat_template
 
     model_obj, tok = _load_model_and_tokenizer(model, tokenizer, device)
     was_training = model_obj.training
@@ -120,7 +117,7 @@ def evaluate(
     try:
         # The shipped YAMLs load their documents relative to their own folder (tasks/tt_data.py).
         manager = TaskManager(include_path=str(default_tasks_dir()), include_defaults=needs_defaults)
-        _check_names_indexed([name for name, _ in specs], manager, shipped)
+        _check_names_indexed(names, manager, shipped)
         loaded = [t for name, shots in specs for t in _load_task(manager, name, shots, num_fewshot)]
         lm = HFLM(pretrained=model_obj, tokenizer=tok, batch_size=batch_size)
         raw = lm_eval.simple_evaluate(
@@ -131,11 +128,8 @@ def evaluate(
             limit=limit,
             bootstrap_iters=0,
             log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            apply_chat_template=apply_chat_template,
+            apply_chat_template=chat,
+            **{f"{kind}random_seed": seed for kind in ("", "numpy_", "torch_", "fewshot_")},
         )
     finally:
         model_obj.train(was_training)

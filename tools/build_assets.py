@@ -673,14 +673,12 @@ def main(argv: list[str] | None = None) -> None:
     random.Random(SEED + 3).shuffle(val)
     write_jsonl(data_dir / "instruct_train.jsonl", train)
     write_jsonl(data_dir / "instruct_val.jsonl", val)
-
     print("[5/5] writing lm-eval tasks")
     write_tasks(out / "tasks", {name: rows["test"] for name, rows in splits.items()})
     # The multi-token families (own seeds, own files): tokenizer and model above never see them.
     multi = make_multi_splits(args.n_multi_train, args.n_multi_val, args.n_multi_test)
     n_multi_train, n_multi_val = write_multi(out, multi)
-    # The chat template, conversations of the one-token rows and chat-formatted tasks (own seeds, own files).
-    n_chat_train, n_chat_val = write_chat(out, splits, TASK_DESCRIPTIONS)
+    write_chat(out, splits, TASK_DESCRIPTIONS)  # the chat template, conversations, chat tasks (own seeds)
     shortest, longest_response = check_lengths(multi, tokenizer)
     longest = self_check(out, splits | multi, tokenizer)
     size_mb = (model_dir / "model.safetensors").stat().st_size / 2**20
@@ -688,8 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         f"done in {time.time() - t_start:.0f}s: {len(train)} train / {len(val)} val rows, "
         f"{len(TASKS)} tasks x {args.n_test} test docs; multi-token: {n_multi_train} train / "
         f"{n_multi_val} val rows, {len(multi)} tasks x {args.n_multi_test} test docs, responses "
-        f"{shortest}-{longest_response} tokens; chat: {n_chat_train} train / {n_chat_val} val conversations"
-        f"; longest example {longest} tokens, "
+        f"{shortest}-{longest_response} tokens; longest example {longest} tokens, "
         f"model.safetensors {size_mb:.1f} MiB"
     )
 

@@ -129,4 +129,5 @@ def write_chat(
         (tasks_dir / f"{name}_chat.yaml").write_text(text)
     tasks = "\n".join(f"  - {name}_chat" for name in splits)
     (tasks_dir / f"{GROUP}.yaml").write_text(CHAT_GROUP_YAML.format(group=GROUP, tasks=tasks))
+    print(f"  chat: {len(train)} train / {len(val)} val conversations, {len(splits)} chat tasks")
     return len(train), len(val)
