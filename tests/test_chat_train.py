@@ -173,7 +173,7 @@ def test_chat_quickstart_sweep_runs_end_to_end(tmp_path):
     assert len(res.trials) == 2
     for t in res.trials:
         assert t.status == "finished", (t.trial_id, t.error)
-        assert t.metrics["train/total_steps"] == 17  # ceil(0.2 * (1329 // 16))
+        assert t.metrics["step"] == 17  # the last step: train.epochs 0.2 = ceil(0.2 * (1329 // 16)) steps
         assert 0 <= t.metrics["eval/score"] <= 1
         assert "eval/tokentune_mini_chat/acc" in t.metrics
     print(f"chat quickstart (shortened): {time.time() - t0:.0f} s")
