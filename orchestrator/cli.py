@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tokentune import cli as base
+from tokentune.cli_eval import add_eval_parser
 from tokentune.redact import redact_text
 
 DESCRIPTION = (
@@ -111,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="Ray cluster address for --workers/--zero runs (default: start a local Ray)"
     )
     base.add_merge_parser(sub)
-    base.add_eval_parser(sub)
+    add_eval_parser(sub)
     add_sweep_parser(sub)
     base.add_methods_parser(sub)
+    base.add_data_parser(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ import pytest
 from orchestrator.run.post_trial import PostTrialError, merge_and_evaluate, prune_merged, run_post_trial
 from tokentune import cli
 from tokentune.assets import SHIPPED_TASK_FAMILIES, default_model_path
+from tokentune.cli_eval import add_eval_parser
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = {"tasks": ["tt_next", "tt_antonym"], "limit": 4, "batch_size": 8}
@@ -267,7 +268,7 @@ def test_eval_cli_help_names_every_option(capsys):
     import argparse
 
     sub = argparse.ArgumentParser(prog="tokentune").add_subparsers()
-    p = cli.add_eval_parser(sub)
+    p = add_eval_parser(sub)
     text = p.format_help()
     for option in (
         "CHECKPOINT",

@@ -16,6 +16,7 @@ import pytest
 
 from tokentune.assets import (
     ASSETS_DIR,
+    CHAT_TASKS,
     MULTI_TASK_FAMILIES,
     MULTI_TASKS,
     SHIPPED_TASK_FAMILIES,
@@ -106,6 +107,8 @@ def test_multi_task_yamls_and_group():
         *SHIPPED_TASK_FAMILIES,
         *MULTI_TASKS,
         *MULTI_TASK_FAMILIES,
+        *CHAT_TASKS,  # the one-token families asked as a chat turn (tools/build_chat.py)
+        *(f"{name}_chat" for name in SHIPPED_TASK_FAMILIES),
     }
     group = _read_yaml(default_tasks_dir() / "tokentune_multi.yaml")
     assert [group["group"]] == MULTI_TASKS and group["task"] == MULTI_TASK_FAMILIES

@@ -47,6 +47,12 @@ UNHASHED = {
     ),
     "compute": ("cpus_per_worker", "gpus_per_worker"),
 }
+#: keys added after runs were hashed: left out while at these defaults, so older runs keep their hashes
+LATER_KEYS = {
+    "data": {"format": "alpaca", "columns": {}, "chat_template": None, "split": "train", "subset": None,
+             "revision": None},
+    "train": {"epochs": None},
+}  # fmt: skip
 CORE_SECTIONS = ("model", "data", "train", "compute", "methods")  # + the sections of the listed methods
 
 
@@ -181,6 +187,9 @@ def run_identity(d: dict[str, Any]) -> dict[str, Any]:
     for section, keys in UNHASHED.items():
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    for section, defaults in LATER_KEYS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in defaults or v != defaults[k]}
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 

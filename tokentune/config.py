@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,23 +50,59 @@ class ModelConfig:
         )
 
 
+DATA_FORMATS = ("alpaca", "chat", "text")
+#: data.format -> the row fields it reads (data.columns maps them to the dataset's own column names)
+DATA_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
+
+
 @dataclass
 class DataConfig:
-    """Instruction data (section ``data``): Alpaca-style JSON/JSONL rows or an HF dataset."""
+    """Training data (section ``data``): JSON/JSONL rows or an HF dataset, in one of three formats."""
 
     train: str | None = setting(
-        None, ".json/.jsonl Alpaca rows or an HF dataset name; null = the shipped instruction data"
+        None, ".json/.jsonl rows or an HF dataset name; null = the shipped instruction (or chat) data"
     )
     val: str | None = setting(
         None, "validation rows, as data.train; null = shipped (or split off data.train)"
     )
+    format: str = setting(
+        "alpaca",
+        "alpaca (instruction/input/output), chat (messages, or ShareGPT conversations; loss on the "
+        "assistant turns) or text (loss on every token)",
+    )
+    columns: dict[str, str] = setting(
+        None,
+        "our field -> the dataset's column, e.g. {instruction: question, output: answer} or "
+        "{messages: dialog}; null = the names as they are",
+    )
+    chat_template: str | None = setting(
+        None, "a Jinja chat template file for data.format=chat; null = the tokenizer's own"
+    )
+    split: str = setting(
+        "train", "split of an HF dataset in data.train (a hub data.val: its validation split)"
+    )
+    subset: str | None = setting(None, "configuration name of an HF dataset (its subset); null = default")
+    revision: str | None = setting(None, "git revision (branch, tag, commit) of an HF dataset; null = main")
     val_fraction: float = setting(0.05, "validation share split off data.train when data.val is unset")
     template: str = setting("alpaca", "alpaca, or a JSON file with prompt_input and prompt_no_input keys")
     max_length: int = setting(128, "truncation length in tokens (>= 8)")
-    train_on_inputs: bool = setting(False, "also train on prompt tokens (else they are masked with -100)")
+    train_on_inputs: bool = setting(
+        False, "also train on prompt tokens (else they are masked with -100); chat: on every turn"
+    )
     max_examples: int | None = setting(None, "cap on training rows (quick runs); null = all")
 
     def __post_init__(self) -> None:
+        check(self.format in DATA_FORMATS, "data.format", self.format, f"one of {', '.join(DATA_FORMATS)}")
+        self.columns = dict(self.columns or {})
+        fields_ = DATA_FIELDS[self.format]
+        for ours, theirs in self.columns.items():
+            check(ours in fields_, f"data.columns.{ours}", theirs, f"a key among {', '.join(fields_)} "
+                  f"(the fields of data.format={self.format})")  # fmt: skip
+            check(isinstance(theirs, str) and bool(theirs), f"data.columns.{ours}", theirs, "a column name")
+        for key in ("chat_template", "subset", "revision"):
+            v = getattr(self, key)
+            check(v is None or (isinstance(v, str) and bool(v)), f"data.{key}", v, "a string or null")
+        check(isinstance(self.split, str) and bool(self.split), "data.split", self.split, "a split name")
         check(
             is_int(self.max_length) and self.max_length >= 8,
             "data.max_length",
@@ -87,6 +124,9 @@ class DataConfig:
             )
 
 
+DEFAULT_MAX_STEPS = 200
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop (section ``train``)."""
@@ -96,7 +136,14 @@ class TrainConfig:
     betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas")
     schedule: str = setting("cosine", "learning-rate schedule after warmup: cosine, linear or constant")
     warmup_steps: int = setting(10, "linear warmup steps")
-    max_steps: int = setting(200, "optimizer steps")
+    max_steps: int | None = setting(
+        None, "optimizer steps; null = from train.epochs when that is set, else 200 (set one of the two)"
+    )
+    epochs: float | None = setting(
+        None,
+        "passes over the training rows instead of max_steps: steps = ceil(epochs x (rows // (batch_size x "
+        "workers)) / grad_accum), rows counted after truncation drops; null = use max_steps",
+    )
     batch_size: int = setting(16, "micro-batch per worker")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     max_grad_norm: float | None = setting(1.0, "gradient clipping norm; null = off")
@@ -122,7 +169,23 @@ class TrainConfig:
             "a number >= 0",
         )
         check(self.schedule in SCHEDULES, "train.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
-        for key in ("max_steps", "batch_size", "grad_accum", "keep_checkpoints"):
+        if self.epochs is not None and self.max_steps is not None:
+            raise ConfigError(
+                f"train.epochs={self.epochs!r} and train.max_steps={self.max_steps!r} are both set: set exactly "
+                "one of them (the other null), e.g. train: {epochs: 2, max_steps: null}"
+            )
+        if self.epochs is not None:
+            check(
+                is_number(self.epochs) and self.epochs > 0,
+                "train.epochs",
+                self.epochs,
+                "a number > 0 or null",
+            )
+        elif self.max_steps is None:
+            self.max_steps = DEFAULT_MAX_STEPS
+        for key in ("batch_size", "grad_accum", "keep_checkpoints") + (
+            ("max_steps",) if self.epochs is None else ()
+        ):
             v = getattr(self, key)
             check(is_int(v) and v >= 1, f"train.{key}", v, "an integer >= 1")
         for key in ("warmup_steps", "log_every", "eval_every", "save_every", "eval_batches"):
@@ -138,6 +201,14 @@ class TrainConfig:
         self.bf16 = str(self.bf16).lower()
         check(self.bf16 in ("auto", "true", "false"), "train.bf16", self.bf16, "auto, true or false")
         self.betas = tuple(self.betas)  # YAML gives a list
+
+    def total_steps(self, n_rows: int, world_size: int = 1) -> int:
+        """Optimizer steps of the run: ``max_steps``, or ``epochs`` over ``n_rows`` training rows (a
+        micro-step takes ``batch_size x world_size`` rows; an epoch is ``n_rows // that`` micro-steps)."""
+        if self.epochs is None:
+            return int(self.max_steps)
+        per_epoch = max(1, n_rows // (self.batch_size * world_size))
+        return max(1, math.ceil(self.epochs * per_epoch / self.grad_accum))
 
 
 @dataclass

@@ -1,12 +1,17 @@
-"""Instruction data: Alpaca-style rows -> masked, truncated, padded token batches.
+"""Training data: rows -> masked, truncated, padded token batches, in one of three ``data.format``s.
 
-Rows are ``{"instruction": str, "input": str (optional), "output": str}`` from a local JSON/JSONL
-file or an HF dataset name. The prompt comes from a template (Alpaca by default, or a JSON file with
+``alpaca``: rows ``{"instruction": str, "input": str (optional), "output": str}``; ``chat``: rows
+``{"messages": [{"role", "content"}, ...]}`` or ShareGPT ``{"conversations": [{"from", "value"}]}``,
+rendered with the tokenizer's chat template, loss on the assistant turns (``tokentune.chat``);
+``text``: rows ``{"text": str}``, loss on every token. Rows come from a local JSON/JSONL file or an
+HF dataset name (``data.split``, ``data.subset``, ``data.revision``); ``data.columns`` maps our field
+names to the dataset's columns. Alpaca: the prompt comes from a template (Alpaca by default, or a JSON file with
 ``prompt_input`` and ``prompt_no_input``); prompt tokens get label -100 unless ``train_on_inputs``.
 Files must be UTF-8 (an error names the file and the byte offset); a template may use only the
 placeholders ``{instruction}`` and ``{input}`` (``{instruction}`` in ``prompt_no_input``). A row whose
 answer is truncated away (no supervised token left) is dropped: the count is logged once per file and
 kept on the dataset (``TokenizedDataset.dropped``); a file whose rows are all dropped is an error.
+A conversation cut by ``data.max_length`` inside an assistant turn keeps the part before the cut.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tokentune.config import DataConfig
+from tokentune.chat import ChatError, chat_template_for, check_chat_row, tokenize_chat, tokenize_text
+from tokentune.config import DATA_FIELDS, DataConfig
 from tokentune.errors import ConfigError
 from tokentune.methods.base import IGNORE_INDEX
 
@@ -109,15 +116,12 @@ def format_prompt(row: dict[str, str], template: dict[str, str]) -> str:
     return template["prompt_no_input"].format(instruction=row["instruction"])
 
 
-def _check_row(row: Any, where: str) -> dict[str, str]:
-    if not isinstance(row, dict):
-        raise DataError(
-            f"{where}: expected an object with instruction/input/output, got {type(row).__name__}"
-        )
+def _check_row(row: dict[str, Any], where: str) -> dict[str, str]:
     for key in ("instruction", "output"):
         if not isinstance(row.get(key), str):
             raise DataError(
-                f"{where}: field {key!r} is missing or not a string (rows need instruction, output; input optional)"
+                f"{where}: field {key!r} is missing or not a string (rows need instruction, output; input "
+                f"optional); the row has: {_keys(row)} (map other columns with data.columns)"
             )
     inp = row.get("input", "")
     if inp is None:
@@ -127,55 +131,104 @@ def _check_row(row: Any, where: str) -> dict[str, str]:
     return {"instruction": row["instruction"], "input": inp, "output": row["output"]}
 
 
+def _keys(row: dict[str, Any]) -> str:
+    return ", ".join(map(str, row)) or "no columns"
+
+
+def check_row(row: Any, where: str, cfg: DataConfig | None = None) -> dict[str, Any]:
+    """One row in ``cfg.format`` after the ``cfg.columns`` mapping; ``where`` (source and row) starts
+    every error."""
+    cfg = cfg or DataConfig()
+    if not isinstance(row, dict):
+        fields = "/".join(DATA_FIELDS[cfg.format])
+        raise DataError(f"{where}: expected an object with {fields}, got {type(row).__name__}")
+    mapped = dict(row)
+    for ours, theirs in cfg.columns.items():
+        if theirs not in row:
+            raise DataError(
+                f"{where}: no column {theirs!r} (data.columns.{ours}={theirs!r}); the row has: {_keys(row)}"
+            )
+        mapped[ours] = row[theirs]
+    if cfg.format == "chat":
+        try:
+            return {"messages": check_chat_row(mapped, where)}
+        except ChatError as e:
+            raise DataError(str(e)) from None
+    if cfg.format == "text":
+        if not isinstance(mapped.get("text"), str):
+            raise DataError(
+                f"{where}: field 'text' is missing or not a string (data.format=text rows need text); "
+                f"the row has: {_keys(row)} (map another column with data.columns, e.g. {{text: body}})"
+            )
+        return {"text": mapped["text"]}
+    return _check_row(mapped, where)
+
+
 def is_local_source(source: str) -> bool:
     """True when ``data.train``/``data.val`` names a local file (else it is an HF dataset name)."""
     p = Path(source).expanduser()
     return p.suffix in (".json", ".jsonl") or p.exists() or source.startswith((".", "/", "~"))
 
 
-def read_rows(source: str) -> list[dict[str, str]]:
-    """Read Alpaca rows from a .json/.jsonl path, or an HF dataset name (train split)."""
+def read_rows(source: str, cfg: DataConfig | None = None, split: str | None = None) -> list[dict[str, Any]]:
+    """Read and check the rows of a .json/.jsonl path, or an HF dataset name (``split``, default
+    ``cfg.split``), in ``cfg.format`` (default: Alpaca rows)."""
+    return [row for _, row in read_numbered_rows(source, cfg, split)]
+
+
+def read_numbered_rows(
+    source: str, cfg: DataConfig | None = None, split: str | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """As :func:`read_rows`, each row with its number in the file (1-based: the line of a JSONL)."""
+    cfg = cfg or DataConfig()
     p = Path(source).expanduser()
-    if is_local_source(source):
-        if not p.is_file():
-            raise DataError(f"data file {source!r} does not exist")
-        text = read_text(p)
-        rows: list[Any]
-        if p.suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{source}: row {i} is not valid JSON: {e.msg}") from e
-        else:
+    if not is_local_source(source):
+        return _read_hub_dataset(source, cfg, split or cfg.split)
+    if not p.is_file():
+        raise DataError(f"data file {source!r} does not exist")
+    text = read_text(p)
+    rows: list[Any]
+    if p.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                data = json.loads(text)
+                rows.append((i, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{source} is not valid JSON: {e}") from e
-            if not isinstance(data, list):
-                raise DataError(f"{source}: expected a JSON list of rows")
-            rows = list(enumerate(data, 1))
-        out = [_check_row(r, f"{source}: row {i}") for i, r in rows]
-        if not out:
-            raise DataError(f"data file {source!r} has no rows")
-        return out
-    return _read_hub_dataset(source)
+                raise DataError(f"{source}: row {i} is not valid JSON: {e.msg}") from e
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source} is not valid JSON: {e}") from e
+        if not isinstance(data, list):
+            raise DataError(f"{source}: expected a JSON list of rows")
+        rows = list(enumerate(data, 1))
+    out = [(i, check_row(r, f"{source}: row {i}", cfg)) for i, r in rows]
+    if not out:
+        raise DataError(f"data file {source!r} has no rows")
+    return out
 
 
-def _read_hub_dataset(name: str) -> list[dict[str, str]]:
+def _read_hub_dataset(name: str, cfg: DataConfig, split: str) -> list[tuple[int, dict[str, Any]]]:
+    what = f"dataset {name!r}" + (f" (subset {cfg.subset!r})" if cfg.subset else "") + f", split {split!r}"
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, split="train")
+        ds = datasets.load_dataset(name, cfg.subset, split=split, revision=cfg.revision)
     except Exception as e:  # noqa: BLE001 - any failure becomes one clear error naming the dataset
         raise DataError(
-            f"data: could not load dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"data: could not load {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
             "Give a local .json/.jsonl path, or a hub name that is reachable or cached (offline: HF_HUB_OFFLINE=1)."
         ) from e
-    return [_check_row(dict(r), f"{name}: row {i}") for i, r in enumerate(ds, 1)]
+    have = list(ds.column_names)
+    for ours, theirs in cfg.columns.items():
+        if theirs not in have:
+            raise DataError(
+                f"{what} has no column {theirs!r} (data.columns.{ours}={theirs!r}); its columns: {', '.join(have)}"
+            )
+    return [(i, check_row(dict(r), f"{name}: row {i}", cfg)) for i, r in enumerate(ds, 1)]
 
 
 def tokenize_row(
@@ -205,18 +258,45 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
-def tokenize_rows(rows, tokenizer, cfg: DataConfig, source: str | None = None) -> TokenizedDataset:
-    """Tokenize and mask ``rows`` (from ``source``, named in the warning and errors); rows with no
-    supervised token left after truncation are dropped and counted (``dropped``)."""
+def row_encoder(tokenizer, cfg: DataConfig) -> Callable[[dict[str, Any]], tuple[list[int], list[int]]]:
+    """``row -> (input_ids, labels)`` for ``cfg.format``, truncated to ``cfg.max_length``. A chat row
+    that fails to render raises ``ChatError`` (the caller names the row)."""
+    n = cfg.max_length
+    if cfg.format == "chat":
+        try:
+            template = chat_template_for(tokenizer, cfg.chat_template)
+        except ChatError as e:
+            raise DataError(str(e)) from None
+
+        def encode_chat(row: dict[str, Any]) -> tuple[list[int], list[int]]:
+            ids, labels = tokenize_chat(row["messages"], tokenizer, template, cfg.train_on_inputs)
+            return ids[:n], labels[:n]
+
+        return encode_chat
+    if cfg.format == "text":
+        return lambda row: tuple(x[:n] for x in tokenize_text(row["text"], tokenizer))  # type: ignore[return-value]
     template = load_template(cfg.template)
+    return lambda row: tokenize_row(row, tokenizer, template, n, cfg.train_on_inputs)
+
+
+def tokenize_rows(
+    rows, tokenizer, cfg: DataConfig, source: str | None = None, numbers: list[int] | None = None
+) -> TokenizedDataset:
+    """Tokenize and mask ``rows`` (from ``source``, named in the warning and errors; ``numbers``: each
+    row's number there, default 1, 2, ...); rows with no supervised token left after truncation are
+    dropped and counted (``dropped``)."""
+    encode = row_encoder(tokenizer, cfg)
+    where = source or "the data"
     ids, labels = [], []
-    for row in rows:
-        a, b = tokenize_row(row, tokenizer, template, cfg.max_length, cfg.train_on_inputs)
+    for k, row in enumerate(rows):
+        try:
+            a, b = encode(row)
+        except ChatError as e:
+            raise DataError(f"{where}: row {numbers[k] if numbers else k + 1}: {e}") from None
         if any(x != IGNORE_INDEX for x in b):  # fully truncated answers teach nothing
             ids.append(a)
             labels.append(b)
     dropped = len(rows) - len(ids)
-    where = source or "the data"
     if not ids:
         raise DataError(
             f"{where}: data.max_length={cfg.max_length} truncates the answer of all {len(rows)} rows away "
@@ -252,13 +332,32 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, pad_to_multiple_o
 
 def load_splits(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedDataset, TokenizedDataset]:
     """Train and validation datasets (shipped instruction data when ``cfg.train`` is None)."""
+    train_src, train_rows, val_src, val_rows = split_rows(cfg, seed)
+    val_name = val_src or f"{train_src} (validation split)"
+    train_n, train_rows = zip(*train_rows) if train_rows else ((), ())
+    val_n, val_rows = zip(*val_rows) if val_rows else ((), ())
+    return (
+        tokenize_rows(list(train_rows), tokenizer, cfg, train_src, list(train_n)),
+        tokenize_rows(list(val_rows), tokenizer, cfg, val_name, list(val_n)),
+    )
+
+
+def split_rows(cfg: DataConfig, seed: int = 0) -> tuple[str, list, str | None, list]:
+    """``(train source, [(number, row)], val source or None, [(number, row)])``: the rows of
+    ``data.train`` and ``data.val`` (a hub dataset's validation split), or a seeded share of the
+    training rows as validation; ``data.max_examples`` caps the training rows."""
     from tokentune import assets
 
-    train_src = cfg.train or str(assets.default_train_data())
-    train_rows = read_rows(train_src)
-    val_src = cfg.val or (str(assets.default_val_data()) if cfg.train is None else None)
+    if cfg.train is None and cfg.format == "text":
+        raise DataError("data.train=None: no text data is shipped; give data.train for data.format=text")
+    chat = cfg.format == "chat"
+    shipped_train = assets.default_chat_train_data() if chat else assets.default_train_data()
+    shipped_val = assets.default_chat_val_data() if chat else assets.default_val_data()
+    train_src = cfg.train or str(shipped_train)
+    train_rows = read_numbered_rows(train_src, cfg)
+    val_src = cfg.val or (str(shipped_val) if cfg.train is None else None)
     if val_src:
-        val_rows = read_rows(val_src)
+        val_rows = read_numbered_rows(val_src, cfg, None if is_local_source(val_src) else "validation")
     else:  # split a validation share off the training rows, deterministically
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(train_rows), generator=g).tolist()
@@ -267,10 +366,15 @@ def load_splits(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[TokenizedDat
         train_rows = [train_rows[i] for i in perm[n_val:]]
     if cfg.max_examples:
         train_rows = train_rows[: cfg.max_examples]
-    val_name = val_src or f"{train_src} (validation split)"
-    return tokenize_rows(train_rows, tokenizer, cfg, train_src), tokenize_rows(
-        val_rows, tokenizer, cfg, val_name
-    )
+    return train_src, train_rows, val_src, val_rows
+
+
+def prepare_tokenizer(tokenizer, cfg: DataConfig):
+    """The tokenizer to train and save with: under ``data.format: chat`` with ``data.chat_template``, that
+    template becomes the tokenizer's own (so the merged model keeps it)."""
+    if cfg.format == "chat" and cfg.chat_template:
+        tokenizer.chat_template = chat_template_for(tokenizer, cfg.chat_template)
+    return tokenizer
 
 
 class StepSampler:

@@ -13,6 +13,10 @@ merge-then-evaluate path: ``tokentune eval`` calls it, and the sweep's after-tri
 A task is a shipped name (see ``shipped_tasks()``), any lm-eval task/group/tag name, or
 ``name:fewshot``. Only when a non-shipped name is asked for does lm-eval index its ~14k built-in
 tasks (~15 s); a built-in task whose dataset is unavailable offline raises ``RuntimeError``.
+
+The shipped ``*_chat`` tasks (group ``tokentune_mini_chat``) ask their documents as a chat turn: they
+are evaluated with lm-eval's ``apply_chat_template`` (the checkpoint tokenizer's chat template), which
+``apply_chat_template=None`` (auto) turns on exactly when the tasks are chat tasks.
 """
 
 from __future__ import annotations
@@ -47,6 +51,17 @@ def shipped_tasks(tasks_dir: Path | None = None) -> list[str]:
     return names
 
 
+def _chat_tasks(names: list[str], shipped: list[str]) -> bool:
+    """True when every task is a shipped chat task, False when none is; a mix is an error."""
+    chat = [n for n in names if n in shipped and n.endswith("_chat")]
+    if chat and len(chat) != len(names):
+        raise ValueError(
+            f"tasks {', '.join(chat)} are chat tasks (evaluated with the chat template) and "
+            f"{', '.join(n for n in names if n not in chat)} are not: evaluate them in separate runs"
+        )
+    return bool(chat)
+
+
 def parse_task_spec(spec: str) -> tuple[str, int | None]:
     """``"arc_challenge:25"`` -> ``("arc_challenge", 25)``; ``"tt_next"`` -> ``("tt_next", None)``."""
     spec = spec.strip()
@@ -65,12 +80,12 @@ def evaluate(
     batch_size: int = 8,
     device: str = "cpu",
     seed: int = 0,
+    apply_chat_template: bool | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval tasks on a causal LM and return flat metrics.
 
     Args:
-        model: path to an HF checkpoint folder (or hub name, if cached) or a loaded
-            ``PreTrainedModel``.
+        model: path to an HF checkpoint folder (or hub name, if cached) or a loaded ``PreTrainedModel``.
         tokenizer: a tokenizer or its path; default: the model's folder.
         tasks: task names (``"name"`` or ``"name:fewshot"``), a list or a comma-separated string;
             default: the shipped ``tokentune_mini`` group.
@@ -79,18 +94,20 @@ def evaluate(
         batch_size: lm-eval batch size.
         device: where a model loaded from a path is placed (a passed model is moved there too).
         seed: seeds lm-eval's python/numpy/torch/few-shot randomness.
+        apply_chat_template: prompts rendered with the chat template; None: for the ``*_chat`` tasks.
 
     Returns:
-        ``{"results": {task: {metric: value}}, "metrics": {"eval/<task>/<metric>": value},
-        "raw": <lm-eval results, JSON-serialisable>}``. Group rows (e.g. ``tokentune_mini``)
-        carry the mean over their tasks.
+        ``{"results": {task: {metric: value}}, "metrics": {"eval/<task>/<metric>": value}, "raw": ...}``
+        (raw: lm-eval's results, JSON-serialisable). Group rows (``tokentune_mini``) carry their tasks' mean.
     """
     from lm_eval.tasks import TaskManager
 
     specs = [parse_task_spec(s) for s in _as_list(tasks)]
     shipped = shipped_tasks()
-    _check_names([name for name, _ in specs], shipped)
-    needs_defaults = any(name not in shipped for name, _ in specs)
+    names = [name for name, _ in specs]
+    _check_names(names, shipped)
+    needs_defaults = any(name not in shipped for name in names)
+    chat = _chat_tasks(names, shipped) if apply_chat_template is None else apply_chat_template
 
     model_obj, tok = _load_model_and_tokenizer(model, tokenizer, device)
     was_training = model_obj.training
@@ -98,9 +115,9 @@ def evaluate(
     try:
         # The shipped YAMLs load their documents relative to their own folder (tasks/tt_data.py).
         manager = TaskManager(include_path=str(default_tasks_dir()), include_defaults=needs_defaults)
-        _check_names_indexed([name for name, _ in specs], manager, shipped)
+        _check_names_indexed(names, manager, shipped)
         loaded = [t for name, shots in specs for t in _load_task(manager, name, shots, num_fewshot)]
-        raw = _simple_evaluate(model_obj, tok, loaded, manager, limit, batch_size, seed)
+        raw = _simple_evaluate(model_obj, tok, loaded, manager, limit, batch_size, seed, chat)
     finally:
         model_obj.train(was_training)
     if raw is None:  # non-zero rank in a distributed run
@@ -116,8 +133,10 @@ def _simple_evaluate(
     limit: int | float | None,
     batch_size: int,
     seed: int,
+    chat: bool = False,
 ) -> dict[str, Any] | None:
-    """``lm_eval.simple_evaluate`` on the loaded ``tasks`` (few-shot counts set per task), seeded."""
+    """``lm_eval.simple_evaluate`` on the loaded ``tasks`` (few-shot counts set per task), seeded; ``chat``:
+    prompts rendered with the tokenizer's chat template."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -129,6 +148,7 @@ def _simple_evaluate(
         limit=limit,
         bootstrap_iters=0,
         log_samples=False,
+        apply_chat_template=chat,
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,

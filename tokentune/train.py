@@ -7,7 +7,9 @@ call this same function (see ``orchestrator/``).
 
 ``report(metrics, checkpoint_dir=None)`` is called every ``train.log_every`` steps, at every
 checkpoint and at the end, on every rank (Ray Train's report is a barrier). The first report also
-carries ``data/dropped_rows`` (``TokenizedDataset.dropped`` of the training data).
+carries ``data/dropped_rows`` (``TokenizedDataset.dropped`` of the training data) and
+``train/total_steps`` (``train.max_steps``, or ``train.epochs`` resolved to steps from the number of
+training rows, the batch, the accumulation and the workers: ``TrainConfig.total_steps``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tokentune.checkpoint import (
     trainable_state,
 )
 from tokentune.config import RunConfig
-from tokentune.data import StepSampler, collate, load_splits
+from tokentune.data import StepSampler, collate, load_splits, prepare_tokenizer
 from tokentune.engine import DeepSpeedEngine, PlainEngine, dist_info
 from tokentune.files import write_json_atomic
 from tokentune.memory import MemoryMeter, Throughput, reset_peak
@@ -132,7 +134,7 @@ def train(
 
     # ---- model + methods ---------------------------------------------------------------------
     methods = MethodStack.of(cfg)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = prepare_tokenizer(load_tokenizer(cfg.model), cfg.data)
     model = methods.prepare(load_model(cfg.model, methods.load_kwargs(), device=device))
     model.train()
     phase("model_loaded")
@@ -140,6 +142,7 @@ def train(
     # ---- data --------------------------------------------------------------------------------
     train_ds, val_ds = load_splits(cfg.data, tokenizer, seed=tc.seed)
     sampler = StepSampler(len(train_ds), tc.batch_size, tc.seed, world, rank)
+    total = tc.total_steps(len(train_ds), world)  # train.max_steps, or train.epochs resolved to steps
     probe_sampler = StepSampler(len(train_ds), min(tc.batch_size * 2, len(train_ds)), tc.seed + 7919)
     pad = tokenizer.pad_token_id
 
@@ -170,9 +173,7 @@ def train(
     if not any(len(g["params"]) for g in groups):
         raise RuntimeError(f"methods={cfg.methods}: no parameter is trainable")
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(tc.schedule, tc.warmup_steps, tc.max_steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, total))
     autocast = autocast_factory(cfg, device)
     zero = cfg.compute.zero_stage
     if zero is not None:
@@ -192,7 +193,8 @@ def train(
     # ---- resume --------------------------------------------------------------------------------
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(Path(resume_from), model, engine, methods, zero, cfg)
+        resolved = cfg if tc.epochs is None else _with_steps(cfg, total)
+        start_step = load_checkpoint(Path(resume_from), model, engine, methods, zero, resolved)
 
     # ---- the loop ------------------------------------------------------------------------------
     history: list[dict[str, Any]] = []
@@ -207,12 +209,10 @@ def train(
 
     val_loss: float | None = None
     step = start_step
-    for step in range(start_step, tc.max_steps):
+    for step in range(start_step, total):
         done = step + 1
         # the breakdown is measured on the first step after the first (allocations settled), then at each log
-        meter.start_step(
-            sampled=done % max(tc.log_every, 1) == 0 or done == min(start_step + 2, tc.max_steps)
-        )
+        meter.start_step(sampled=done % max(tc.log_every, 1) == 0 or done == min(start_step + 2, total))
         ctx = StepContext(
             step=step, model=model, optimizer=engine.optimizer, probe_batch=probe_batch, device=device,
             autocast=autocast, world_size=world, rank=rank,
@@ -234,7 +234,7 @@ def train(
                 f"loss became {step_loss} at step {step}; lower train.lr or check the data"
             )
 
-        is_last = done == tc.max_steps
+        is_last = done == total
         metrics: dict[str, Any] | None = None
         if tc.eval_every and done % tc.eval_every == 0 or is_last:
             val_loss = validation_loss(model, val_batches, autocast)
@@ -260,9 +260,10 @@ def train(
             metrics = metrics or {"step": done}
             if not history:  # the first report: training rows the data left out (answer truncated away)
                 metrics["data/dropped_rows"] = train_ds.dropped
+                metrics["train/total_steps"] = total  # train.max_steps, or train.epochs resolved
             history.append(metrics)
             if progress and rank == 0:
-                print(_progress_line(metrics, tc.max_steps), flush=True)
+                print(_progress_line(metrics, total, tc.epochs), flush=True)
             report(metrics, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None)
 
     # ---- final artifact --------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def train(
         output_dir=str(out_dir),
         final_dir=str(final_dir),
         is_adapter=is_adapter,
-        steps=tc.max_steps,
+        steps=total,
         val_loss=val_loss,
         history=history,
         wall_s=wall,
@@ -297,8 +298,17 @@ def _both(first: Any, second: Any):
         yield
 
 
-def _progress_line(m: dict[str, Any], total: int) -> str:
+def _with_steps(cfg: RunConfig, total: int) -> RunConfig:
+    """``cfg`` with ``train.epochs`` resolved to ``train.max_steps`` (for the checks against a checkpoint)."""
+    out = cfg.copy()
+    out.train.max_steps, out.train.epochs = total, None
+    return out
+
+
+def _progress_line(m: dict[str, Any], total: int, epochs: float | None = None) -> str:
     parts = [f"step {m['step']}/{total}"]
+    if "epoch" in m:
+        parts.append(f"epoch {m['epoch']:.2f}" + (f"/{epochs:g}" if epochs is not None else ""))
     for key, fmt in (("loss", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("tokens_per_s", ".0f")):
         if key in m:
             parts.append(f"{key} {m[key]:{fmt}}")

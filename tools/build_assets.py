@@ -10,6 +10,7 @@ between machines). Layout written under ``--out`` (default: this package's folde
     data/             instruct_train.jsonl, instruct_val.jsonl  (Alpaca: instruction/input/output)
     tasks/            one lm-eval YAML per task family + the group ``tokentune_mini``
     tasks/data/       the held-out test documents, one JSONL per task
+    (+ tools/build_chat.py: model/chat_template.jinja, data/chat_*.jsonl, tasks/*_chat.yaml)
 
 Design. The base model is pre-trained on generic synthetic English (items used in category-typical
 sentences, adjectives in contrasting pairs, counting, quantities) but never sees the instruction
@@ -48,6 +49,7 @@ from tools.asset_common import (
     write_jsonl,
     write_task_files,
 )
+from tools.build_chat import write_chat
 from tools.build_multi import check_lengths, make_multi_splits, write_multi
 
 SEED = 1234
@@ -686,6 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     # The multi-token families (own seeds, own files): tokenizer and model above never see them.
     multi = make_multi_splits(args.n_multi_train, args.n_multi_val, args.n_multi_test)
     n_multi_train, n_multi_val = write_multi(out, multi)
+    write_chat(out, splits, TASK_DESCRIPTIONS)  # the chat template, conversations, chat tasks (own seeds)
     shortest, longest_response = check_lengths(multi, tokenizer)
     longest = self_check(out, splits | multi, tokenizer)
     size_mb = (model_dir / "model.safetensors").stat().st_size / 2**20

@@ -123,7 +123,14 @@ def make_scheduler(spec: SweepSpec) -> Any:
 
 
 def default_max_t(spec: SweepSpec) -> int:
-    steps = max(cfg.train.max_steps for cfg in spec.trial_configs(64))
+    from tokentune.preview import training_rows
+
+    steps = max(
+        cfg.train.total_steps(training_rows(cfg), cfg.compute.workers)
+        if cfg.train.epochs
+        else cfg.train.max_steps
+        for cfg in spec.trial_configs(64)
+    )
     return steps + 10  # training_iteration counts reports (at most one per step + final reports)
 
 

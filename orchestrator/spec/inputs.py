@@ -10,6 +10,10 @@ A hub name that is not cached is an error offline (``HF_HUB_OFFLINE=1`` / ``HF_D
 trial could never load it) and otherwise a note (it cannot be checked here; the trial downloads it);
 an lm-eval task's dataset cannot be checked offline (a note). ``null`` means the shipped default.
 ``unchecked_inputs(spec)`` is the note of a spec whose inputs are not checked (``check_inputs=False``).
+The rows of local data files are read and checked in ``data.format`` (with ``data.columns``); under
+``data.format: chat`` or with ``train.epochs`` every row is also rendered and tokenized
+(``tokentune.preview.training_rows``), so a bad row or a chat template that fails to render is an
+error naming the file, the row and the key before Ray starts.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def check_inputs(spec: SweepSpec) -> list[str]:
             note = _check_input(key, value, where)
             if note and note not in notes:
                 notes.append(note)
+    check_data_rows(spec)
     return notes
 
 
@@ -77,6 +82,34 @@ def unchecked_inputs(spec: SweepSpec) -> list[str]:
         + ", ".join(items)
         + "; they must exist where the trials run"
     ]
+
+
+def check_data_rows(spec: SweepSpec) -> None:
+    """Read the rows of each distinct local ``data`` section of the trials (render and tokenize them
+    under ``chat`` or ``train.epochs``); a bad row raises a ``SpecError`` naming the file, row and key.
+    Hub datasets, and models that are not local, are left to the trial."""
+    from tokentune.data import is_local_source, split_rows
+    from tokentune.preview import training_rows
+
+    seen: set[str] = set()
+    for i, cfg in enumerate(spec.trial_configs(64)):
+        d, model = cfg.data, cfg.model
+        sources = [s for s in (d.train, d.val) if s]
+        key = repr((d, model.name_or_path, model.tokenizer, cfg.train.epochs is None))
+        if key in seen or any(not is_local_source(s) for s in sources):
+            continue
+        seen.add(key)
+        render = d.format == "chat" or cfg.train.epochs is not None
+        local_model = all(
+            m is None or Path(m).expanduser().exists() for m in (model.name_or_path, model.tokenizer)
+        )
+        try:
+            if render and local_model:
+                training_rows(cfg)
+            elif sources:
+                split_rows(d, cfg.train.seed)
+        except ConfigError as e:
+            raise SpecError("base.data" if not spec.search else f"trial {i}: data", str(e)) from None
 
 
 def _input_values(spec: SweepSpec, key: str):

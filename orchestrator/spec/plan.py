@@ -101,8 +101,8 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
         tr = cfg.train
         lines.append("")
         lines.append(
-            f"  base: model {cfg.model.name_or_path or '(shipped tiny Llama)'}, data {cfg.data.train or '(shipped)'}, "
-            f"max_steps {tr.max_steps}, batch {tr.batch_size}x{tr.grad_accum}, max_length {cfg.data.max_length}, "
+            f"  base: model {cfg.model.name_or_path or '(shipped tiny Llama)'}, data {cfg.data.train or '(shipped)'} ({cfg.data.format}), "
+            f"{steps_text(cfg)}, batch {tr.batch_size}x{tr.grad_accum}, max_length {cfg.data.max_length}, "
             f"eval tasks {cfg.eval.tasks or '(shipped)'} limit {cfg.eval.limit}"
         )
     unknown = sorted({str(p.config.model.name_or_path) for p in trials if p.memory is None})
@@ -127,6 +127,21 @@ def settings_lines(spec: SweepSpec) -> list[str]:
             " ".join(pairs), PLAN_WIDTH, initial_indent=head, subsequent_indent=indent, break_on_hyphens=False
         )
     return out
+
+
+def steps_text(cfg: RunConfig) -> str:
+    """``max_steps N``, or ``epochs E = N steps (R rows)`` (``train.epochs`` resolved from the data)."""
+    tr = cfg.train
+    if tr.epochs is None:
+        return f"max_steps {tr.max_steps}"
+    from tokentune.errors import ConfigError
+    from tokentune.preview import training_rows
+
+    try:
+        rows = training_rows(cfg)
+    except (ConfigError, OSError) as e:
+        return f"epochs {tr.epochs:g} (steps resolved at trial start: {str(e)[:80]})"
+    return f"epochs {tr.epochs:g} = max_steps {tr.total_steps(rows, cfg.compute.workers)} ({rows} rows)"
 
 
 def _trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:

@@ -19,6 +19,8 @@ SHIPPED_TASK_FAMILIES = ["tt_category", "tt_antonym", "tt_next", "tt_largest"]
 MULTI_TASKS = ["tokentune_multi"]
 #: The task families inside ``tokentune_multi`` (4 choices: the answer and 3 near-misses; chance = 0.25).
 MULTI_TASK_FAMILIES = ["tt_sort", "tt_series", "tt_opposites"]
+#: The lm-eval group of the one-token families asked as a chat turn (``apply_chat_template``).
+CHAT_TASKS = ["tokentune_mini_chat"]
 
 
 def default_model_path() -> Path:
@@ -51,6 +53,16 @@ def default_multi_val_data() -> Path:
     return ASSETS_DIR / "data" / "multi_val.jsonl"
 
 
+def default_chat_train_data() -> Path:
+    """Chat JSONL (``messages``: 1-3 turns, most with a system prompt) of the one-token families."""
+    return ASSETS_DIR / "data" / "chat_train.jsonl"
+
+
+def default_chat_val_data() -> Path:
+    """Held-out chat JSONL of the one-token families."""
+    return ASSETS_DIR / "data" / "chat_val.jsonl"
+
+
 def default_tasks_dir() -> Path:
     """Folder of the shipped lm-eval task YAMLs (test documents under ``data/``); usable as the stock
     CLI's ``lm_eval --include_path`` from any working directory."""
@@ -63,11 +75,14 @@ __all__ = [
     "SHIPPED_TASK_FAMILIES",
     "MULTI_TASKS",
     "MULTI_TASK_FAMILIES",
+    "CHAT_TASKS",
     "default_model_path",
     "default_tokenizer_path",
     "default_train_data",
     "default_val_data",
     "default_multi_train_data",
     "default_multi_val_data",
+    "default_chat_train_data",
+    "default_chat_val_data",
     "default_tasks_dir",
 ]
