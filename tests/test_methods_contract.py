@@ -7,36 +7,17 @@ a checkpoint round-trip resumes onto the same loss trajectory.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
-from tests.conftest import tiny_run_dict
-from tokentune.config import ConfigError, RunConfig
-from tokentune.methods import REGISTRY, Method, register, validate_methods
+from tests.conftest import allowed_combinations, tiny_run_dict
+from tokentune.config import RunConfig
+from tokentune.methods import REGISTRY, Method, register
 from tokentune.train import train
 
 RESUME_TOL = 1e-5  # resumed losses equal the uninterrupted run's (same data, RNG and method state)
-
-
-def allowed_combinations() -> list[list[str]]:
-    trainers = sorted(n for n, c in REGISTRY.items() if c.kind == "trainer")
-    quantizers = sorted(n for n, c in REGISTRY.items() if c.kind == "quantizer")
-    modifiers = sorted(n for n, c in REGISTRY.items() if c.kind == "modifier" and not n.startswith("_"))
-    combos = []
-    for t in trainers:
-        for q in [None, *quantizers]:
-            for k in range(len(modifiers) + 1):
-                for mods in itertools.combinations(modifiers, k):
-                    names = [x for x in (q, t, *mods) if x]
-                    try:
-                        validate_methods(names)
-                    except ConfigError:
-                        continue
-                    combos.append(names)
-    return combos
 
 
 class Inspector(Method):
