@@ -48,7 +48,7 @@ def test_methods_bench_rejects_unknown_variant(capsys):
 
 def test_quality_bench_runs_each_variant_and_ratio_one_equals_lora(tmp_path, capsys):
     """bench/quality.py trains and evaluates each (variant, setting, seed); TokenTune at ratio 1.0
-    must reproduce the LoRA run of the same seed (METHODS.md), so their rows agree."""
+    must reproduce the LoRA run of the same seed (every token selected is stock training), so their rows agree."""
     import quality
 
     table = quality.main(["--variants", "lora,tokentune", "--ratios", "0.3,1.0", "--steps", "4", "--seeds", "0",
