@@ -264,7 +264,7 @@ def test_test_modules_import_no_other_test_module():
     """Shared test helpers and fixtures live in tests/conftest.py; a test module that imports another
     (``from tests.test_x import ...``, at any level, or in code it runs in a subprocess) couples their
     collection and side effects (e.g. registering test-only methods)."""
-    offenders = []
+    offenders = set()
     for path in sorted((ROOT / "tests").rglob("test_*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         named = []
@@ -278,5 +278,5 @@ def test_test_modules_import_no_other_test_module():
         for line, name in named:
             other = _test_module_named(name)
             if other and other != path.stem:
-                offenders.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
-    assert not offenders, "move shared helpers to tests/conftest.py:\n" + "\n".join(offenders)
+                offenders.add(f"{path.relative_to(ROOT)}:{line} imports tests.{other}")
+    assert not offenders, "move shared helpers to tests/conftest.py:\n" + "\n".join(sorted(offenders))
