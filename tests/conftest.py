@@ -303,9 +303,10 @@ def check_estimate(cfg, memory: dict[str, float]) -> list[str]:
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray of 2 CPUs for one test (marked ``ray``); its workers import this checkout, offline."""
+    """A local Ray of 2 CPUs shared by a module's tests marked ``ray`` (a start costs 5-30 s on 2 cores);
+    its workers import this checkout, offline. Each test leaves its CPUs free again."""
     import ray
 
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
