@@ -113,7 +113,9 @@ def workspace(tmp_path) -> Path:
 
 def _env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+    # one thread: the tiny default gains nothing from more and loses much to them on a busy 2-core machine
+    pythonpath = f"{REPO}{os.pathsep}{path}" if path else str(REPO)
+    return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
 
 
 def _run(cmd: list[str], cwd: Path, label: str) -> None:
