@@ -61,8 +61,7 @@ def test_ray_init_without_the_ray_marker_fails_the_test(tmp_path):
     assert "PASSED test_inner.py::test_unmarked_test_that_leaves_ray_alone" in out, out
 
 
-@pytest.mark.slow
-@pytest.mark.ray  # its inner test starts a real Ray node in a subprocess (30-50 s on a busy 2-core machine)
+@pytest.mark.ray  # its inner test starts a real Ray node in a subprocess (12 s on a quiet 2-core machine)
 def test_a_ray_node_started_by_a_subprocess_fails_an_unmarked_test(tmp_path):
     out = _run_inner(tmp_path, "subprocess")
     assert "1 passed, 3 deselected, 1 error" in out, out
