@@ -1,8 +1,20 @@
-"""Shared fixtures: tiny random models built from configs (no downloads), offline hub, seeds."""
+"""Shared fixtures and helpers of the test suite (offline hub, seeds), in one place:
+
+- tiny random models built from configs (``make_tiny_causal_lm``: Llama, Mistral, Qwen2, Qwen3, Gemma),
+  a tiny workspace (checkpoint + tokenizer + data) and run-config dicts on it;
+- rows that fill any ``data.max_length`` and the memory estimate's check against a measurement;
+- every allowed method combination (the contract set);
+- a local Ray for tests marked ``ray``, and the ``ray`` marker enforced (see ``pytest_runtest_setup``);
+- an MLflow SQLite store whose tables exist already (creating them takes ~10 s).
+
+Test modules import helpers from here, never from each other (``tests/test_layout.py`` checks).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -27,7 +39,10 @@ def make_tiny_causal_lm(
     seed: int = 0,
     attn: str = "sdpa",
 ):
-    """A random decoder of the given family (llama, mistral, qwen2, qwen3), built from its config."""
+    """A random decoder of the given family (llama, mistral, qwen2, qwen3, gemma), built from its config.
+
+    Gemma has Llama's layer shape but scaled embeddings, (1 + w) RMSNorm and (its default) a head tied
+    to the embeddings; its head_dim is set to hidden / heads (its config's default is 256)."""
     import transformers
 
     cfg_cls, model_cls = {
@@ -35,8 +50,11 @@ def make_tiny_causal_lm(
         "mistral": ("MistralConfig", "MistralForCausalLM"),
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM"),
     }[family]
+    extra = {"head_dim": hidden // heads} if family == "gemma" else {"tie_word_embeddings": False}
     cfg = getattr(transformers, cfg_cls)(
+        **extra,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -47,7 +65,6 @@ def make_tiny_causal_lm(
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        tie_word_embeddings=False,
     )
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
@@ -169,6 +186,215 @@ def tiny_run_dict(ws, methods, out_dir, **sections):
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory):
     return build_tiny_workspace(tmp_path_factory.mktemp("tiny_ws"))
+
+
+# ---- method combinations, long rows and the memory estimate's check ---------------------------------------
+def allowed_combinations() -> list[list[str]]:
+    """Every method list the registry allows (test-only methods, named ``_...``, left out)."""
+    import itertools
+
+    from tokentune.config import ConfigError
+    from tokentune.methods import REGISTRY, validate_methods
+
+    trainers = sorted(n for n, c in REGISTRY.items() if c.kind == "trainer")
+    quantizers = sorted(n for n, c in REGISTRY.items() if c.kind == "quantizer")
+    modifiers = sorted(n for n, c in REGISTRY.items() if c.kind == "modifier" and not n.startswith("_"))
+    combos = []
+    for t in trainers:
+        for q in [None, *quantizers]:
+            for k in range(len(modifiers) + 1):
+                for mods in itertools.combinations(modifiers, k):
+                    names = [x for x in (q, t, *mods) if x]
+                    try:
+                        validate_methods(names)
+                    except ConfigError:
+                        continue
+                    combos.append(names)
+    return combos
+
+
+LONG_WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma tau omega one two three".split()
+)
+
+
+def write_long_rows(folder) -> str:
+    """Instruction rows far longer than any max_length used here: every sequence is truncated, so every
+    micro-batch is [batch_size, max_length] as the estimate assumes (with train_on_inputs, every token
+    is supervised)."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    rows = [
+        {"instruction": "Continue the list.", "input": " ".join(rng.choices(LONG_WORDS, k=20)),
+         "output": " ".join(rng.choices(LONG_WORDS, k=400))}
+        for _ in range(48)
+    ]  # fmt: skip
+    path = Path(folder) / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def long_rows(tmp_path_factory) -> str:
+    return write_long_rows(tmp_path_factory.mktemp("long"))
+
+
+SPARSE_METHODS = ("ist", "rst")
+
+
+def memory_run_dict(methods, data, out_dir, *, max_length, model=None, steps=8, **compute) -> dict:
+    """A run on rows that fill ``max_length`` (``write_long_rows``), logging (and measuring) every step."""
+    d = {
+        "methods": list(methods),
+        "data": {"train": data, "val": data, "max_length": max_length, "train_on_inputs": True},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 2,
+            "log_every": 1,
+            "eval_batches": 1,
+            "warmup_steps": 0,
+            "output_dir": str(out_dir),
+        },
+    }
+    if model:
+        d["model"] = {"name_or_path": model}
+    if compute:
+        d["compute"] = compute
+    for m in SPARSE_METHODS:
+        if m in methods:
+            d[m] = {"budget": 1, "seed": 1}
+    return d
+
+
+def reached_sparse_peak(history: list[dict], layers: int) -> bool:
+    """IST/RST: every layer trained at least once and layer 0 trained at some (sampled) step."""
+    seen: set[int] = set()
+    for h in history:
+        seen |= {int(k.rsplit("/", 1)[1]) for k, v in h.items() if "/active/" in k and v == 1.0}
+    return seen == set(range(layers))
+
+
+ESTIMATE_TOTAL_TOL = 0.15
+ESTIMATE_PART_TOL = 0.25
+ESTIMATE_PART_ABS_GB = 2 / 1024  # 2 MB
+
+
+def check_estimate(cfg, memory: dict[str, float]) -> list[str]:
+    """The estimate (at the measured micro-batch shape) against the measurement; a list of misses:
+    the total within +-15%, each component within +-25% or 2 MB."""
+    from tokentune.estimate import estimate_measured
+
+    mb = 1 / 1024
+    est = estimate_measured(cfg, memory)
+    misses = []
+    measured = memory["memory/train_gb"]
+    if abs(est.total_gb / measured - 1) > ESTIMATE_TOTAL_TOL:
+        misses.append(f"total: estimate {est.total_gb / mb:.3f} MB vs measured {measured / mb:.3f} MB")
+    for part in ("weights", "grads", "optimizer", "activations"):
+        e, m = getattr(est, f"{part}_gb"), memory[f"memory/{part}_gb"]
+        if abs(e - m) > max(ESTIMATE_PART_TOL * m, ESTIMATE_PART_ABS_GB):
+            misses.append(f"{part}: estimate {e / mb:.3f} MB vs measured {m / mb:.3f} MB")
+    return misses
+
+
+# ---- services: a local Ray, an MLflow store ---------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs shared by a module's tests marked ``ray`` (a start costs 5-30 s on 2 cores);
+    its workers import this checkout, offline. Each test leaves its CPUs free again."""
+    import ray
+
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_tables(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite database with its tables, made once (creating them takes ~10 s)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_tables") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(mlflow_tables, tmp_path_factory) -> tuple[str, Path]:
+    """(tracking URI, its folder): a fresh SQLite store for the module, copied from the prepared tables."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("mlflow")
+    shutil.copyfile(mlflow_tables, root / "mlflow.db")
+    return f"sqlite:///{root / 'mlflow.db'}", root
+
+
+# ---- the `ray` marker, enforced ------------------------------------------------------------------------
+RAY_MARK_HINT = "mark it @pytest.mark.ray (and @pytest.mark.slow if it takes over ~30 s on 2 cores)"
+_ray_guards: dict[str, tuple[str, str | None, object]] = {}
+
+
+class RayNotMarked(RuntimeError):
+    """A test not marked ``ray`` tried to start Ray."""
+
+
+def _refuse_ray_init(nodeid: str):
+    def init(*args, **kwargs):
+        raise RayNotMarked(f"{nodeid} calls ray.init but is not marked `ray`: {RAY_MARK_HINT}")
+
+    return init
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """For a test not marked ``ray`` (from before its fixtures start, module-scoped ones included, until
+    its teardown ends): ``ray.init`` in this process raises ``RayNotMarked``, and ``RAY_TMPDIR`` points at
+    an empty folder of its own, so a Ray node started by any process it runs (``ray start``, ``tokentune
+    sweep``) leaves a session folder there that ``pytest_runtest_teardown`` reports."""
+    if item.get_closest_marker("ray") is None and item.nodeid not in _ray_guards:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="tt-ray-")  # short: Ray's socket paths must stay under 108 bytes
+        ray = sys.modules.get("ray")  # not imported here (seconds): a later import is caught by the folder
+        _ray_guards[item.nodeid] = (folder, os.environ.get("RAY_TMPDIR"), ray and ray.init)
+        os.environ["RAY_TMPDIR"] = folder
+        if ray is not None:
+            ray.init = _refuse_ray_init(item.nodeid)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    try:
+        result = yield
+    finally:
+        guard = _ray_guards.pop(item.nodeid, None)
+        if guard is not None:
+            import shutil
+
+            folder, before, init = guard
+            if init is not None:
+                sys.modules["ray"].init = init
+            if before is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = before
+            sessions = sorted(p.name for p in Path(folder, "ray").glob("session_*"))
+            shutil.rmtree(folder, ignore_errors=True)
+            if sessions:
+                raise RayNotMarked(
+                    f"{item.nodeid} started a Ray node ({sessions[0]} appeared in its RAY_TMPDIR) but is "
+                    f"not marked `ray`: {RAY_MARK_HINT}"
+                )
+    return result
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,7 +24,14 @@ import torch
 from orchestrator.run.ray_cluster import init_ray, remove_orphaned_placement_groups
 from orchestrator.run.train_driver import check_launch, run_train_batch, run_train_job
 from orchestrator.run.train_worker import FAULT_ENV, stage_rank_files
-from tests.conftest import build_tiny_workspace, free_port
+from tests.conftest import (
+    build_tiny_workspace,
+    check_estimate,
+    free_port,
+    memory_run_dict,
+    reached_sparse_peak,
+    write_long_rows,
+)
 from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import REGISTRY
 
@@ -287,6 +294,7 @@ def _adapter_or_model(final_dir: str) -> dict[str, torch.Tensor]:
 
 # ---- the matrix ---------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"zero{s}")
 @pytest.mark.parametrize("methods", COMBOS, ids=_id)
 def test_method_trains_under_zero_with_two_workers(matrix, methods, stage):
@@ -305,6 +313,7 @@ def test_method_trains_under_zero_with_two_workers(matrix, methods, stage):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("methods", COMBOS, ids=_id)
 def test_zero2_and_zero3_train_the_same_weights(matrix, methods):
     _, r2 = _get(matrix, methods, 2)
@@ -322,6 +331,7 @@ def _layer_of(name: str) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"zero{s}")
 @pytest.mark.parametrize("method", SPARSE)
 def test_inactive_layers_are_bit_identical_after_a_step(matrix, method, stage):
@@ -346,6 +356,7 @@ def test_inactive_layers_are_bit_identical_after_a_step(matrix, method, stage):
 
 # ---- parity: 2 workers x b == 1 worker x 2b -------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.ray
 def test_two_workers_match_one_worker_with_twice_the_batch(matrix, workspace, parity_data, tmp_path):
     _, two = matrix[("parity", 2)]
     assert two.error is None, two.error
@@ -396,6 +407,7 @@ def fault_run(cluster, workspace, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_killed_worker_resumes_from_last_checkpoint(fault_run):
     res, marker = fault_run["res"], fault_run["marker"]
     assert marker.exists(), "the fault was never injected"
@@ -426,6 +438,7 @@ def test_killed_worker_resumes_from_last_checkpoint(fault_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_final_adapter_loads_without_deepspeed(fault_run):
     from peft import PeftModel
 
@@ -441,6 +454,7 @@ def test_final_adapter_loads_without_deepspeed(fault_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_rerunning_a_finished_run_returns_it_without_training(fault_run):
     import time
 
@@ -456,6 +470,7 @@ def test_rerunning_a_finished_run_returns_it_without_training(fault_run):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_run_train_job_refuses_before_launch(cluster, workspace, tmp_path):
     cfg = RunConfig.from_dict(run_dict(workspace, ["lora"], tmp_path / "out", workers=64))
     with pytest.raises(ConfigError, match="compute.workers=64"):
@@ -463,6 +478,7 @@ def test_run_train_job_refuses_before_launch(cluster, workspace, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_sweeper_removes_only_groups_whose_creating_actor_died(cluster):
     """Against the real GCS (``placement_group_records`` reads it through a Ray private API): an actor's
     group outlives the actor for as long as the job lives; the sweeper removes it, never a driver's."""
@@ -499,8 +515,6 @@ def test_sweeper_removes_only_groups_whose_creating_actor_died(cluster):
 @pytest.fixture(scope="module")
 def zero_memory(cluster, workspace, tmp_path_factory):
     """One Ray Train job (2 workers): every matrix combo x ZeRO-2/3 on rows that fill max_length."""
-    from tests.test_memory import memory_run_dict, write_long_rows
-
     root = tmp_path_factory.mktemp("zero_memory")
     data = write_long_rows(root)
     keys, cfgs = [], []
@@ -519,14 +533,13 @@ def zero_memory(cluster, workspace, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"zero{s}")
 @pytest.mark.parametrize("methods", COMBOS, ids=_id)
 def test_memory_estimate_under_zero(zero_memory, methods, stage):
     """Per worker: ZeRO-2 partitions gradients and optimizer state, ZeRO-3 also the weights (keeping
     parameters below the persistence threshold whole); the estimate follows within the same bounds as
     one process (tests/test_memory.py)."""
-    from tests.test_memory import check_estimate, reached_sparse_peak
-
     if _missing(methods):
         pytest.skip(f"method not registered: {', '.join(_missing(methods))}")
     cfg, res = zero_memory[(_id(methods), stage)]

@@ -92,6 +92,7 @@ def lora_200(tmp_path_factory):
     return cfg, train(cfg)
 
 
+@pytest.mark.slow  # 200 training steps (29 s on 2 cores, README) and two evaluations
 def test_lora_fine_tune_raises_shipped_task_accuracy_clearly_above_base(base, lora_200):
     """Issue 2's learnability check: the shipped recipe (examples/tiny_lora.yaml, 200 LoRA steps on
     CPU) lowers validation loss and lifts the shipped tasks' accuracy; the mean clearly beats base."""
@@ -112,7 +113,7 @@ def test_lora_fine_tune_raises_shipped_task_accuracy_clearly_above_base(base, lo
 def _answer_selection_probability(cfg, ratio: float) -> float:
     """Mean chance, over the shipped training rows, that TokenTune at ``ratio`` selects the position
     that predicts the (one-token) answer: k - 2 of the n - 2 positions other than the first and last
-    real token are drawn uniformly (METHODS.md), and that position is neither first nor last."""
+    real token are drawn uniformly (``TokenTuneSettings``), and that position is neither first nor last."""
     import torch
 
     from tokentune.data import load_splits
@@ -125,6 +126,7 @@ def _answer_selection_probability(cfg, ratio: float) -> float:
     return float(((k - 2) / (n - 2)).mean())
 
 
+@pytest.mark.slow  # ~900 training steps and three evaluations (600 documents each)
 def test_lora_tokentune_learns_like_lora_per_supervised_answer_token(base, lora_200, tmp_path):
     """Issue 3's quality check on the tiny default. The shipped answers are one token in a sequence
     of about 20, so at r=0.3 a step trains on the answer of only ~1/4 of its examples (computed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_memory import check_estimate, memory_run_dict, write_long_rows
+from tests.conftest import check_estimate, memory_run_dict
 from tokentune.config import RunConfig
 from tokentune.train import train
 
@@ -18,11 +18,6 @@ pytestmark = pytest.mark.gpu
 
 COMBOS = [["full"], ["lora"], ["qlora", "lora"], ["lora", "tokentune"], ["qlora", "lora", "tokentune"],
           ["lora", "ist"], ["dora", "rst", "tokentune"]]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def long_rows(tmp_path_factory):
-    return write_long_rows(tmp_path_factory.mktemp("long"))
 
 
 @pytest.mark.parametrize("methods", COMBOS, ids=lambda m: "+".join(m))

@@ -315,32 +315,23 @@ def _quick(final_dir, trial_dir, *args, **kwargs):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_post_trial_timeout_on_a_real_ray(tmp_path, monkeypatch):
+def test_post_trial_timeout_on_a_real_ray(tmp_path, monkeypatch, ray_local):
     """The stuck task is cancelled after timeout_s, its CPU comes back, and the next trial's task runs."""
-    import ray
-
     from orchestrator.run import post_trial
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}},
-    )
-    try:
-        monkeypatch.setattr(post_trial, "merge_and_evaluate", _never_returns)
-        t0 = time.monotonic()
-        out = post_trial.run_post_trial(tmp_path / "f", tmp_path / "t1", timeout_s=3)
-        assert out["error"] == "merge+eval timed out after 3 s (after_trial.timeout_s)"
-        assert time.monotonic() - t0 < 60
-        deadline = time.monotonic() + 60  # the cancelled task's CPU comes back
-        while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert ray.available_resources().get("CPU") == 2
-        monkeypatch.setattr(post_trial, "merge_and_evaluate", _quick)
-        ok = post_trial.run_post_trial(tmp_path / "f", tmp_path / "t2", timeout_s=60)
-        assert ok["error"] is None and ok["metrics"] == {"merge_s": 0.0}
-    finally:
-        ray.shutdown()
+    ray = ray_local
+    monkeypatch.setattr(post_trial, "merge_and_evaluate", _never_returns)
+    t0 = time.monotonic()
+    out = post_trial.run_post_trial(tmp_path / "f", tmp_path / "t1", timeout_s=3)
+    assert out["error"] == "merge+eval timed out after 3 s (after_trial.timeout_s)"
+    assert time.monotonic() - t0 < 60
+    deadline = time.monotonic() + 60  # the cancelled task's CPU comes back
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU") == 2
+    monkeypatch.setattr(post_trial, "merge_and_evaluate", _quick)
+    ok = post_trial.run_post_trial(tmp_path / "f", tmp_path / "t2", timeout_s=60)
+    assert ok["error"] is None and ok["metrics"] == {"merge_s": 0.0}
 
 
 def test_spec_file_round_trip_keeps_the_timeout(tmp_path):

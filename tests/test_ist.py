@@ -1,4 +1,4 @@
-"""IST / RST: the math, the per-step freezing mechanism and the invariants of METHODS.md.
+"""IST / RST: the math, the per-step freezing mechanism and their invariants (inactive layers bit-identical).
 
 Tiny random Llama models with peft LoRA/DoRA, trained through ``MethodStack`` (the object that runs
 the hook sequence of ``tokentune.train``) with AdamW + LambdaLR and gradient clipping, and, marked slow, the same bit-identity checks under DeepSpeed ZeRO-2 and ZeRO-3 (one subprocess each,

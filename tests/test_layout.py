@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,3 +250,33 @@ def test_runtime_packages_never_import_tools():
         if d.split(".")[0] == "tools"
     ]
     assert not found, found
+
+
+def _test_module_named(name: str) -> str | None:
+    """The test module an import names (``tests.test_x.y``, ``.test_x``, ``test_x``), if any."""
+    parts = [p for p in name.split(".") if p]
+    if parts[:1] == ["tests"]:
+        parts = parts[1:]
+    return parts[0] if parts and parts[0].startswith("test_") else None
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared test helpers and fixtures live in tests/conftest.py; a test module that imports another
+    (``from tests.test_x import ...``, at any level, or in code it runs in a subprocess) couples their
+    collection and side effects (e.g. registering test-only methods)."""
+    offenders = set()
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        named = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                named += [(node.lineno, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                named += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}") for a in node.names]
+        named += [(n, m) for n, s in _string_constants(tree) for m in re.findall(r"\btests\.test_\w+", s)]
+        for line, name in named:
+            other = _test_module_named(name)
+            if other and other != path.stem:
+                offenders.add(f"{path.relative_to(ROOT)}:{line} imports tests.{other}")
+    assert not offenders, "move shared helpers to tests/conftest.py:\n" + "\n".join(sorted(offenders))

@@ -13,24 +13,22 @@ ZeRO-2/3 with 2 workers: ``tests/test_distributed.py::test_memory_estimate_under
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 import torch
 from torch import nn
 
-from tests.test_methods_contract import allowed_combinations
+from tests.conftest import (
+    SPARSE_METHODS,
+    allowed_combinations,
+    check_estimate,
+    memory_run_dict,
+    reached_sparse_peak,
+    tiny_run_dict,
+)
 from tokentune.config import RunConfig
 from tokentune.estimate import GB, estimate_measured, estimate_memory
 from tokentune.memory import MemoryMeter, distinct_bytes
 from tokentune.train import train
-
-TOTAL_TOL = 0.15
-PART_TOL = 0.25
-PART_ABS_GB = 2 / 1024  # 2 MB
-MB = 1 / 1024
-SPARSE = ("ist", "rst")
 
 
 # ---- the meter on a model whose bytes are known ---------------------------------------------------------
@@ -89,8 +87,6 @@ def test_views_and_shared_storage_count_once():
 
 # ---- the loop reports it ----------------------------------------------------------------------------------
 def test_training_reports_the_breakdown_on_log_steps(tiny_workspace, tmp_path, one_thread):
-    from tests.conftest import tiny_run_dict
-
     d = tiny_run_dict(tiny_workspace, ["lora"], tmp_path / "out", train={"max_steps": 4, "log_every": 2})
     res = train(RunConfig.from_dict(d))
     logged = [h for h in res.history if "loss" in h]
@@ -102,31 +98,6 @@ def test_training_reports_the_breakdown_on_log_steps(tiny_workspace, tmp_path, o
 
 
 # ---- estimate vs measured over every allowed combination ------------------------------------------------
-WORDS = (
-    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma tau omega one two three".split()
-)
-
-
-def write_long_rows(folder) -> str:
-    """Instruction rows far longer than any max_length used here: every sequence is truncated, so every
-    micro-batch is [batch_size, max_length] as the estimate assumes (with train_on_inputs, every token
-    is supervised)."""
-    rng = random.Random(0)
-    rows = [
-        {"instruction": "Continue the list.", "input": " ".join(rng.choices(WORDS, k=20)),
-         "output": " ".join(rng.choices(WORDS, k=400))}
-        for _ in range(48)
-    ]  # fmt: skip
-    path = folder / "long.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def long_rows(tmp_path_factory):
-    return write_long_rows(tmp_path_factory.mktemp("long"))
-
-
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory):
     """A random Llama of hidden 256 (GQA, untied head) with the shipped tokenizer."""
@@ -146,51 +117,6 @@ def wide_llama(tmp_path_factory):
     return str(out)
 
 
-def memory_run_dict(methods, data, out_dir, *, max_length, model=None, steps=8, **compute) -> dict:
-    d = {
-        "methods": list(methods),
-        "data": {"train": data, "val": data, "max_length": max_length, "train_on_inputs": True},
-        "train": {
-            "max_steps": steps,
-            "batch_size": 2,
-            "log_every": 1,
-            "eval_batches": 1,
-            "warmup_steps": 0,
-            "output_dir": str(out_dir),
-        },
-    }
-    if model:
-        d["model"] = {"name_or_path": model}
-    if compute:
-        d["compute"] = compute
-    for m in SPARSE:
-        if m in methods:
-            d[m] = {"budget": 1, "seed": 1}
-    return d
-
-
-def reached_sparse_peak(history: list[dict], layers: int) -> bool:
-    """IST/RST: every layer trained at least once and layer 0 trained at some (sampled) step."""
-    seen: set[int] = set()
-    for h in history:
-        seen |= {int(k.rsplit("/", 1)[1]) for k, v in h.items() if "/active/" in k and v == 1.0}
-    return seen == set(range(layers))
-
-
-def check_estimate(cfg: RunConfig, memory: dict[str, float]) -> list[str]:
-    """The estimate (at the measured micro-batch shape) against the measurement; a list of misses."""
-    est = estimate_measured(cfg, memory)
-    misses = []
-    measured = memory["memory/train_gb"]
-    if abs(est.total_gb / measured - 1) > TOTAL_TOL:
-        misses.append(f"total: estimate {est.total_gb / MB:.3f} MB vs measured {measured / MB:.3f} MB")
-    for part in ("weights", "grads", "optimizer", "activations"):
-        e, m = getattr(est, f"{part}_gb"), memory[f"memory/{part}_gb"]
-        if abs(e - m) > max(PART_TOL * m, PART_ABS_GB):
-            misses.append(f"{part}: estimate {e / MB:.3f} MB vs measured {m / MB:.3f} MB")
-    return misses
-
-
 MODELS = {"tiny-seq128": (None, 128), "hidden256-seq256": ("wide", 256)}
 
 
@@ -205,7 +131,7 @@ def test_estimate_matches_measured(methods, model, long_rows, wide_llama, tmp_pa
     cfg = RunConfig.from_dict(d)
     res = train(cfg)
     assert res.memory["memory/peak_seq_len"] == max_length  # the data fills max_length
-    if any(m in methods for m in SPARSE):
+    if any(m in methods for m in SPARSE_METHODS):
         assert reached_sparse_peak(res.history, 4), "IST/RST never trained every layer in 8 steps"
     assert check_estimate(cfg, res.memory) == []
 

@@ -58,8 +58,9 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory, mlflow_tables):
     root = tmp_path_factory.mktemp("mlflow_server")
+    shutil.copyfile(mlflow_tables, root / "mlflow.db")  # the server starts on tables made already
     port = free_port()
     exe = Path(sys.executable).parent / "mlflow"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]

@@ -17,7 +17,6 @@ from tokentune import cli
 from tokentune.assets import SHIPPED_TASK_FAMILIES, default_model_path
 from tokentune.cli_eval import add_eval_parser
 
-REPO = Path(__file__).resolve().parents[1]
 EVAL = {"tasks": ["tt_next", "tt_antonym"], "limit": 4, "batch_size": 8}
 
 
@@ -135,63 +134,47 @@ def test_unknown_task_is_an_error_not_silence(adapter, tmp_path):
 
 
 @pytest.mark.ray
-def test_run_post_trial_as_a_ray_task(adapter, tmp_path):
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={
-            "env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        },
+def test_run_post_trial_as_a_ray_task(adapter, tmp_path, ray_local):
+    ray = ray_local
+    out = run_post_trial(
+        adapter, tmp_path / "ray", {"tasks": ["tt_next"], "limit": 4}, resources={"num_cpus": 1}
     )
-    try:
-        out = run_post_trial(
-            adapter, tmp_path / "ray", {"tasks": ["tt_next"], "limit": 4}, resources={"num_cpus": 1}
-        )
-        assert out["error"] is None, out["error"]
-        assert (tmp_path / "ray" / "merged" / "config.json").is_file()
-        assert out["metrics"]["eval/score"] == out["metrics"]["eval/tt_next/acc"]
-        bad = run_post_trial(
-            adapter, tmp_path / "ray", {"tasks": ["no_such_task_xyz"]}, resources={"num_cpus": 1}
-        )
-        assert "no_such_task_xyz" in bad["error"]
-        deadline = time.monotonic() + 30  # the task's CPU comes back (resource view updates lazily)
-        while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert ray.available_resources().get("CPU") == 2
-    finally:
-        ray.shutdown()
+    assert out["error"] is None, out["error"]
+    assert (tmp_path / "ray" / "merged" / "config.json").is_file()
+    assert out["metrics"]["eval/score"] == out["metrics"]["eval/tt_next/acc"]
+    bad = run_post_trial(
+        adapter, tmp_path / "ray", {"tasks": ["no_such_task_xyz"]}, resources={"num_cpus": 1}
+    )
+    assert "no_such_task_xyz" in bad["error"]
+    deadline = time.monotonic() + 30  # the task's CPU comes back (resource view updates lazily)
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU") == 2
 
 
 @pytest.mark.ray
-def test_the_post_trial_worker_serves_trials_in_one_warm_process(adapter, tmp_path):
+def test_the_post_trial_worker_serves_trials_in_one_warm_process(adapter, tmp_path, ray_local):
     """Merges through the sweep's PostTrialWorker run in one process that stays up, each call holding
     after_trial.cpus in a placement group that is released afterwards."""
-    import ray
-
     from orchestrator.run.post_trial import start_post_trial_worker
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        name, _handle = start_post_trial_worker("test-warm")
-        pids = []
-        for i in range(2):
-            tdir = tmp_path / f"t{i}"
-            out = run_post_trial(
-                adapter, tdir, EVAL, evaluate=False, resources={"num_cpus": 1}, worker=name, timeout_s=300
-            )
-            assert out["error"] is None and Path(out["merged_dir"], "config.json").is_file(), out
-            events = [json.loads(line) for line in (tdir / "events.jsonl").read_text().splitlines()]
-            pids.append({e["pid"] for e in events if e["event"] == "merge_started"})
-        assert pids[0] == pids[1] and len(pids[0]) == 1  # the same warm process
-        assert not (pids[0] & {os.getpid()})  # not this one
-        deadline = time.monotonic() + 30  # the reserved CPU comes back
-        while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert ray.available_resources().get("CPU") == 2
-    finally:
-        ray.shutdown()
+    ray = ray_local
+    name, _handle = start_post_trial_worker("test-warm")
+    pids = []
+    for i in range(2):
+        tdir = tmp_path / f"t{i}"
+        out = run_post_trial(
+            adapter, tdir, EVAL, evaluate=False, resources={"num_cpus": 1}, worker=name, timeout_s=300
+        )
+        assert out["error"] is None and Path(out["merged_dir"], "config.json").is_file(), out
+        events = [json.loads(line) for line in (tdir / "events.jsonl").read_text().splitlines()]
+        pids.append({e["pid"] for e in events if e["event"] == "merge_started"})
+    assert pids[0] == pids[1] and len(pids[0]) == 1  # the same warm process
+    assert not (pids[0] & {os.getpid()})  # not this one
+    deadline = time.monotonic() + 30  # the reserved CPU comes back
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU") == 2
 
 
 def test_a_timed_out_call_restarts_the_warm_worker(tmp_path, monkeypatch):

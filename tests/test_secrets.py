@@ -191,11 +191,11 @@ def test_dry_run_plan(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tracker(tmp_path_factory):
-    from orchestrator.results.tracking import SweepTracker, default_tracking_uri
+def tracker(mlflow_store):
+    from orchestrator.results.tracking import SweepTracker
 
-    root = tmp_path_factory.mktemp("mlflow_secrets")
-    return SweepTracker(default_tracking_uri(root), "secrets", "secrets"), root
+    uri, root = mlflow_store
+    return SweepTracker(uri, "secrets", "secrets"), root
 
 
 def test_mlflow_error_tags_and_artifacts(tracker):

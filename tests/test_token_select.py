@@ -1,4 +1,5 @@
-"""TokenTune: the five invariants of METHODS.md on tiny random models, plus the selection rules."""
+"""TokenTune on tiny random models (Llama, Mistral, Qwen2, Qwen3, Gemma): five invariants of its split forward
+(numbered below), plus the selection rules."""
 
 from __future__ import annotations
 
@@ -45,24 +46,8 @@ def make_batch(lengths=LENGTHS, vocab=VOCAB, prompt=2, seed=0, pad_id=0):
 
 
 def make_decoder(family, dtype=torch.float64):
-    """conftest's tiny decoders, plus Gemma (same layer shape; scaled embeddings, (1 + w) RMSNorm)."""
-    if family != "gemma":
-        return make_tiny_causal_lm(family, dtype=dtype)
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    cfg = GemmaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        pad_token_id=0,
-    )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return GemmaForCausalLM(cfg).to(dtype)
+    """conftest's tiny decoders; Gemma with one kv head (multi-query attention)."""
+    return make_tiny_causal_lm(family, dtype=dtype, kv_heads=1 if family == "gemma" else 2)
 
 
 def draw(batch, ratio, seed=0):

@@ -30,14 +30,9 @@ HF_TOKEN = "hf_" + "A1b2C3d4E5f6G7h8I9j0KlMnOpQrStUv"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module (creating its tables takes ~10 s)."""
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = default_tracking_uri(root)
-    from mlflow import MlflowClient
-
-    MlflowClient(uri).search_experiments()
-    return uri, root
+def store(mlflow_store):
+    """One SQLite store for the module (conftest's: its tables made once per session)."""
+    return mlflow_store
 
 
 def _client(uri):
