@@ -10,7 +10,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from tokentune.assets import MULTI_TASK_FAMILIES, MULTI_TASKS, SHIPPED_TASK_FAMILIES, default_model_path
+from tokentune.assets import (
+    CHAT_TASKS,
+    MULTI_TASK_FAMILIES,
+    MULTI_TASKS,
+    SHIPPED_TASK_FAMILIES,
+    default_model_path,
+)
 from tokentune.evaluate import evaluate, parse_task_spec, shipped_tasks
 
 CHANCE = 0.25
@@ -30,6 +36,8 @@ def test_shipped_task_names():
         *SHIPPED_TASK_FAMILIES,
         *MULTI_TASKS,
         *MULTI_TASK_FAMILIES,
+        *CHAT_TASKS,
+        *(f"{name}_chat" for name in SHIPPED_TASK_FAMILIES),  # the one-token families asked as a chat turn
     }
 
 
