@@ -310,6 +310,8 @@ def ray_local():
     import ray
 
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if ray.is_initialized():  # a Ray another module's in-process sweep left up: this one must hold 2 CPUs
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         yield ray

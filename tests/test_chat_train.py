@@ -165,11 +165,16 @@ def test_chat_quickstart_plan_resolves_epochs():
 def test_chat_quickstart_sweep_runs_end_to_end(tmp_path):
     """``search_spaces/chat_quickstart.yaml`` (shortened: a fifth of an epoch, 20 documents per task):
     both trials train on the chat data, merge, and are evaluated on the chat tasks."""
+    import ray
+
     from orchestrator import run_sweep
 
     overrides = [f"storage={tmp_path}", "train.epochs=0.2", "train.log_every=4", "eval.limit=20"]
     t0 = time.time()
-    res = run_sweep(CHAT_QUICKSTART, overrides, progress=False)
+    try:
+        res = run_sweep(CHAT_QUICKSTART, overrides, progress=False)
+    finally:
+        ray.shutdown()  # the sweep's in-process local Ray: later modules start their own
     assert len(res.trials) == 2
     for t in res.trials:
         assert t.status == "finished", (t.trial_id, t.error)

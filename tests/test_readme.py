@@ -31,10 +31,21 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "cluster/README.md")
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((?P<why>.+)\)\s*-->")
-#: appended to commands that train, so a README block runs in seconds (later --set wins)
+#: appended to commands that train, so a README block runs in seconds (later --set wins; a config that
+#: counts epochs gets a step count instead: exactly one of them may be set)
 SHORT = {
-    ("tokentune", "train"): ["--set", "train.max_steps=12", "--set", "eval.limit=10"],
-    ("tokentune", "sweep"): ["--set", "base.train.max_steps=12", "--set", "base.eval.limit=10"],
+    ("tokentune", "train"): [
+        "--set",
+        "train.epochs=null",
+        "--set",
+        "train.max_steps=12",
+        "--set",
+        "eval.limit=10",
+    ],
+    ("tokentune", "sweep"): [
+        *("--set", "base.train.epochs=null", "--set", "base.train.max_steps=12"),
+        *("--set", "base.eval.limit=10"),
+    ],
 }
 INSTALLS = (("pip", "install"), ("python3.11", "-m", "venv"), (".",), ("source",))
 
