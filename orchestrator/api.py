@@ -42,7 +42,7 @@ from orchestrator.spec.parts import value_label
 from orchestrator.spec.plan import PLAN_ROWS, format_plan
 from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
 from orchestrator.spec.validate import check_sweep_name, refuse_local_store_on_cluster
-from tokentune.files import write_text_atomic
+from tokentune.files import open_in_place, refuse_link, write_text_atomic
 
 if TYPE_CHECKING:
     from orchestrator.results.tracking import SweepTracker
@@ -114,7 +114,7 @@ def sweep_lock(sweep_dir: Path, name: str) -> Iterator[None]:
     import fcntl
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_in_place(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # never through a link
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -154,7 +154,7 @@ def sweep_location(spec: SweepSpec) -> tuple[Path, str]:
 
 def _stored_file(sweep_dir: Path, storage_uri: str) -> tuple[str, dict[str, Any]] | None:
     """(where, contents) of the sweep's ``sweep.yaml``: local, else at a URI storage; None if neither."""
-    local = sweep_dir / SPEC_FILE
+    local = refuse_link(sweep_dir / SPEC_FILE)  # another file linked in would be resumed
     if local.is_file():
         return str(local), yaml.safe_load(local.read_text()) or {}
     if is_uri(storage_uri) and (text := read_text(storage_uri, SPEC_FILE)) is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.results.best import Goal, best_trial, best_trials, front, number
-from tokentune.files import write_json_atomic, write_text_atomic
+from tokentune.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from tokentune.redact import redact_text
 
 #: the run config's method list: the first searched column when present
@@ -333,9 +333,10 @@ def pareto_plot(
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return path
+    return write_bytes_atomic(path, png.getvalue())
 
 
 # ------------------------------------------------------------------------------------ console

@@ -34,6 +34,7 @@ from typing import Any
 from orchestrator.results import report
 from orchestrator.results.best import Goal, best_trial
 from orchestrator.results.mlflow_ui import DESCRIPTION_TAG, KIND_TAGS
+from tokentune.files import refuse_link
 from tokentune.redact import redact, redact_text, redacted_file
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def default_tracking_uri(sweep_dir: str | Path, explicit: str | None = None) -> 
     """
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if not uri.strip():
-        return sqlite_uri(Path(sweep_dir).expanduser().resolve() / "mlflow.db")
+        return sqlite_uri(refuse_link(Path(sweep_dir).expanduser().resolve() / "mlflow.db"))
     return absolute_uri(uri.strip())
 
 
