@@ -468,24 +468,26 @@ def test_canary_sweep_leaves_no_secret_in_sweep_folder_mlflow_or_ray_logs(tmp_pa
         "train.warmup_steps=1",
         "eval.limit=8",
     ]
-    quickstart = str(root / "search_spaces" / "quickstart.yaml")
-    cmd = [sys.executable, "-c", CANARY_SWEEP, quickstart, ",".join(CREDENTIAL_VARS), *overrides]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, out[-3000:]
-    res = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
-    assert res["status"] == ["finished"]
-    assert res["env"] == {v: f"{CANARY}-{v}" for v in CREDENTIAL_VARS}, "workers lack the credentials"
-    sweep_dir = Path(res["sweep_dir"])
-    mlflow_store = sweep_dir / "mlflow.db", sweep_dir / "mlartifacts"
-    assert all(p.exists() for p in mlflow_store) and list((ray_tmp / "ray").glob("session_*/logs/*"))
-    assert _files_holding(CANARY, sweep_dir, ray_tmp) == []
-    assert _files_holding(described, sweep_dir, ray_tmp) == []
-    outputs = [sweep_dir / "sweep.yaml", sweep_dir / "results.csv", sweep_dir / "results.json"]
-    assert _files_holding(token_dir, *outputs, *mlflow_store) == []
-    assert "data.train" in (sweep_dir / "results.csv").read_text()  # the column is there, masked
-    console = out.split("RESULT ", 1)[0]  # what the sweep printed (the RESULT line is the check's)
-    assert "best trial:" in console, console[-3000:]
-    for needle in (token_dir, described, CANARY):
-        assert needle not in console, [line for line in console.splitlines() if needle in line]
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    try:
+        quickstart = str(root / "search_spaces" / "quickstart.yaml")
+        cmd = [sys.executable, "-c", CANARY_SWEEP, quickstart, ",".join(CREDENTIAL_VARS), *overrides]
+        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out[-3000:]
+        res = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+        assert res["status"] == ["finished"]
+        assert res["env"] == {v: f"{CANARY}-{v}" for v in CREDENTIAL_VARS}, "workers lack the credentials"
+        sweep_dir = Path(res["sweep_dir"])
+        mlflow_store = sweep_dir / "mlflow.db", sweep_dir / "mlartifacts"
+        assert all(p.exists() for p in mlflow_store) and list((ray_tmp / "ray").glob("session_*/logs/*"))
+        assert _files_holding(CANARY, sweep_dir, ray_tmp) == []
+        assert _files_holding(described, sweep_dir, ray_tmp) == []
+        outputs = [sweep_dir / "sweep.yaml", sweep_dir / "results.csv", sweep_dir / "results.json"]
+        assert _files_holding(token_dir, *outputs, *mlflow_store) == []
+        assert "data.train" in (sweep_dir / "results.csv").read_text()  # the column is there, masked
+        console = out.split("RESULT ", 1)[0]  # what the sweep printed (the RESULT line is the check's)
+        assert "best trial:" in console, console[-3000:]
+        for needle in (token_dir, described, CANARY):
+            assert needle not in console, [line for line in console.splitlines() if needle in line]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
