@@ -311,25 +311,42 @@ def test_zero3_parameters_without_gradient_contribute_zero():
 
 # ---- the engine: DeepSpeed's buffers sized to the job; ZeRO-3 saves gathered on rank 0 only ---------------
 class _Allocations(torch.overrides.TorchFunctionMode):
-    """Records the largest tensor made by a factory call (``torch.empty``/``zeros``: DeepSpeed's buckets)
-    and the bytes of copies made (``clone``/``to``/``cpu`` into new storage) while active."""
+    """While active: the largest tensor made by ``torch.empty``/``torch.zeros`` (DeepSpeed's buckets; the
+    module functions are wrapped, so calls from autograd hooks count too) and the bytes of copies into
+    new storage (``clone``/``to``/``cpu``)."""
 
-    FACTORIES = (torch.empty, torch.zeros, torch.ones, torch.full)
+    FACTORIES = ("empty", "zeros")
     COPIES = (torch.Tensor.clone, torch.Tensor.to, torch.Tensor.cpu)
 
     def __init__(self) -> None:
         super().__init__()
         self.largest = self.copied = 0
+        self._saved = {name: getattr(torch, name) for name in self.FACTORIES}
+
+    def _recording(self, make):
+        def made(*args, **kwargs):
+            out = make(*args, **kwargs)
+            self.largest = max(self.largest, out.untyped_storage().nbytes())
+            return out
+
+        return made
+
+    def __enter__(self):
+        for name, make in self._saved.items():
+            setattr(torch, name, self._recording(make))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, make in self._saved.items():
+            setattr(torch, name, make)
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            nbytes = out.untyped_storage().nbytes()
-            if func in self.FACTORIES:
-                self.largest = max(self.largest, nbytes)
-            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if func in self.COPIES and src is not None and src.data_ptr() != out.data_ptr():
-                self.copied += nbytes
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if func in self.COPIES and isinstance(out, torch.Tensor) and src is not None:
+            if src.data_ptr() != out.data_ptr():
+                self.copied += out.untyped_storage().nbytes()
         return out
 
 
