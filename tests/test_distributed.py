@@ -33,6 +33,7 @@ from tests.conftest import (
     write_long_rows,
 )
 from tokentune.config import ConfigError, RunConfig
+from tokentune.estimate import estimate_measured
 from tokentune.methods import REGISTRY
 
 COMBOS = [
@@ -835,4 +836,7 @@ def test_memory_estimate_under_zero_with_bf16(zero_memory, stage):
             assert res.metrics["memory/weights_gb"] == pytest.approx(
                 fp32.metrics["memory/weights_gb"] / 2, rel=0.02
             )
+        est = estimate_measured(cfg, res.metrics)
+        print(f"\n{_id(methods)} zero{stage} bf16: estimate/train_gb {est.breakdown_gb / res.metrics['memory/train_gb']:.3f}"
+              f", buffers {est.buffers_gb * 1024:.2f} MB")  # fmt: skip
         assert check_estimate(cfg, res.metrics) == [], _id(methods)
