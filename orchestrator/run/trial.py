@@ -280,7 +280,7 @@ def estimate_vs_measured(est: MemoryEstimate | None, metrics: dict[str, Any]) ->
     out = est.metrics()
     measured = metrics.get("memory/train_gb")
     if is_number(measured) and measured > 0:
-        out["memory/estimate_ratio"] = est.total_gb / measured
+        out["memory/estimate_ratio"] = est.breakdown_gb / measured  # train_gb: the breakdown, no buffers
     return out
 
 
