@@ -5,7 +5,14 @@
   state, each method's state (``methods.pt``), the torch RNG and the step (``state.json``, written
   last: a checkpoint without it is incomplete and never resumed from).
 - ``final/``: a peft adapter (adapter methods) or a full Hugging Face checkpoint (full fine-tuning),
-  written on rank 0 and readable without DeepSpeed, with the tokenizer.
+  written on rank 0 and readable without DeepSpeed, with the tokenizer, and last ``complete.json``
+  (every file's size): a ``final/`` without it is incomplete. One written before the marker existed
+  counts as complete when its config and weights files read back (:func:`final_complete`).
+
+Half-written state (a run killed while writing, a full disk): :func:`check_output_dir` first sets aside
+(renames to ``<name>.incomplete[-N]``, with a warning) every incomplete checkpoint and an incomplete
+``final/``, so such a run can be resumed from its last complete checkpoint, or started again when it
+has none. :func:`latest_checkpoint` only ever returns a complete one.
 
 Run identity: every checkpoint carries a copy of ``run_config.json`` and its :func:`config_hash` (in
 ``state.json``). The hash covers what decides the trained weights; it leaves out where and how often
@@ -39,6 +46,9 @@ if TYPE_CHECKING:
     from tokentune.config import RunConfig
     from tokentune.methods import MethodStack
 
+COMPLETE = "complete.json"  # written last into final/: its files and their sizes
+STATE = "state.json"  # written last into a checkpoint: the step and the config hash
+INCOMPLETE = ".incomplete"  # the suffix of a half-written checkpoint or final/ that was set aside
 RUN_CONFIG = "run_config.json"  # the run's config, written by train() and copied into each checkpoint
 #: keys left out of config_hash: where and how often a run writes, its length, its resources
 UNHASHED = {
@@ -103,7 +113,82 @@ def save_final(model, tokenizer, out: Path, zero_stage: int | None, rank: int) -
         else:
             model.save_pretrained(str(out), state_dict=_full_state_with(model, state))
         tokenizer.save_pretrained(str(out))
+        write_complete_marker(out)
     return is_adapter
+
+
+def write_complete_marker(folder: Path) -> None:
+    """Write ``complete.json`` (each file's size) into ``folder``, last: its contents are complete."""
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    files.pop(COMPLETE, None)
+    write_json_atomic(folder / COMPLETE, {"files": files})
+
+
+def final_complete(folder: str | Path) -> bool:
+    """Whether ``final/`` was written to the end: its ``complete.json`` lists files that all exist with
+    those sizes. Without the marker (written before it existed): its ``adapter_config.json`` or
+    ``config.json`` and a weights file read back."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    marker = _read_json(folder / COMPLETE)
+    if marker is not None:
+        files = marker.get("files") if isinstance(marker, dict) else None
+        return isinstance(files, dict) and all(
+            (folder / name).is_file() and (folder / name).stat().st_size == size
+            for name, size in files.items()
+        )
+    if (folder / COMPLETE).exists():  # a marker that does not read: torn
+        return False
+    config = _read_json(folder / "adapter_config.json") or _read_json(folder / "config.json")
+    return config is not None and _weights_read(folder)
+
+
+def _weights_read(folder: Path) -> bool:
+    """A safetensors weights file whose header and tensors read, or a non-empty ``.bin`` (legacy)."""
+    tensors = sorted(folder.glob("*.safetensors"))
+    if not tensors:
+        return any(f.stat().st_size > 0 for f in folder.glob("*.bin"))
+    try:
+        from safetensors.torch import load_file
+
+        for f in tensors:
+            load_file(str(f))
+    except Exception:  # noqa: BLE001 - truncated or corrupt: any reader error means incomplete
+        return False
+    return True
+
+
+def checkpoint_complete(path: str | Path) -> bool:
+    """Whether ``checkpoint-*/`` was written to the end: its ``state.json`` (written last) reads and has
+    the step. Checkpoints from before config hashes had it too: the same rule holds for them."""
+    meta = _read_json(Path(path) / STATE)
+    return isinstance(meta, dict) and isinstance(meta.get("step"), int)
+
+
+def set_aside_incomplete(out_dir: str | Path) -> list[Path]:
+    """Rename every incomplete ``checkpoint-*`` and an incomplete ``final/`` in ``out_dir`` to
+    ``<name>.incomplete[-N]`` (kept for inspection, never resumed from), warning for each; returns the
+    new paths."""
+    out_dir = Path(out_dir)
+    found = [p for p in sorted(out_dir.glob("checkpoint-*")) if p.is_dir() and INCOMPLETE not in p.name]
+    bad = [p for p in found if not checkpoint_complete(p)]
+    if (out_dir / "final").is_dir() and not final_complete(out_dir / "final"):
+        bad.append(out_dir / "final")
+    moved = []
+    for p in bad:
+        target, n = p.with_name(p.name + INCOMPLETE), 1
+        while target.exists():
+            n += 1
+            target = p.with_name(f"{p.name}{INCOMPLETE}-{n}")
+        p.rename(target)
+        what = f"no {STATE}" if p.name != "final" else f"no valid {COMPLETE}"
+        warnings.warn(
+            f"{p} is incomplete ({what}: its writer was interrupted); set aside as {target.name}",
+            stacklevel=2,
+        )
+        moved.append(target)
+    return moved
 
 
 def _gathered_parameters(model) -> dict[str, torch.Tensor]:
@@ -145,7 +230,7 @@ def save_checkpoint(
             shutil.copyfile(out_dir / RUN_CONFIG, path / RUN_CONFIG)
             meta["config_hash"] = config_hash(_read_json(path / RUN_CONFIG))
         write_json_atomic(path / "state.json", meta)
-        old = sorted(out_dir.glob("checkpoint-*"))[:-keep]
+        old = sorted(p for p in out_dir.glob("checkpoint-*") if INCOMPLETE not in p.name)[:-keep]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
     barrier()
@@ -153,8 +238,9 @@ def save_checkpoint(
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (one with ``state.json``) under ``out_dir``, or None."""
-    done = [p for p in sorted(Path(out_dir).glob("checkpoint-*")) if (p / "state.json").exists()]
+    """The newest complete checkpoint (one with a readable ``state.json``) under ``out_dir``, or None."""
+    found = sorted(p for p in Path(out_dir).glob("checkpoint-*") if INCOMPLETE not in p.name)
+    done = [p for p in found if checkpoint_complete(p)]
     return done[-1] if done else None
 
 
@@ -262,6 +348,7 @@ def check_resume(path: str | Path, cfg: RunConfig) -> int:
 def check_output_dir(out_dir: str | Path, cfg: RunConfig, resume_from: str | Path | None = None) -> None:
     """Refuse (``ConfigError``) an output folder that would mix two runs; call before writing into it.
 
+    Incomplete checkpoints and an incomplete ``final/`` are set aside first (:func:`set_aside_incomplete`).
     Fresh (``resume_from`` None): ``out_dir`` must hold no ``checkpoint-*`` and no ``final/`` (of any
     config: delete the folder or choose another to train again). Resume: ``resume_from`` passes
     :func:`check_resume`, and the checkpoints (or ``final/``) already in ``out_dir`` are of this config.
@@ -269,7 +356,9 @@ def check_output_dir(out_dir: str | Path, cfg: RunConfig, resume_from: str | Pat
     out_dir = Path(out_dir)
     if resume_from is not None:
         check_resume(resume_from, cfg)
-    ckpts = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
+    if out_dir.is_dir():
+        set_aside_incomplete(out_dir)
+    ckpts = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir() and INCOMPLETE not in p.name)
     final = (out_dir / "final").is_dir()
     if not ckpts and not final:
         return
