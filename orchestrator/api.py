@@ -235,6 +235,8 @@ def _run(
         _refuse_existing(spec, sweep_dir, ctx.storage_uri)
     set_tune_env(verbose)
     cluster = init_ray(address, log_to_driver=verbose)  # worker logs stay in Ray's log folder
+    stop = stop or StopOnSignal()
+    stop.install()  # ray.init's own SIGTERM handler aborts the process
     # before anything is written: a refused sweep can be started again with another tracking URI
     refuse_local_store_on_cluster(ctx.tracking_uri, _tracking_origin(spec), nodes_on_other_machines())
     sweep_id = _write_spec(spec, sweep_dir, ctx.storage_uri, resume)
@@ -242,7 +244,7 @@ def _run(
         _print_plan(plan, verbose)
     tracker = SweepTracker(ctx.tracking_uri, ctx.experiment, spec.name, sweep_id=sweep_id)
     ctx.parent_run_id = tracker.start_parent(spec.to_dict())
-    status, stop = "FAILED", stop or StopOnSignal()
+    status = "FAILED"
     try:
         actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
         with stop.fitting():

@@ -1,6 +1,8 @@
 """SIGTERM and SIGINT to a sweep's driver stop the sweep cleanly, not an abort.
 
     with StopOnSignal() as stop:
+        ray.init()                  # it installs its own SIGTERM handler:
+        stop.install()              # take the signals back
         with stop.fitting():
             grid = tuner.fit()      # a signal here: Tune stops every trial and saves its state
         stop.raise_if_stopped()     # -> SweepInterrupted (the caller marks the parent run KILLED)
@@ -54,6 +56,12 @@ class StopOnSignal:
             for s in SIGNALS:
                 self._saved[s] = signal.signal(s, self._handle)
         return self
+
+    def install(self) -> None:
+        """Take the signals back: ``ray.init`` installs its own SIGTERM handler (it aborts the process)."""
+        if self._active and self._saved:
+            for s in SIGNALS:
+                signal.signal(s, self._handle)
 
     def __exit__(self, *exc: object) -> None:
         for s, old in self._saved.items():
