@@ -4,7 +4,8 @@
     res = run_sweep("search_spaces/quickstart.yaml", ["train.max_steps=20"])
     res.best.trial_id, res.best.metrics["eval/score"], res.results_csv
 
-Steps: load + validate the spec (no cluster resource is touched before this succeeds) -> Ray (local or
+Steps: load + validate the spec (no cluster resource is touched before this succeeds; on resume the stored
+one, ``orchestrator.spec.resume``) -> a tracking server asked, bounded (``tracking_store``) -> Ray (local or
 ``address``; a file tracking store, e.g. the default SQLite, is refused when the cluster has nodes on
 other machines: their trials' runs would be lost) -> sweep folder ``<storage>/<name>/`` with the
 resolved ``sweep.yaml`` -> MLflow parent run (get-or-create) -> Ray Tune (a fresh Tuner, or
@@ -19,7 +20,7 @@ tracking server gets its own. A running sweep holds ``<sweep folder>/.lock`` (``
 when the process ends, also on ``kill -9``, so a killed sweep can be resumed): a second start of the
 same folder, fresh or ``--resume``, is refused while it runs. A fresh start into a folder that holds a
 sweep (finished or not) is refused: resume it or choose another name. With a URI ``storage`` the lock
-guards the local sweep folder only (one driver machine).
+guards the local sweep folder only (one driver machine). SIGTERM/SIGINT: ``orchestrator.run.interrupt``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.results.best import Goal, best_trial
-from orchestrator.results.tracking_store import check_tracking_store
+from orchestrator.results.tracking_store import check_tracking_store, tracking_origin
 from orchestrator.results.types import SweepResult, TrialResult
 from orchestrator.run.interrupt import StopOnSignal, SweepInterrupted, close_running_children
 from orchestrator.run.storage_sync import download_trials, is_uri, read_text, upload_file
@@ -94,7 +95,7 @@ def run_sweep(
         sweep = _stored_spec(sweep, sweep_dir, storage_uri, check_inputs, overrides)
     if dry_run:
         return _dry_run(sweep, sweep_dir)
-    check_tracking_store(sweep_dir, sweep.tracking.uri, _tracking_origin(sweep))  # before anything is written
+    check_tracking_store(sweep_dir, sweep.tracking.uri, tracking_origin(sweep.tracking.uri))  # writes nothing
     plan = sweep.plan_text(PLAN_ROWS)
     with sweep_lock(sweep_dir, sweep.name), StopOnSignal() as stop:  # SIGTERM/SIGINT: a clean stop
         return _run(
@@ -238,7 +239,9 @@ def _run(
     stop = stop or StopOnSignal()
     stop.install()  # ray.init's own SIGTERM handler aborts the process
     # before anything is written: a refused sweep can be started again with another tracking URI
-    refuse_local_store_on_cluster(ctx.tracking_uri, _tracking_origin(spec), nodes_on_other_machines())
+    refuse_local_store_on_cluster(
+        ctx.tracking_uri, tracking_origin(spec.tracking.uri), nodes_on_other_machines()
+    )
     sweep_id = _write_spec(spec, sweep_dir, ctx.storage_uri, resume)
     if progress and not quiet:
         _print_plan(plan, verbose)
@@ -397,15 +400,6 @@ def _summarise(
 
 def _trial_of(trials: list[TrialResult], row: dict[str, Any] | None) -> TrialResult | None:
     return next((t for t in trials if row is not None and t.trial_id == row["trial_id"]), None)
-
-
-def _tracking_origin(spec: SweepSpec) -> str:
-    """Where the sweep's tracking URI comes from (``default_tracking_uri``'s order), for messages."""
-    if spec.tracking.uri:
-        return "tracking.uri"
-    if os.environ.get("MLFLOW_TRACKING_URI", "").strip():
-        return "from MLFLOW_TRACKING_URI"
-    return "the default: a SQLite file in the sweep folder"
 
 
 def _row_input(t: TrialResult) -> dict[str, Any]:

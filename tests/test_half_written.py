@@ -255,3 +255,31 @@ def test_sigint_during_tune_is_handed_to_tunes_graceful_stop(monkeypatch):
     assert got == [signal.SIGUSR1]
     with pytest.raises(SweepInterrupted, match="SIGINT"):
         stop.raise_if_stopped()
+
+
+def test_finished_trial_is_recorded_once_in_a_new_tracking_store(tmp_path):
+    """--resume --set tracking.uri=<new store>: a trial that finished before gets its one child run in
+    the new store (before: get_run of the old store's run id failed the trial on every resume)."""
+    from mlflow import MlflowClient
+
+    from orchestrator.results.tracking import SweepTracker
+    from orchestrator.results.trial_status import read_status, write_status
+    from orchestrator.run.trial import close_open_run
+
+    old = SweepTracker(f"sqlite:///{tmp_path}/old.db", "exp", "s", sweep_id="id1")
+    old.start_parent({})
+    run_id = old.trial_run("t_0001")
+    metrics = {"eval/score": 0.5, "step": 4.0}
+    write_status(
+        tmp_path, "finished", trial_id="t_0001", metrics=metrics, searched={"lora.rank": 4}, run_id=run_id
+    )
+    new = SweepTracker(f"sqlite:///{tmp_path}/new.db", "exp", "s", sweep_id="id1")
+    new.start_parent({})
+    for _ in range(2):  # a second resume finds the new run and leaves it closed
+        close_open_run(new, tmp_path, read_status(tmp_path))
+    runs = MlflowClient(f"sqlite:///{tmp_path}/new.db").search_runs(
+        [new.experiment_id], "tags.`tokentune.role` = 'trial'"
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.metrics["eval/score"] == 0.5
+    assert runs[0].data.params["search.lora/rank"] == "4"
+    assert read_status(tmp_path)["run_id"] == runs[0].info.run_id

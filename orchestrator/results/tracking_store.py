@@ -9,6 +9,7 @@ Only a tracking *server* (``http://``, ``https://``) is asked, once, with a boun
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -48,3 +49,12 @@ def check_tracking_store(
             f"({redact_text(str(reason))}); nothing was written: start it, or give another with "
             "--set tracking.uri=... (also with --resume)",
         ) from None
+
+
+def tracking_origin(explicit: str | None) -> str:
+    """Where the sweep's tracking URI comes from (``default_tracking_uri``'s order), for messages."""
+    if explicit:
+        return "tracking.uri"
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return "from MLFLOW_TRACKING_URI"
+    return "the default: a SQLite file in the sweep folder"

@@ -200,12 +200,31 @@ def _upload(ctx: TrialContext, tdir: Path, trial_id: str) -> None:
 
 def close_open_run(tracker, tdir: Path, done: dict[str, Any]) -> bool:
     """status.json is a trial's commit point; a crash right after writing it can leave the trial's MLflow
-    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed."""
+    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed. A run
+    the tracking store does not hold (resumed with a new ``tracking.uri``) is made there, closed likewise."""
     run_id = done.get("run_id")
-    if not run_id or tracker.client.get_run(run_id).info.status == "FINISHED":
+    if not run_id:
+        return False
+    status = _run_status(tracker, run_id)
+    if status is None:  # not in this store (--resume with a new tracking.uri): the trial is recorded there
+        searched = {str(k).replace(".", "/"): v for k, v in (done.get("searched") or {}).items()}
+        run_id = tracker.trial_run(done.get("trial_id") or tdir.name, {"search": searched})
+        info = {k: v for k, v in done.items() if k not in ("status", "time", "run_id")}
+        write_status(tdir, "finished", **info, run_id=run_id)  # the next resume finds it there
+    elif status == "FINISHED":
         return False
     _close_finished_run(tracker, run_id, tdir, done["metrics"], done["metrics"].get("step"))
     return True
+
+
+def _run_status(tracker, run_id: str) -> str | None:
+    """The MLflow run's status, or None when this tracking store has no such run."""
+    try:
+        return tracker.client.get_run(run_id).info.status
+    except Exception as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def _close_finished_run(tracker, run_id: str, tdir: Path, metrics: dict[str, Any], step: Any) -> None:
