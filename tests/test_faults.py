@@ -10,6 +10,10 @@ found among the driver's descendants by their Ray process title, ``prlimit`` for
     TOKENTUNE_FAULT_RUNS=30 pytest -s tests/test_faults.py     # more kill-and-resume cycles (default 10)
     TOKENTUNE_FAULT_SEED=7 ...                                 # another first seed (default 0)
 
+Half-written state (issue 27): ``tokentune train`` runs that hit a seeded write limit (``ulimit -f``) while
+writing their first checkpoint, then ``final/``, must start again and resume (a table of the runs with
+``-s``); SIGTERM to a sweep driver stops it cleanly and ``--resume`` finishes it.
+
 Figures: one line per cycle with ``-s``; all of them in ``<tmp>/fault_figures.json``.
 """
 
