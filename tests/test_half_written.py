@@ -266,9 +266,7 @@ def test_finished_trial_is_recorded_once_in_a_new_tracking_store(tmp_path):
     from orchestrator.results.trial_status import read_status, write_status
     from orchestrator.run.trial import close_open_run
 
-    old = SweepTracker(f"sqlite:///{tmp_path}/old.db", "exp", "s", sweep_id="id1")
-    old.start_parent({})
-    run_id = old.trial_run("t_0001")
+    run_id = "0" * 32  # the old store's run: this store never held it
     metrics = {"eval/score": 0.5, "step": 4.0}
     write_status(
         tmp_path, "finished", trial_id="t_0001", metrics=metrics, searched={"lora.rank": 4}, run_id=run_id
