@@ -46,7 +46,8 @@ from orchestrator.spec.plan import PLAN_ROWS, format_plan
 from orchestrator.spec.resume import never_ran_error, resume_differences, where_overrides
 from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
 from orchestrator.spec.validate import check_sweep_name, refuse_local_store_on_cluster
-from tokentune.files import write_text_atomic
+from tokentune.files import open_in_place, refuse_link, write_text_atomic
+from tokentune.redact import redact, unmasked
 
 if TYPE_CHECKING:
     from orchestrator.results.tracking import SweepTracker
@@ -120,7 +121,7 @@ def sweep_lock(sweep_dir: Path, name: str) -> Iterator[None]:
     import fcntl
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_in_place(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # never through a link
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -160,7 +161,7 @@ def sweep_location(spec: SweepSpec) -> tuple[Path, str]:
 
 def _stored_file(sweep_dir: Path, storage_uri: str) -> tuple[str, dict[str, Any]] | None:
     """(where, contents) of the sweep's ``sweep.yaml``: local, else at a URI storage; None if neither."""
-    local = sweep_dir / SPEC_FILE
+    local = refuse_link(sweep_dir / SPEC_FILE)  # another file linked in would be resumed
     if local.is_file():
         return str(local), yaml.safe_load(local.read_text()) or {}
     if is_uri(storage_uri) and (text := read_text(storage_uri, SPEC_FILE)) is not None:
@@ -188,6 +189,7 @@ def _stored_spec(
         )
     stored, raw = found
     raw.pop("sweep_id", None)
+    raw = unmasked(raw, fresh.to_dict())  # sweep.yaml is redacted: the given spec holds what was masked
     spec = load_spec(raw, where_overrides(overrides), check_inputs=check_inputs).replaced(source=stored)
     if spec.to_dict() != fresh.to_dict():
         before = load_spec(raw, check_inputs=False).to_dict()
@@ -306,7 +308,8 @@ def _write_spec(spec: SweepSpec, sweep_dir: Path, remote: str | None, resume: bo
     found = _stored_file(sweep_dir, remote or "") if resume else None
     sweep_id = (found[1].get("sweep_id") if found else None) or str(uuid.uuid4())
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(sweep_dir / SPEC_FILE, yaml.safe_dump({"sweep_id": sweep_id}) + spec.to_yaml())
+    safe = yaml.safe_dump(redact(spec.to_dict()), sort_keys=False)  # as MLflow's copy: no secret stored
+    write_text_atomic(sweep_dir / SPEC_FILE, yaml.safe_dump({"sweep_id": sweep_id}) + safe)
     if remote:
         upload_file(sweep_dir / SPEC_FILE, remote, SPEC_FILE)
         if resume:  # trials that finished on other nodes (or machines) must not run again

@@ -312,7 +312,13 @@ def ray_local():
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if ray.is_initialized():  # a Ray another module's in-process sweep left up: this one must hold 2 CPUs
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    except Exception as e:  # Ray waits a fixed 30 s for its raylet: a loaded machine can miss that once
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         yield ray
     finally:

@@ -40,7 +40,7 @@ import torch
 
 from tokentune.engine import barrier
 from tokentune.errors import ConfigError
-from tokentune.files import write_json_atomic
+from tokentune.files import write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from tokentune.config import RunConfig
@@ -227,7 +227,7 @@ def save_checkpoint(
     if rank == 0:
         meta: dict[str, Any] = {"step": step}
         if (out_dir / RUN_CONFIG).is_file():  # written by train() at the start of this run
-            shutil.copyfile(out_dir / RUN_CONFIG, path / RUN_CONFIG)
+            write_bytes_atomic(path / RUN_CONFIG, (out_dir / RUN_CONFIG).read_bytes())  # never via a link
             meta["config_hash"] = config_hash(_read_json(path / RUN_CONFIG))
         write_json_atomic(path / "state.json", meta)
         old = sorted(p for p in out_dir.glob("checkpoint-*") if INCOMPLETE not in p.name)[:-keep]
