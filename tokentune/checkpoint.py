@@ -7,8 +7,15 @@
   without it is incomplete and never resumed from). Everything is read back onto the CPU or the
   rank's own device, never onto the device it was saved from.
 - ``final/``: a peft adapter (adapter methods) or a full Hugging Face checkpoint (full fine-tuning),
-  written on rank 0 and readable without DeepSpeed, with the tokenizer. Under ZeRO-3 the partitions
-  are gathered one parameter at a time and only rank 0 keeps a copy (:func:`trainable_state`).
+  written on rank 0 and readable without DeepSpeed, with the tokenizer, and last ``complete.json``
+  (every file's size): a ``final/`` without it is incomplete. One written before the marker existed
+  counts as complete when its config and weights files read back (:func:`final_complete`). Under ZeRO-3
+  the partitions are gathered one parameter at a time and only rank 0 keeps a copy (:func:`trainable_state`).
+
+Half-written state (a run killed while writing, a full disk): :func:`check_output_dir` first sets aside
+(renames to ``<name>.incomplete[-N]``, with a warning) every incomplete checkpoint and an incomplete
+``final/``, so such a run can be resumed from its last complete checkpoint, or started again when it
+has none. :func:`latest_checkpoint` only ever returns a complete one.
 
 Run identity: every checkpoint carries a copy of ``run_config.json`` and its :func:`config_hash` (in
 ``state.json``). The hash covers what decides the trained weights; it leaves out where and how often
@@ -34,6 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokentune.completeness import (
+    INCOMPLETE,
+    checkpoint_complete,
+    set_aside_incomplete,
+    write_complete_marker,
+)
 from tokentune.engine import barrier
 from tokentune.errors import ConfigError
 from tokentune.files import write_bytes_atomic, write_json_atomic
@@ -138,6 +151,7 @@ def save_final(model, tokenizer, out: Path, zero_stage: int | None, rank: int) -
         else:
             model.save_pretrained(str(out), state_dict=_full_state_with(model, state))
         tokenizer.save_pretrained(str(out))
+        write_complete_marker(out)
     return is_adapter
 
 
@@ -169,7 +183,7 @@ def save_checkpoint(
             write_bytes_atomic(path / RUN_CONFIG, (out_dir / RUN_CONFIG).read_bytes())  # never via a link
             meta["config_hash"] = config_hash(_read_json(path / RUN_CONFIG))
         write_json_atomic(path / "state.json", meta)
-        old = sorted(out_dir.glob("checkpoint-*"))[:-keep]
+        old = sorted(p for p in out_dir.glob("checkpoint-*") if INCOMPLETE not in p.name)[:-keep]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
     barrier()
@@ -177,8 +191,9 @@ def save_checkpoint(
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (one with ``state.json``) under ``out_dir``, or None."""
-    done = [p for p in sorted(Path(out_dir).glob("checkpoint-*")) if (p / "state.json").exists()]
+    """The newest complete checkpoint (one with a readable ``state.json``) under ``out_dir``, or None."""
+    found = sorted(p for p in Path(out_dir).glob("checkpoint-*") if INCOMPLETE not in p.name)
+    done = [p for p in found if checkpoint_complete(p)]
     return done[-1] if done else None
 
 
@@ -312,6 +327,7 @@ def check_resume(path: str | Path, cfg: RunConfig) -> int:
 def check_output_dir(out_dir: str | Path, cfg: RunConfig, resume_from: str | Path | None = None) -> None:
     """Refuse (``ConfigError``) an output folder that would mix two runs; call before writing into it.
 
+    Incomplete checkpoints and an incomplete ``final/`` are set aside first (:func:`set_aside_incomplete`).
     Fresh (``resume_from`` None): ``out_dir`` must hold no ``checkpoint-*`` and no ``final/`` (of any
     config: delete the folder or choose another to train again). Resume: ``resume_from`` passes
     :func:`check_resume`, and the checkpoints (or ``final/``) already in ``out_dir`` are of this config.
@@ -319,7 +335,9 @@ def check_output_dir(out_dir: str | Path, cfg: RunConfig, resume_from: str | Pat
     out_dir = Path(out_dir)
     if resume_from is not None:
         check_resume(resume_from, cfg)
-    ckpts = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
+    if out_dir.is_dir():
+        set_aside_incomplete(out_dir)
+    ckpts = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir() and INCOMPLETE not in p.name)
     final = (out_dir / "final").is_dir()
     if not ckpts and not final:
         return

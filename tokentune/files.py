@@ -4,7 +4,8 @@ A file is written to a temporary name in the same folder and renamed over the ta
 (``os.replace`` is atomic on POSIX), so a reader sees the old file or the new one, never half of
 one. Append-only JSONL logs (events, Train reports) can end in a torn line when the writer is
 killed mid-write: readers skip that last line with a warning instead of failing every later
-attempt. A bad line anywhere else is real corruption and still raises.
+attempt. A bad line anywhere else is real corruption and raises, unless the reader asks to skip it
+(``read_jsonl(..., skip_corrupt=True)``, for logs that only inform).
 
 No write follows a link: a state file that is a symbolic link (or, opened in place, a hard link or
 not a regular file) is refused with :class:`UnsafeFile` naming it, so a link planted in a sweep folder
@@ -119,18 +120,30 @@ def _cut_torn_tail(f: Any, path: Path) -> None:
     f.seek(keep)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file ([] when missing); a torn last line is skipped with a warning."""
+def read_jsonl(path: str | Path, skip_corrupt: bool = False) -> list[dict[str, Any]]:
+    """The rows of a JSONL file ([] when missing); a torn last line is skipped with a warning.
+
+    ``skip_corrupt``: a bad line anywhere (not JSON, not an object, not UTF-8) is skipped with a warning
+    naming the file and the line, for logs that only inform (a trial's ``events.jsonl``); otherwise a
+    bad line that is not the last raises ``ValueError``.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    raw = path.read_bytes().split(b"\n")
+    lines = [(i, line) for i, line in enumerate(raw, 1) if line.strip()]
     rows = []
     for k, (i, line) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if k < len(lines) - 1:
-                raise ValueError(f"{path}: line {i} is not valid JSON (the file is corrupt)") from None
+            row = json.loads(line.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict) or (row is not None and not skip_corrupt):
+            rows.append(row)
+        elif k == len(lines) - 1:
             log.warning("%s: skipping a torn last line %d (its writer was interrupted)", path, i)
+        elif skip_corrupt:
+            log.warning("%s: skipping line %d: not a valid JSON object (the file is corrupt there)", path, i)
+        else:
+            raise ValueError(f"{path}: line {i} is not valid JSON (the file is corrupt)")
     return rows
