@@ -141,6 +141,8 @@ def test_keep_merged_best_deletes_a_beaten_merge_as_the_sweep_runs(adapter, tmp_
     assert beaten["disk/merged_gb"] > 0 and beaten["eval/score"] < 2.0
     assert not (trials / "beaten" / "merged").exists() and not (trials / "kept" / "merged").exists()
     assert (trials / "best" / "merged").is_dir()
+    deleted = [json.loads(line) for line in (trials / "kept" / "events.jsonl").read_text().splitlines()]
+    assert {"event": "merged deleted", "reason": "beaten", "after": "beaten"}.items() <= deleted[-1].items()
 
 
 def test_full_checkpoint_is_evaluated_in_place(tmp_path):

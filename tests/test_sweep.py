@@ -216,6 +216,10 @@ def test_quickstart_sweep_end_to_end(tmp_path):
     assert res.best.metrics["eval/score"] == max(t.metrics["eval/score"] for t in res.trials)
     merged = sorted(p.parent.name for p in Path(res.sweep_dir, "trials").glob("*/merged"))
     assert merged == [res.best.trial_id]
+    # keep_merged: best deleted beaten merges while the sweep ran (not only at its end); disk per trial
+    assert all(t.metrics["disk/merged_gb"] > 0 for t in res.trials)
+    beaten = [t.trial_id for t in res.trials if "merged deleted" in _events(t.trial_dir)]
+    assert beaten and res.best.trial_id not in beaten
     # results files, one row per trial
     rows = _csv_rows(res.results_csv)
     assert len(rows) == len(res.trials) and {

@@ -25,7 +25,6 @@ carries only the redacted one-line message (Tune stores it), not the original ex
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 import traceback
@@ -51,8 +50,6 @@ from tokentune.config import EvalConfig
 from tokentune.errors import is_number
 from tokentune.estimate import MemoryEstimate, estimate_measured, estimate_memory
 from tokentune.redact import redact_text
-
-log = logging.getLogger(__name__)
 
 FINAL_FLAG = "trial_final"  # set on the trial's last Tune report (the tracking callback skips it)
 
@@ -291,7 +288,7 @@ def after_training(
         and goal.metric.startswith("eval/")
     ):
         for merged in prune_beaten(Path(tdir).parent, goal.metric, goal.mode):
-            log.info("keep_merged: best: deleted %s (beaten by another evaluated trial)", merged)
+            log_event(merged.parent, "merged deleted", reason="beaten", after=Path(tdir).name)
     return {k: v for k, v in (post.get("metrics") or {}).items() if is_number(v)}
 
 
