@@ -25,7 +25,6 @@ __all__ = ["ConfigError", "RunConfig", "build_section", "load_config"]
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-MODEL_DTYPES = ("auto", *DTYPES)  # auto: tokentune.models.weights_dtype decides for the device
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -44,7 +43,7 @@ class ModelConfig:
     trust_remote_code: bool = setting(False, "let transformers run the model repository's own code")
 
     def __post_init__(self) -> None:
-        check(self.dtype in MODEL_DTYPES, "model.dtype", self.dtype, f"one of {', '.join(MODEL_DTYPES)}")
+        check(self.dtype in ("auto", *DTYPES), "model.dtype", self.dtype, f"one of auto, {', '.join(DTYPES)}")
         check(
             self.attn_implementation in ("sdpa", "eager"),
             "model.attn_implementation",
