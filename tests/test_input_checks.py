@@ -283,30 +283,37 @@ def test_after_trial_timeout_setting():
 
 
 def test_post_trial_timeout_cancels_the_task(tmp_path, monkeypatch):
+    """The timeout is waited for once the task has started (its first streamed item), then it is cancelled."""
     ray = pytest.importorskip("ray")
     from orchestrator.run import post_trial
 
     calls: dict = {}
+    stream = iter(["started-ref"])
 
     class Task:
         def remote(self, *args, **kwargs):
-            return "ref"
+            return stream
 
-    def get(ref, timeout=None):
+    def wait(refs, timeout=None):
         calls["timeout"] = timeout
-        raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")
+        return [], refs
 
     monkeypatch.setattr(post_trial, "as_ray_task", lambda *a, **k: Task())
-    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: post_trial.STARTED)
+    monkeypatch.setattr(ray, "wait", wait)
     monkeypatch.setattr(ray, "cancel", lambda ref, force=False: calls.update(cancel=(ref, force)))
     out = post_trial.run_post_trial(tmp_path / "final", tmp_path / "trial", timeout_s=5)
     assert out["error"] == "merge+eval timed out after 5 s (after_trial.timeout_s)"
-    assert calls == {"timeout": 5, "cancel": ("ref", True)}
+    assert calls == {"timeout": 5, "cancel": (stream, True)}
     assert out["metrics"] == {} and out["merged_dir"] is None
 
 
 def _never_returns(*args, **kwargs):
     time.sleep(600)
+
+
+def _hold(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def _quick(final_dir, trial_dir, *args, **kwargs):
@@ -332,6 +339,23 @@ def test_post_trial_timeout_on_a_real_ray(tmp_path, monkeypatch, ray_local):
     monkeypatch.setattr(post_trial, "merge_and_evaluate", _quick)
     ok = post_trial.run_post_trial(tmp_path / "f", tmp_path / "t2", timeout_s=60)
     assert ok["error"] is None and ok["metrics"] == {"merge_s": 0.0}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_post_trial_timeout_starts_when_merge_and_eval_start(tmp_path, monkeypatch, ray_local):
+    """A task queued behind a task holding every CPU waits longer than timeout_s for them, then runs
+    quickly: it is not timed out (the timeout counts merge + eval, not the wait for resources)."""
+    from orchestrator.run import post_trial
+
+    ray = ray_local
+    hog = ray.remote(num_cpus=2)(_hold).remote(8)
+    monkeypatch.setattr(post_trial, "merge_and_evaluate", _quick)
+    t0 = time.monotonic()
+    out = post_trial.run_post_trial(tmp_path / "f", tmp_path / "t", resources={"num_cpus": 2}, timeout_s=4)
+    assert out["error"] is None and out["metrics"] == {"merge_s": 0.0}
+    assert time.monotonic() - t0 > 4  # it did wait for the CPUs longer than timeout_s
+    ray.get(hog)
 
 
 def test_spec_file_round_trip_keeps_the_timeout(tmp_path):

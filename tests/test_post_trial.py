@@ -72,7 +72,8 @@ def test_merge_only(adapter, tmp_path):
     """after_trial.action: merge: the same merge, no lm-eval, no eval.json."""
     out = merge_and_evaluate(adapter, tmp_path / "m", EVAL, evaluate=False)
     assert out["error"] is None and out["eval_json"] is None and out["results"] == {}
-    assert set(out["metrics"]) == {"merge_s"}
+    assert set(out["metrics"]) == {"merge_s", "disk/merged_gb"}
+    assert out["metrics"]["disk/merged_gb"] > 0  # what the merge wrote, reported per trial
     assert (
         out["merged_dir"] == str(tmp_path / "m" / "merged")
         and (tmp_path / "m" / "merged" / "config.json").is_file()
@@ -107,12 +108,41 @@ def test_after_trial_action_decides_merge_and_evaluation(adapter, tmp_path, monk
     assert after_training(AfterTrial(action="none"), str(adapter), tmp_path / "none", eval_cfg) == {}
     assert calls == [] and not any((tmp_path / "none").iterdir())
     merged = after_training(AfterTrial(action="merge"), str(adapter), tmp_path / "merge", eval_cfg)
-    assert set(merged) == {"merge_s"} and calls == [(EvalConfig, False)]
+    assert set(merged) == {"merge_s", "disk/merged_gb"} and calls == [(EvalConfig, False)]
     assert (tmp_path / "merge" / "merged" / "config.json").is_file()
     assert not (tmp_path / "merge" / "eval.json").exists()
     scored = after_training(AfterTrial(action="merge+eval"), str(adapter), tmp_path / "eval", eval_cfg)
     assert calls[-1] == (EvalConfig, True) and scored["eval/score"] == scored["eval/tt_next/acc"]
     assert (tmp_path / "eval" / "eval.json").is_file()
+
+
+def test_keep_merged_best_deletes_a_beaten_merge_as_the_sweep_runs(adapter, tmp_path, monkeypatch):
+    """``keep_merged: best``: once a trial is evaluated, merged checkpoints another evaluated trial beats
+    are deleted (disk stays bounded during the sweep); ``all`` keeps them until the sweep ends."""
+    from orchestrator.run import post_trial
+    from orchestrator.run.trial import PostTrialPlan, after_training
+    from orchestrator.spec.sections import AfterTrial, Objective
+    from tokentune.config import EvalConfig
+
+    def in_process(final_dir, trial_dir, eval_cfg, *, evaluate, keep_merged, dtype, **ray_options):
+        return merge_and_evaluate(final_dir, trial_dir, eval_cfg, evaluate=evaluate, dtype=dtype)
+
+    monkeypatch.setattr(post_trial, "run_post_trial", in_process)
+    trials = tmp_path / "trials"
+    (trials / "best" / "merged").mkdir(parents=True)  # an evaluated trial no real score beats
+    (trials / "best" / "eval.json").write_text(json.dumps({"metrics": {"eval/score": 2.0}, "error": None}))
+    plan, eval_cfg = (
+        PostTrialPlan(objective=Objective(), dtype="auto"),
+        EvalConfig(tasks=["tt_next"], limit=4),
+    )
+    kept = after_training(AfterTrial(keep_merged="all"), str(adapter), trials / "kept", eval_cfg, plan)
+    assert (trials / "kept" / "merged").is_dir() and kept["disk/merged_gb"] > 0
+    beaten = after_training(AfterTrial(), str(adapter), trials / "beaten", eval_cfg, plan)
+    assert beaten["disk/merged_gb"] > 0 and beaten["eval/score"] < 2.0
+    assert not (trials / "beaten" / "merged").exists() and not (trials / "kept" / "merged").exists()
+    assert (trials / "best" / "merged").is_dir()
+    deleted = [json.loads(line) for line in (trials / "kept" / "events.jsonl").read_text().splitlines()]
+    assert {"event": "merged deleted", "reason": "beaten", "after": "beaten"}.items() <= deleted[-1].items()
 
 
 def test_full_checkpoint_is_evaluated_in_place(tmp_path):
@@ -184,22 +214,22 @@ def test_a_timed_out_call_restarts_the_warm_worker(tmp_path, monkeypatch):
     calls: dict = {}
 
     class Actor:
-        class run:  # noqa: N801 - mimics an actor method
+        class run:  # noqa: N801 - mimics an actor method called with options(num_returns="streaming")
+            @staticmethod
+            def options(**opts):
+                return Actor.run
+
             @staticmethod
             def remote(*args, **kwargs):
-                return "ref"
-
-    def get(ref, timeout=None):
-        raise ray.exceptions.GetTimeoutError("Get timed out")
+                return iter(["started-ref"])
 
     monkeypatch.setattr(ray, "get_actor", lambda name: Actor)
     monkeypatch.setattr(post_trial, "as_ray_task", lambda *a, **k: Actor.run)
-    monkeypatch.setattr(ray, "cancel", lambda ref, force=False: calls.update(cancel=(ref, force)))
-    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "cancel", lambda ref, force=False: calls.update(cancel=force))
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: post_trial.STARTED)
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: ([], refs))
     monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: calls.update(kill=(actor, no_restart)))
-    monkeypatch.setattr(
-        post_trial, "_reserved", lambda res, timeout: contextlib.nullcontext(calls.update(res=res))
-    )
+    monkeypatch.setattr(post_trial, "_reserved", lambda res: contextlib.nullcontext(calls.update(res=res)))
     out = post_trial.run_post_trial(
         tmp_path / "f", tmp_path / "t", resources={"num_cpus": 2}, timeout_s=5, worker="w"
     )
@@ -208,7 +238,7 @@ def test_a_timed_out_call_restarts_the_warm_worker(tmp_path, monkeypatch):
     gpu = post_trial.run_post_trial(
         tmp_path / "f", tmp_path / "t", resources={"num_gpus": 1}, timeout_s=5, worker="w"
     )
-    assert calls["res"] is None and calls["cancel"] == ("ref", True)  # a GPU call is a task: cancelled
+    assert calls["res"] is None and calls["cancel"] is True  # a GPU call is a task: cancelled
     assert "timed out" in gpu["error"]
 
 

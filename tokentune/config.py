@@ -34,14 +34,16 @@ class ModelConfig:
 
     name_or_path: str | None = setting(None, "hub name or local dir; null = the shipped tiny Llama")
     tokenizer: str | None = setting(None, "tokenizer hub name or dir; null = the model's")
-    dtype: str = setting("float32", "weights dtype: float32, bfloat16, float16 or float64")
+    dtype: str = setting(
+        "auto", "weights dtype: auto (bfloat16 where CUDA supports it, else float32), float32, bfloat16, ..."
+    )
     attn_implementation: str = setting(
-        "sdpa", "sdpa or eager (TokenTune and its baseline use the same kernel: sdpa)"
+        "sdpa", "sdpa or eager (TokenTune and its stock baseline call the same sdpa kernels on each device)"
     )
     trust_remote_code: bool = setting(False, "let transformers run the model repository's own code")
 
     def __post_init__(self) -> None:
-        check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        check(self.dtype in ("auto", *DTYPES), "model.dtype", self.dtype, f"one of auto, {', '.join(DTYPES)}")
         check(
             self.attn_implementation in ("sdpa", "eager"),
             "model.attn_implementation",

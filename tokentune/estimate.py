@@ -109,7 +109,10 @@ def fmt_gb(x: float) -> str:
 
 def memory_terms(cfg: RunConfig, shape: ModelShape) -> MemoryTerms:
     """The dense starting point, then every listed method's adjustments (in hook order)."""
-    wbytes = DTYPE_BYTES.get(cfg.model.dtype, 4)
+    dtype = cfg.model.dtype
+    if dtype == "auto":  # bf16 where CUDA supports it (tokentune.models.weights_dtype); planned as CUDA's
+        dtype = "bfloat16" if cfg.compute.use_gpu is True else "float32"
+    wbytes = DTYPE_BYTES.get(dtype, 4)
     terms = MemoryTerms(
         shape=shape,
         cfg=cfg,

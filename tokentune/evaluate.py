@@ -213,13 +213,17 @@ def is_adapter(checkpoint: str | Path) -> bool:
 
 
 def prepare_checkpoint(
-    checkpoint: str | Path, merged_dir: str | Path | None, base: str | None = None
+    checkpoint: str | Path,
+    merged_dir: str | Path | None,
+    base: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> tuple[Path, bool]:
     """The HF checkpoint folder to evaluate, and whether it is a merge made for it.
 
     A full checkpoint (``config.json``) is evaluated where it is. A peft adapter is merged into its base
-    (``base``, default: the one recorded in the adapter) at ``merged_dir``: written to ``<merged_dir>.tmp``
-    and renamed, so a killed merge never looks complete; a complete merge newer than the adapter is
+    (``base``, default: the one recorded in the adapter; loaded in ``dtype`` on ``device``) at
+    ``merged_dir``: written to ``<merged_dir>.tmp`` and renamed, so a killed merge never looks complete; a complete merge newer than the adapter is
     reused (a resumed after-trial step).
     """
     ckpt = Path(checkpoint)
@@ -240,7 +244,7 @@ def prepare_checkpoint(
         return merged, True
     tmp = merged.with_name(merged.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merge_adapter(ckpt, tmp, base=base)
+    merge_adapter(ckpt, tmp, base=base, dtype=dtype, device=device)
     shutil.rmtree(merged, ignore_errors=True)
     os.replace(tmp, merged)
     return merged, True

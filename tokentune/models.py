@@ -53,6 +53,17 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def weights_dtype(dtype: str, device: torch.device | str | None) -> str:
+    """``model.dtype`` decided for ``device``: ``auto`` is bfloat16 on a CUDA device that supports it
+    (what fine-tuning on GPUs uses), else float32; any other name as given."""
+    if dtype != "auto":
+        return dtype
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 def load_model(
     cfg: ModelConfig, extra: dict[str, Any] | None = None, device: torch.device | str | None = None
 ):
@@ -60,7 +71,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, cfg.dtype),
+        "dtype": getattr(torch, weights_dtype(cfg.dtype, device)),
         "attn_implementation": cfg.attn_implementation,
         "trust_remote_code": cfg.trust_remote_code,
     }

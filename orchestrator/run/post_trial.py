@@ -15,9 +15,9 @@ folder layout (``merged/``, ``eval.json``), reuse on resume, error capture and t
 it on the trial's MLflow run. ``strict=True`` raises :class:`PostTrialError` instead. Errors,
 tracebacks and ``eval.json`` pass through ``tokentune.redact`` (no token or key is stored).
 
-``run_post_trial(..., timeout_s=N)`` (``after_trial.timeout_s``) waits N seconds for the task, then
-cancels it (``ray.cancel(force=True)``) and returns the error ``merge+eval timed out after N s
-(after_trial.timeout_s)``: that trial fails, the sweep goes on.
+``run_post_trial(..., timeout_s=N)`` (``after_trial.timeout_s``) waits for the task to start (queued for
+a GPU or CPUs: not timed), N seconds for merge + eval (``started_then``), then cancels it and returns
+the error ``merge+eval timed out after N s (after_trial.timeout_s)``: that trial fails, the sweep goes on.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.results.trial_status import log_event
+from orchestrator.run.keep_merged import folder_gb
 from orchestrator.spec.sections import KEEP_MERGED
 from tokentune.config import EvalConfig
 from tokentune.files import write_json_atomic
@@ -85,6 +86,7 @@ def merge_and_evaluate(
     evaluate: bool = True,
     keep_merged: bool = True,
     device: str = "cpu",
+    dtype: str = "float32",
     reuse: bool = True,
     strict: bool = False,
 ) -> dict[str, Any]:
@@ -97,14 +99,14 @@ def merge_and_evaluate(
         eval_cfg: tasks, num_fewshot, limit, batch_size (an ``EvalConfig`` or its dict).
         evaluate: False merges only (``after_trial.action: merge``).
         keep_merged: False deletes ``merged/`` after evaluation.
-        device: where the model is evaluated ("cpu", "cuda", "cuda:0").
+        device, dtype: where ("cpu", "cuda", "cuda:0") and in what the base is merged and evaluated.
         reuse: return an existing successful ``eval.json`` made with the same config (resume).
         strict: raise :class:`PostTrialError` instead of returning the error.
 
     Returns:
         ``{"metrics": {"merge_s": float, "eval/<task>/<metric>": float, ..., "eval/score": float,
-        "eval/wall_s": float}, "results": {task: {metric: value}}, "merged_dir": str | None,
-        "eval_json": str | None, "error": None | str}``.
+        "eval/wall_s": float, "disk/merged_gb": float}, "results": {task: {metric: value}},
+        "merged_dir": str | None, "eval_json": str | None, "error": None | str}``.
     """
     final_dir, trial_dir = Path(final_dir).resolve(), Path(trial_dir).resolve()
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,7 @@ def merge_and_evaluate(
     t0 = time.perf_counter()
     stage, made, target = "merge", False, None  # what the finally block needs to clean up
     try:
-        target, made = _merge_into(out, final_dir, trial_dir)
+        target, made = _merge_into(out, final_dir, trial_dir, dtype, device)
         if evaluate:
             stage = "evaluation"
             _evaluate_into(out, target, trial_dir, cfg, device)
@@ -152,17 +154,20 @@ def _new_result(final_dir: Path, eval_json: Path | None, cfg: EvalConfig) -> dic
     }
 
 
-def _merge_into(out: dict[str, Any], final_dir: Path, trial_dir: Path) -> tuple[Path, bool]:
+def _merge_into(
+    out: dict[str, Any], final_dir: Path, trial_dir: Path, dtype: str, device: str
+) -> tuple[Path, bool]:
     """Merge (``trial_dir/merged``; a full checkpoint is used in place); the merged folder and whether
-    it was made here, recorded in ``out``."""
+    it was made here, recorded in ``out`` (``disk/merged_gb``: what the merge put on disk)."""
     from tokentune.evaluate import prepare_checkpoint
 
     t0 = time.perf_counter()
     log_event(trial_dir, "merge_started")
-    target, made = prepare_checkpoint(final_dir, trial_dir / "merged")
+    target, made = prepare_checkpoint(final_dir, trial_dir / "merged", dtype=dtype, device=device)
     log_event(trial_dir, "merge_finished")
     out["merged_dir"] = str(target)
     out["metrics"]["merge_s"] = time.perf_counter() - t0
+    out["metrics"]["disk/merged_gb"] = folder_gb(target) if made else 0.0  # a full checkpoint: in place
     return target, made
 
 
@@ -216,17 +221,33 @@ def post_trial_options(
 
 
 def as_ray_task(
-    fn: Any, resources: Mapping[str, Any] | None = None, escape_placement_group: bool = True
+    fn: Any,
+    resources: Mapping[str, Any] | None = None,
+    escape_placement_group: bool = True,
+    streaming: bool = False,
 ) -> Any:
     """``fn`` as a Ray remote function with :func:`post_trial_options`; on GPU its worker runs one
-    call and exits (``max_calls=1``), which frees the GPU memory the model held.
+    call and exits (``max_calls=1``), which frees the GPU memory the model held. ``streaming``: ``fn``
+    is a generator; ``.remote()`` returns Ray's generator of its items.
 
         ray.get(as_ray_task(merge_and_evaluate, {"num_gpus": 1}).remote(final_dir, trial_dir))
     """
     import ray
 
     opts = post_trial_options(resources, escape_placement_group)
+    if streaming:
+        opts["num_returns"] = "streaming"
     return ray.remote(max_calls=1 if opts["num_gpus"] > 0 else 0)(fn).options(**opts)
+
+
+STARTED = "started"  # the first item of a post-trial stream: merge + eval has its resources and runs
+
+
+def started_then(fn: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+    """Yield :data:`STARTED`, then ``fn(*args, **kwargs)``: the caller's timeout starts at the first item,
+    so time queued for a GPU, CPUs or the warm worker does not count against ``after_trial.timeout_s``."""
+    yield STARTED
+    yield fn(*args, **kwargs)
 
 
 class PostTrialWorker:
@@ -240,8 +261,9 @@ class PostTrialWorker:
 
         threading.Thread(target=_warm_imports, name="post-trial-imports", daemon=True).start()
 
-    def run(self, final_dir: str, trial_dir: str, eval_cfg: EvalConfig, **kw: Any) -> dict[str, Any]:
-        return merge_and_evaluate(final_dir, trial_dir, eval_cfg, **kw)
+    def run(self, final_dir: str, trial_dir: str, eval_cfg: EvalConfig, **kw: Any) -> Iterator[Any]:
+        """:func:`merge_and_evaluate` as :func:`started_then`'s stream (``num_returns="streaming"``)."""
+        yield from started_then(merge_and_evaluate, final_dir, trial_dir, eval_cfg, **kw)
 
 
 def _warm_imports() -> None:
@@ -277,6 +299,7 @@ def run_post_trial(
     keep_merged: bool = True,
     resources: Mapping[str, Any] | None = None,
     device: str | None = None,
+    dtype: str = "float32",
     timeout_s: float | None = None,
     escape_placement_group: bool = True,
     worker: str | None = None,
@@ -287,8 +310,9 @@ def run_post_trial(
     resources). ``device`` defaults to "cuda" when a GPU is requested, else "cpu". With ``worker`` (the
     name of a :class:`PostTrialWorker`) and no GPU asked for, the sweep's warm worker runs it, with
     ``resources`` reserved in a placement group for the call. A task that dies (worker crash, out of
-    memory) comes back as a result with ``error`` set; one still running after ``timeout_s`` seconds
-    (None: no limit) is cancelled and comes back with ``merge+eval timed out``.
+    memory) comes back as a result with ``error`` set; one still running ``timeout_s`` seconds after
+    merge + eval started (None: no limit; time waiting for its resources is not counted) is cancelled
+    and comes back with ``merge+eval timed out``. ``dtype``: the base's dtype for the merge.
     """
     import ray
 
@@ -297,30 +321,42 @@ def run_post_trial(
         device = "cuda" if gpus > 0 else "cpu"
     # the EvalConfig crosses to the task or the worker as the typed object, built and checked here
     args = (str(Path(final_dir).resolve()), str(Path(trial_dir).resolve()), as_eval_config(eval_cfg))
-    kwargs = {"evaluate": evaluate, "keep_merged": keep_merged, "device": device}
+    kwargs = {"evaluate": evaluate, "keep_merged": keep_merged, "device": device, "dtype": dtype}
     use_worker = worker is not None and gpus == 0
     try:
         actor = ray.get_actor(worker) if use_worker else None
-        with _reserved(resources if use_worker else None, timeout_s):
+        with _reserved(resources if use_worker else None):
             if actor is not None:
-                ref = actor.run.remote(*args, **kwargs)
+                stream = actor.run.options(num_returns="streaming").remote(*args, **kwargs)
             else:
-                ref = as_ray_task(merge_and_evaluate, resources, escape_placement_group).remote(
-                    *args, **kwargs
-                )
+                task = as_ray_task(started_then, resources, escape_placement_group, streaming=True)
+                stream = task.remote(merge_and_evaluate, *args, **kwargs)
             try:
-                return ray.get(ref, timeout=timeout_s)
+                return result_after_start(stream, timeout_s)
             except ray.exceptions.GetTimeoutError:
                 if actor is not None:
                     ray.kill(actor, no_restart=False)  # it restarts, warm again for the next trial
                 else:
-                    ray.cancel(ref, force=True)
+                    ray.cancel(stream, force=True)
                 raise
     except Exception as err:  # RayTaskError, ActorDiedError, GetTimeoutError, OutOfMemoryError ...
         msg = _failure(err, timeout_s)
     log.error("post-trial of %s: %s", trial_dir, msg)
     eval_json = Path(trial_dir).resolve() / "eval.json" if evaluate else None
     return {**_result_keys(_new_result(Path(final_dir), eval_json, as_eval_config(eval_cfg))), "error": msg}
+
+
+def result_after_start(stream: Any, timeout_s: float | None) -> Any:
+    """The result a :func:`started_then` stream yields, waiting at most ``timeout_s`` after it started
+    (raises Ray's ``GetTimeoutError``); waiting for it to start is not limited."""
+    import ray
+
+    started = ray.get(next(stream))  # raises the task's error if it failed before starting
+    assert started == STARTED, started
+    ready, _ = ray.wait([stream], timeout=timeout_s)
+    if not ready:
+        raise ray.exceptions.GetTimeoutError(f"merge + eval still running {timeout_s} s after it started")
+    return ray.get(next(stream))
 
 
 def _result_keys(out: Mapping[str, Any]) -> dict[str, Any]:
@@ -336,9 +372,9 @@ def _failure(err: BaseException, timeout_s: float | None) -> str:
 
 
 @contextlib.contextmanager
-def _reserved(resources: Mapping[str, Any] | None, timeout_s: float | None) -> Iterator[None]:
+def _reserved(resources: Mapping[str, Any] | None) -> Iterator[None]:
     """Hold ``resources`` (``num_cpus``, ``memory``) in a placement group inside the block: the warm
-    worker's call is accounted like a task of that size (it waits for them, as a task would)."""
+    worker's call is accounted like a task of that size (it waits for them, as a task would, untimed)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -350,7 +386,7 @@ def _reserved(resources: Mapping[str, Any] | None, timeout_s: float | None) -> I
         return
     pg = placement_group([bundle])
     try:
-        ray.get(pg.ready(), timeout=timeout_s)
+        ray.get(pg.ready())
         yield
     finally:
         remove_placement_group(pg)

@@ -141,20 +141,31 @@ def trial_demand(spec: SweepSpec, cluster: dict[str, float] | None = None) -> di
     The post-trial task starts after the trial's Train workers are released, so it reuses their slot
     unless it asks for more. The largest configuration of the sweep counts (compute may be searched).
     """
-    cluster = cluster or {}
+    train_cpus, train_gpus = _train_demand(spec, cluster or {})
+    a = spec.after_trial
+    after_cpus = a.cpus if a.merges else 0.0
+    after_gpus = a.gpus_for(train_gpus > 0) if a.merges else 0.0
+    return {
+        "CPU": spec.tune.driver_cpus + max(train_cpus, after_cpus),
+        "GPU": max(train_gpus, after_gpus),
+    }
+
+
+def _train_demand(spec: SweepSpec, cluster: dict[str, float]) -> tuple[float, float]:
+    """CPUs and GPUs of the sweep's largest Train job (``compute.use_gpu: auto`` decided by ``cluster``)."""
     train_cpus, train_gpus = 0.0, 0.0
     for cfg in spec.trial_configs(64):
         c = cfg.compute
         use_gpu = c.wants_gpu(cluster.get("GPU", 0) > 0)
         train_cpus = max(train_cpus, c.workers * c.cpus_per_worker)
         train_gpus = max(train_gpus, c.workers * c.gpus_per_worker if use_gpu else 0.0)
-    a = spec.after_trial
-    after_cpus = a.cpus if a.merges else 0.0
-    after_gpus = a.gpus if a.merges else 0.0
-    return {
-        "CPU": spec.tune.driver_cpus + max(train_cpus, after_cpus),
-        "GPU": max(train_gpus, after_gpus),
-    }
+    return train_cpus, train_gpus
+
+
+def post_trial_gpus(spec: SweepSpec, cluster: dict[str, float] | None = None) -> float:
+    """GPUs of one merge + eval task: ``after_trial.gpus`` with ``auto`` decided (1 when the sweep's trials
+    train on GPUs in ``cluster``, else 0)."""
+    return spec.after_trial.gpus_for(_train_demand(spec, cluster or {})[1] > 0)
 
 
 def max_concurrent_trials(spec: SweepSpec, cluster: dict[str, float]) -> int:

@@ -45,7 +45,7 @@ from orchestrator.results.trial_status import (
 )
 from orchestrator.run.slots import train_slot
 from orchestrator.spec.plan import over_memory_limit
-from orchestrator.spec.sections import AfterTrial
+from orchestrator.spec.sections import AfterTrial, Objective
 from orchestrator.spec.sweep import SweepSpec
 from tokentune.config import EvalConfig
 from tokentune.errors import is_number
@@ -75,6 +75,7 @@ class TrialContext:
     storage_uri: str | None = None  # the sweep's URI storage (<uri>/<name>): trial folders sync there
     train_slots: str | None = None  # the slot actor's name (orchestrator.run.slots): None, no gate
     post_trial_worker: str | None = None  # the warm merge + eval actor's name (CPU post-trial work)
+    post_trial_gpus: float = 0.0  # GPUs per merge + eval (after_trial.gpus with auto decided)
 
 
 # ---- Train -> Tune reports ---------------------------------------------------------------------------------
@@ -267,34 +268,59 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             raise TrialFailed(f"training diverged: {name} = {value}")
     metrics = _train_metrics(res.metrics)
     metrics.update(estimate_vs_measured(estimate_measured(cfg, metrics), metrics))
-    metrics.update(after_training(spec.after_trial, res.final_dir, tdir, cfg.eval, ctx.post_trial_worker))
+    post = PostTrialPlan(ctx.post_trial_worker, ctx.post_trial_gpus, cfg.model.dtype, spec.objective)
+    metrics.update(after_training(spec.after_trial, res.final_dir, tdir, cfg.eval, post))
     return metrics
 
 
+@dataclass(frozen=True)
+class PostTrialPlan:
+    """How a sweep runs merge + eval: its warm CPU worker (None: a task), GPUs per task (``auto`` decided),
+    the trials' ``model.dtype`` (the merge loads the base in it) and the objective (``keep_merged: best``)."""
+
+    worker: str | None = None
+    gpus: float = 0.0
+    dtype: str = "float32"
+    objective: Objective | None = None
+
+
 def after_training(
-    after: AfterTrial, final_dir: str, tdir: Path, eval_cfg: EvalConfig, worker: str | None = None
+    after: AfterTrial, final_dir: str, tdir: Path, eval_cfg: EvalConfig, plan: PostTrialPlan | None = None
 ) -> dict[str, Any]:
     """``after_trial.action`` for a trained trial: ``none`` does nothing, ``merge`` merges its adapter into
-    the base, ``merge+eval`` also runs lm-eval on it (a Ray task, or the sweep's warm ``worker``); returns
-    the metrics it adds. A failed merge or evaluation fails the trial (``TrialFailed``)."""
+    the base, ``merge+eval`` also runs lm-eval on it (a Ray task, or the sweep's warm worker); returns
+    the metrics it adds. A failed merge or evaluation fails the trial (``TrialFailed``). With
+    ``keep_merged: best`` and an evaluated objective, merged checkpoints beaten so far are deleted."""
     if not after.merges:
         return {}
+    from orchestrator.run.keep_merged import prune_beaten
     from orchestrator.run.post_trial import run_post_trial
 
+    plan = plan or PostTrialPlan()
     log_event(tdir, "post-trial started")
     post = run_post_trial(
         final_dir,
         tdir,
         eval_cfg,
         evaluate=after.evaluates,
-        keep_merged=True,  # pruned per after_trial.keep_merged when the sweep ends
-        resources={"num_cpus": after.cpus, "num_gpus": after.gpus},
-        timeout_s=after.timeout_s,  # on timeout the task is cancelled and this trial fails
-        worker=worker,
+        keep_merged=True,  # pruned below while the sweep runs, and per after_trial.keep_merged at its end
+        resources={"num_cpus": after.cpus, "num_gpus": plan.gpus},
+        dtype=plan.dtype,
+        timeout_s=after.timeout_s,  # counted from its start; then cancelled and this trial fails
+        worker=plan.worker,
     )
     log_event(tdir, "post-trial finished")
     if post.get("error"):
         raise TrialFailed(post["error"])
+    goal = plan.objective
+    if (
+        after.keep_merged == "best"
+        and after.evaluates
+        and goal is not None
+        and goal.metric.startswith("eval/")
+    ):
+        for merged in prune_beaten(Path(tdir).parent, goal.metric, goal.mode):
+            log_event(merged.parent, "merged deleted", reason="beaten", after=Path(tdir).name)
     return {k: v for k, v in (post.get("metrics") or {}).items() if is_number(v)}
 
 

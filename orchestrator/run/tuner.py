@@ -55,21 +55,22 @@ def start_sweep_actors(spec: SweepSpec, ctx: TrialContext, cluster: dict[str, fl
     """The sweep's helper actors, their names in ``ctx``; returns their handles (keep them while the
     sweep runs: this process owns them). With a merge or an evaluation after each trial:
 
-    - on CPU (``after_trial.gpus`` 0) with a local (or shared) storage folder, the warm merge + eval
-      worker (``post_trial.PostTrialWorker``); with a URI storage a trial's adapter is on the disk of
-      its node, so each trial's merge + eval stays a Ray task of its own;
+    - on CPU (``after_trial.gpus`` 0, or ``auto`` with trials on CPUs) with a local (or shared) storage
+      folder, the warm merge + eval worker (``post_trial.PostTrialWorker``); with a URI storage a
+      trial's adapter is on the disk of its node, so each trial's merge + eval stays a Ray task of its own;
     - with ``after_trial.overlap`` (``auto``: when trials train on GPUs), the training slots
       (``orchestrator.run.slots``): ``max_concurrent`` trials train while as many more merge and evaluate.
     """
     from orchestrator.run.post_trial import start_post_trial_worker
     from orchestrator.run.slots import start_slot_actor
-    from orchestrator.run.space import max_concurrent_trials, trial_demand
+    from orchestrator.run.space import max_concurrent_trials, post_trial_gpus, trial_demand
 
     a = spec.after_trial
     if not a.merges:
         return []
     handles = []
-    if not a.gpus and not ctx.storage_uri:
+    ctx.post_trial_gpus = post_trial_gpus(spec, cluster)
+    if not ctx.post_trial_gpus and not ctx.storage_uri:
         ctx.post_trial_worker, handle = start_post_trial_worker(sweep_id)
         handles.append(handle)
     if trial_demand(spec, cluster)["GPU"] > 0 if a.overlap == "auto" else a.overlap:

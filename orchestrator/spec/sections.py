@@ -216,9 +216,17 @@ class AfterTrial:
         "merge+eval",
         "merge+eval (merge the adapter into the base, then lm-eval it), merge (merge only) or none",
     )
-    keep_merged: str = setting("best", "merged checkpoints kept after the sweep: best, all or none")
+    keep_merged: str = setting(
+        "best",
+        "merged checkpoints kept: best (during the sweep, one is deleted once it is evaluated and beaten "
+        "by another evaluated trial), all or none (deleted when the sweep ends)",
+    )
     cpus: float = setting(1, "CPUs reserved per merge + eval (0: none)")
-    gpus: float = setting(0, "GPUs per merge + eval (a fraction shares one; 0: on CPU)")
+    gpus: float | str = setting(
+        "auto",
+        "GPUs per merge + eval: auto (1 when trials train on GPUs, else 0), or a number (a fraction "
+        "shares one; 0: on CPU)",
+    )
     overlap: bool | str = setting(
         "auto",
         "the next trial trains while one merges and evaluates: auto (when trials train on GPUs), true, or "
@@ -239,7 +247,12 @@ class AfterTrial:
             f"one of {', '.join(KEEP_MERGED)}",
         )
         check(_number_at_least(self.cpus, 0), f"{s}.cpus", self.cpus, "a number >= 0")
-        check(_number_at_least(self.gpus, 0), f"{s}.gpus", self.gpus, "a number >= 0")
+        check(
+            self.gpus == "auto" or _number_at_least(self.gpus, 0),
+            f"{s}.gpus",
+            self.gpus,
+            "auto or a number >= 0",
+        )
         check(self.overlap in ("auto", True, False), f"{s}.overlap", self.overlap, "auto, true or false")
         check(
             _positive_or_null(self.timeout_s),
@@ -247,6 +260,13 @@ class AfterTrial:
             self.timeout_s,
             "null (no limit) or seconds > 0",
         )
+
+    def gpus_for(self, trials_use_gpus: bool) -> float:
+        """GPUs for one merge + eval: ``auto`` is 1 when the sweep's trials train on GPUs (a 7B model
+        evaluated on CPU would exceed ``timeout_s``), else 0; a number as given."""
+        if self.gpus == "auto":
+            return 1.0 if trials_use_gpus else 0.0
+        return float(self.gpus)
 
     @property
     def merges(self) -> bool:

@@ -216,6 +216,9 @@ class TokenTune(Method):
             min(1.0, settings.count / max_length) if settings.count is not None else float(settings.ratio)
         )
         terms.selection_mask = True  # the split forward's [selected x all] attention mask
+        # its sdpa always passes a mask, so on CUDA and CPU GQA keys/values are repeated per query head
+        # before the kernel (``gqa_in_kernel``, transformers' rule) and saved at the query heads' width
+        terms.kv_width = 2 * terms.shape.heads * terms.shape.head_dim
 
     def __init__(self, config: TokenTuneSettings) -> None:
         super().__init__(config)

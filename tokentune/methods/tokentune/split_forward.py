@@ -3,14 +3,16 @@
 A split forward runs the selected rows S (with grad) and the rest R (no grad) of each layer as two
 packed streams (``Stream``): ``pack`` lists a row subset's positions, ``gather_rows`` takes them,
 ``additive`` turns a boolean attention mask into the one float mask every layer shares, ``sdpa`` is
-the attention both paths call and ``split_layer`` runs one layer on both streams. ``unwrap_model`` finds the transformers model inside peft, DDP and
-DeepSpeed wrappers, and ``replaced_forward`` swaps its forward for the split one while the wrappers
-still run. A leaf module: ``method``, ``decoder`` and ``encoder``
-import it, it imports none of them.
+the attention both paths call (GQA by transformers' per-device rule, ``gqa_in_kernel``) and
+``split_layer`` runs one layer on both streams. ``unwrap_model`` finds the transformers model inside
+peft, DDP and DeepSpeed wrappers, and ``replaced_forward`` swaps its forward for the split one while
+the wrappers still run. A leaf module: ``method``, ``decoder`` and ``encoder`` import it, it imports
+none of them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,19 +123,59 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def gqa_in_kernel(
+    device_type: str, mask: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor
+) -> bool:
+    """Whether sdpa shares GQA keys/values in the kernel (``enable_gqa``) rather than repeating them.
+
+    transformers' own rule (``use_gqa_in_sdpa`` in ``transformers/integrations/sdpa_attention.py``), per
+    device: XPU (torch >= 2.8) and MPS (torch >= 2.13) take masked GQA; CUDA (and CPU, NPU) only without a
+    mask and with head dims <= 256, since otherwise CUDA falls back to the math kernel (fp32 scores and
+    repeated keys/values materialised). ``TRANSFORMERS_SDPA_FORCE_GQA=1`` forces it, as it does for stock.
+    """
+    if os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1":
+        return True
+    if device_type in ("xpu", "mps"):
+        return _torch_at_least((2, 8) if device_type == "xpu" else (2, 13))
+    return mask is None and key.shape[-1] == value.shape[-1] <= 256
+
+
+def _torch_at_least(version: tuple[int, int]) -> bool:
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return (major, minor) >= version
+
+
+def kernel_device(t: torch.Tensor) -> str:
+    """The device type whose sdpa rule applies to ``t`` (a function so tests can simulate CUDA on CPU)."""
+    return t.device.type
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Keys or values [B, Hkv, n, d] -> [B, Hkv * groups, n, d], each head repeated for its query heads."""
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
 def sdpa(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     groups: int,
     dropout: float,
     scale,
 ) -> torch.Tensor:
-    """Attention [B, H, nq, d] -> [B, nq, H * d]; GQA keys/values shared by their query heads in the kernel
-    (``enable_gqa``, as the stock sdpa path does), so backward keeps them at the key/value heads' width."""
+    """Attention [B, H, nq, d] -> [B, nq, H * d], with GQA handled as the stock sdpa path does on this
+    device (``gqa_in_kernel``): shared in the kernel, or keys/values repeated per query head first, so
+    TokenTune and its stock baseline run the same kernel family (never CUDA's math fallback by our doing)."""
+    gqa = {}
+    if groups > 1:
+        if gqa_in_kernel(kernel_device(query), mask, key, value):
+            gqa["enable_gqa"] = True
+        else:
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=groups > 1
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, **gqa
     )
     return out.transpose(1, 2).reshape(query.shape[0], query.shape[2], -1)
 
