@@ -18,6 +18,21 @@ whose weight or adapter trains (q/k/v share one, gate/up share one, o_proj's is 
 output); attention's query, keys, values, output and log-sum-exp; the MLP's gate, up and SiLU
 outputs; the logits in fp32. IST/RST is estimated at its peak: the step whose lowest trained layer is
 the first, so every layer keeps what backward through it needs.
+
+Dtypes (measured on CPU with saved-tensor hooks; the same autocast rules hold on CUDA). Whatever the
+model's dtype, Llama's RMSNorm saves its input upcast to fp32 (and its fp32 rsqrt), attention saves
+its log-sum-exp in fp32, and the loss keeps fp32 logits. Under bf16 autocast (``train.bf16``) the
+matmuls' inputs and outputs are bf16 (``MemoryTerms.compute_bytes``) whatever the weights' dtype, and
+autocast's bf16 copy of every fp32 weight a matmul needs in backward is saved too: each decoder linear
+and the head while the weights stay fp32 (``_autocast_weight_copies``). Without autocast everything
+else is in the weights' dtype. A method that changes what its modules save says so in its terms
+(LoRA: each adapter's own copy of its input; QLoRA: fp32 embeddings, norms, head and MLP products).
+
+Besides the four measured components the estimate gives what must also fit on a device at the peak
+(``MemoryEstimate.fit_gb``), which ``memory/train_gb`` does not count: ``transient_gb`` (the larger of
+the logits' gradients during backward and AdamW's foreach temporary at the step on CUDA) and
+``device_gb`` (see ``device_bytes``: the CUDA context and cuBLAS workspace, NCCL's buffers with more
+than one worker; zero on CPU).
 """
 
 from __future__ import annotations
@@ -56,6 +71,17 @@ class MemoryTerms:
     token_share: float = 1.0  # share of each sequence whose activations are saved for backward
     kv_width: int = 0  # elements of keys + values kept per token of the whole sequence per layer
     selection_mask: bool = False  # a split forward keeps a [selected x all] attention mask
+    autocast: bool = False  # bf16 autocast over the forward (set before the methods run; they read it)
+    input_elems: int | None = None  # per trained layer and token: the saved linear inputs, when a method
+    # counts them itself (None: ``saved_inputs`` grouped, one input per group of modules that share it)
+    input_bytes: float | None = None  # bytes per element of those inputs (None: ``compute_bytes``)
+    mlp_bytes: float | None = None  # bytes of the MLP's gate/up/SiLU outputs (None: ``compute_bytes``)
+    extra_bytes_per_layer: float = 0  # per trained layer, bytes independent of the tokens
+
+    @property
+    def compute_bytes(self) -> float:
+        """Bytes per element of what matmuls produce and save: bf16 under autocast, else the weights'."""
+        return 2 if self.autocast else self.weight_bytes
 
     @property
     def linear_params_per_layer(self) -> int:
@@ -107,6 +133,7 @@ def memory_terms(cfg: RunConfig, shape: ModelShape) -> MemoryTerms:
         linear_weight_bytes=wbytes,
         active_layers=shape.layers,
         kv_width=2 * shape.kv_heads * shape.head_dim,
+        autocast=autocast_on(cfg),
     )
     for cls, settings in MethodStack.classes(cfg.methods, cfg.method_configs):
         cls.memory_terms(settings, terms)
@@ -170,32 +197,52 @@ def _weights_bytes(t: MemoryTerms, shards: int) -> float:
     return s.layers * sum(held(n, b) for n, b in per_layer) + sum(held(n, b) for n, b in outside)
 
 
+def autocast_on(cfg: RunConfig) -> bool:
+    """Whether the forward runs under bf16 autocast: ``train.bf16`` true, or auto on a GPU run."""
+    return cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and cfg.compute.use_gpu is True)
+
+
+def grouped_inputs(shape: ModelShape, names: set[str]) -> int:
+    """Per token, the inputs the linears ``names`` save when modules fed the same tensor share it:
+    q/k/v one hidden-sized input, gate/up one, down_proj its own (o_proj's is attention's output)."""
+    h, inter = shape.hidden, shape.intermediate
+    n = h if names & {"q_proj", "k_proj", "v_proj"} else 0
+    n += h if names & {"gate_proj", "up_proj"} else 0
+    return n + (inter if "down_proj" in names else 0)
+
+
 def _activation_bytes(t: MemoryTerms, active: int) -> float:
     """Saved for backward in one micro-batch; see the module docstring for what each term is."""
     s, cfg = t.shape, t.cfg
     h, inter, heads = s.hidden, s.intermediate, s.heads
-    q = heads * s.head_dim
-    bf16 = cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and cfg.compute.use_gpu is True)
-    abytes = 2 if bf16 else t.weight_bytes  # autocast's matmul outputs (norms and logits stay fp32)
+    c, wb = t.compute_bytes, t.weight_bytes
     seq = cfg.data.max_length
     tokens = cfg.train.batch_size * seq
     share = t.token_share
 
-    norm = 2 * h + 1 if t.base_trains else h + 1
-    core = 2 * norm + 2 * q + heads + 3 * inter  # norms, query + output + lse, gate/up/SiLU outputs
-    inputs = 0
-    if t.saved_inputs & {"q_proj", "k_proj", "v_proj"}:
-        inputs += h
-    if t.saved_inputs & {"gate_proj", "up_proj"}:
-        inputs += h
-    if "down_proj" in t.saved_inputs:
-        inputs += inter
-    trained = core + inputs + t.extra_per_token
+    # RMSNorm: its input upcast to fp32 and the fp32 rsqrt; when its weight trains, the normalised input
+    norm = 4 * (h + 1) + (wb * h if t.base_trains else 0)
+    mlp = t.mlp_bytes if t.mlp_bytes is not None else c
+    core = 2 * norm + 4 * heads + c * 2 * heads * s.head_dim + mlp * 3 * inter  # + query, output, lse
+    in_elems = t.input_elems if t.input_elems is not None else grouped_inputs(s, t.saved_inputs)
+    inputs = in_elems * (t.input_bytes if t.input_bytes is not None else c)
+    trained = core + inputs + c * t.extra_per_token
     frozen = core  # a layer above the lowest trained one: backward passes through it, nothing trains
     per_layer_tokens = tokens * share * (active * trained + (s.layers - active) * frozen)
-    kv = tokens * t.kv_width * s.layers  # keys and values of every token (TokenTune: all rows)
-    head = tokens * share * (norm + (h if t.base_trains else 0))  # final norm, lm_head input
-    selection = tokens * share * seq if t.selection_mask else 0
+    kv = tokens * t.kv_width * s.layers * c  # keys and values of every token (TokenTune: all rows)
+    head = tokens * share * (norm + (c * h if t.base_trains else 0))  # final norm, lm_head input
+    selection = tokens * share * seq * c if t.selection_mask else 0
     logits = tokens * share * s.vocab * 4  # log-softmax output, fp32 whatever the activation dtype
-    constant = active * t.extra_per_layer
-    return (per_layer_tokens + kv + head + selection + constant) * abytes + logits
+    constant = active * (t.extra_per_layer * c + t.extra_bytes_per_layer) + _autocast_weight_copies(t)
+    return per_layer_tokens + kv + head + selection + logits + constant
+
+
+def _autocast_weight_copies(t: MemoryTerms) -> float:
+    """Autocast's bf16 copies of the fp32 weights that backward multiplies by: every decoder linear
+    (while not quantized) and the head. Not saved when the weights are bf16 already."""
+    if not t.autocast:
+        return 0.0
+    s = t.shape
+    copies = s.layers * t.linear_params_per_layer if t.linear_weight_bytes == 4 else 0
+    copies += s.vocab * s.hidden if t.weight_bytes == 4 else 0
+    return 2.0 * copies
