@@ -101,10 +101,18 @@ class MemoryEstimate:
     optimizer_gb: float  # AdamW states (+ ZeRO's fp32 copy of the weights)
     activations_gb: float  # saved for backward, one micro-batch of max_length tokens, logits included
     trainable_params: int
+    transient_gb: float = 0.0  # at the peak, beyond the four (logits' gradients; AdamW's foreach copy)
+    device_gb: float = 0.0  # what the device holds beyond tensors (``device_bytes``; zero on CPU)
 
     @property
     def total_gb(self) -> float:
+        """The four components: comparable with the measured ``memory/train_gb``."""
         return self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+
+    @property
+    def fit_gb(self) -> float:
+        """What must fit on the device: the four, the peak's transients and the device term."""
+        return self.total_gb + self.transient_gb + self.device_gb
 
     def short(self) -> str:
         parts = (self.weights_gb, self.grads_gb + self.optimizer_gb, self.activations_gb)
@@ -115,6 +123,17 @@ class MemoryEstimate:
         parts = ("weights", "grads", "optimizer", "activations")
         out = {f"memory/estimate_{k}_gb": getattr(self, f"{k}_gb") for k in parts}
         out["memory/estimate_gb"] = self.total_gb
+        out["memory/estimate_transient_gb"] = self.transient_gb
+        out["memory/estimate_device_gb"] = self.device_gb
+        out["memory/estimate_fit_gb"] = self.fit_gb
+        return out
+
+    def vs_measured(self, memory: dict[str, float]) -> dict[str, float]:
+        """``metrics()`` and ``memory/estimate_ratio`` (estimate / measured ``memory/train_gb``)."""
+        out = self.metrics()
+        measured = memory.get("memory/train_gb")
+        if isinstance(measured, (int, float)) and measured > 0:
+            out["memory/estimate_ratio"] = self.total_gb / measured
         return out
 
 
@@ -161,13 +180,44 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape | None = None) -> MemoryEs
     else:  # DeepSpeed: fp32 partitions of each parameter group: gradient, master copy, 2 states
         grads = stepped * 4 / (shards if zero >= 2 else 1)
         optimizer = 3 * trainable * 4 / (shards if zero >= 1 else 1)
+    activations = _activation_bytes(t, active)
+    cuda = cfg.compute.use_gpu is True
+    step_copy = (trainable * t.trainable_bytes if zero is None else optimizer / 3) if cuda else 0
     return MemoryEstimate(
         weights_gb=weights / GB,
         grads_gb=grads / GB,
         optimizer_gb=optimizer / GB,
-        activations_gb=_activation_bytes(t, active) / GB,
+        activations_gb=activations / GB,
         trainable_params=int(trainable),
+        transient_gb=max(_logits_grad_bytes(t), step_copy - activations) / GB,
+        device_gb=device_bytes(workers, cuda) / GB,
     )
+
+
+#: What a CUDA process holds besides its tensors (documented figures, not measured here): the CUDA
+#: context with torch's lazily loaded kernels (about 0.5 GiB on an H100 with CUDA 12/13) and the
+#: cuBLAS workspace (32 MiB on Hopper, allocated after the first matmul)
+CUDA_CONTEXT_GB = 0.5 + 32 / 1024
+#: NCCL's buffers per rank when it has peers: NCCL_BUFFSIZE (4 MiB) per channel, send and receive,
+#: for up to 32 channels and two algorithms (ring, tree): up to 4 MiB x 2 x 32 x 2 = 0.5 GiB
+NCCL_BUFFERS_GB = 0.5
+
+
+def device_bytes(workers: int, cuda: bool) -> float:
+    """The device term of one worker: ``CUDA_CONTEXT_GB`` on CUDA, ``NCCL_BUFFERS_GB`` more with more
+    than one worker; zero on CPU. Neither ``memory/train_gb`` nor ``memory/cuda_peak_gb`` counts it
+    (``memory/cuda_reserved_gb`` holds the allocator's share, not the context)."""
+    if not cuda:
+        return 0.0
+    return (CUDA_CONTEXT_GB + (NCCL_BUFFERS_GB if workers > 1 else 0.0)) * GB
+
+
+def _logits_grad_bytes(t: MemoryTerms) -> float:
+    """At the start of backward, besides the saved fp32 log-softmax: the gradient of the fp32 logits
+    and, when the head computes in bf16, the gradient of its bf16 output."""
+    tokens = t.cfg.train.batch_size * t.cfg.data.max_length * t.token_share
+    c = t.compute_bytes
+    return tokens * t.shape.vocab * (4 + (c if c != 4 else 0))
 
 
 def estimate_measured(cfg: RunConfig, memory: dict[str, float]) -> MemoryEstimate | None:
@@ -179,6 +229,13 @@ def estimate_measured(cfg: RunConfig, memory: dict[str, float]) -> MemoryEstimat
     at = cfg.copy()
     at.train.batch_size, at.data.max_length = int(batch), int(seq)
     return estimate_memory(at)
+
+
+def measured_estimate_metrics(cfg: RunConfig, memory: dict[str, float]) -> dict[str, float]:
+    """``memory/estimate_*`` and ``memory/estimate_ratio`` of a run's measured ``memory/*`` (a trial
+    and a single run's ``result.json`` record the same keys); empty when the model's shape is unknown."""
+    est = estimate_measured(cfg, memory)
+    return est.vs_measured(memory) if est is not None else {}
 
 
 def _weights_bytes(t: MemoryTerms, shards: int) -> float:
