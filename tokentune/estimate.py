@@ -296,10 +296,11 @@ def _activation_bytes(t: MemoryTerms, active: int) -> float:
 
 def _autocast_weight_copies(t: MemoryTerms) -> float:
     """Autocast's bf16 copies of the fp32 weights that backward multiplies by: every decoder linear
-    (while not quantized) and the head. Not saved when the weights are bf16 already."""
+    (while not quantized) and the head. Not saved when the weights are bf16 already (fp16 weights
+    would be copied too; that mix is not modelled)."""
     if not t.autocast:
         return 0.0
     s = t.shape
-    copies = s.layers * t.linear_params_per_layer if t.linear_weight_bytes == 4 else 0
-    copies += s.vocab * s.hidden if t.weight_bytes == 4 else 0
+    copies = s.layers * t.linear_params_per_layer if t.linear_weight_bytes > 2 else 0  # fp32/fp64
+    copies += s.vocab * s.hidden if t.weight_bytes > 2 else 0
     return 2.0 * copies
