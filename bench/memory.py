@@ -248,7 +248,7 @@ def combinations_table(by_setting: dict[str, list[dict[str, Any]]]) -> str:
             cells += [f"{r['estimate_gb'] * 1024:.2f} MB", f"{r['train_gb'] * 1024:.2f} MB", f"{ratio:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     summary = ", ".join(f"{label}: {100 * w:.1f}%" for label, w in worst.items())
-    return "\n".join(lines) + f"\nlargest |est/meas - 1|: {summary}"
+    return "\n".join(lines) + f"\nlargest deviation of est/meas from 1: {summary}"
 
 
 # ---- the meter's cost -------------------------------------------------------------------------------

@@ -75,7 +75,9 @@ class MemoryTerms:
     input_elems: int | None = None  # per trained layer and token: the saved linear inputs, when a method
     # counts them itself (None: ``saved_inputs`` grouped, one input per group of modules that share it)
     input_bytes: float | None = None  # bytes per element of those inputs (None: ``compute_bytes``)
-    mlp_bytes: float | None = None  # bytes of the MLP's gate/up/SiLU outputs (None: ``compute_bytes``)
+    linear_out_bytes: float | None = None  # bytes of the base linears' outputs and so of the MLP's
+    # gate/up/SiLU outputs (None: ``compute_bytes``)
+    extra_bytes_per_token: float = 0  # per trained layer and token, bytes a method saves (its own dtypes)
     extra_bytes_per_layer: float = 0  # per trained layer, bytes independent of the tokens
 
     @property
@@ -279,11 +281,11 @@ def _activation_bytes(t: MemoryTerms, active: int) -> float:
 
     # RMSNorm: its input upcast to fp32 and the fp32 rsqrt; when its weight trains, the normalised input
     norm = 4 * (h + 1) + (wb * h if t.base_trains else 0)
-    mlp = t.mlp_bytes if t.mlp_bytes is not None else c
+    mlp = t.linear_out_bytes if t.linear_out_bytes is not None else c
     core = 2 * norm + 4 * heads + c * 2 * heads * s.head_dim + mlp * 3 * inter  # + query, output, lse
     in_elems = t.input_elems if t.input_elems is not None else grouped_inputs(s, t.saved_inputs)
     inputs = in_elems * (t.input_bytes if t.input_bytes is not None else c)
-    trained = core + inputs + c * t.extra_per_token
+    trained = core + inputs + c * t.extra_per_token + t.extra_bytes_per_token
     frozen = core  # a layer above the lowest trained one: backward passes through it, nothing trains
     per_layer_tokens = tokens * share * (active * trained + (s.layers - active) * frozen)
     kv = tokens * t.kv_width * s.layers * c  # keys and values of every token (TokenTune: all rows)

@@ -64,7 +64,7 @@ class QLoRA(Method):
         # prepare_model_for_kbit_training upcasts every other parameter (embeddings, norms, head) to
         # fp32, so the residual stream is fp32 and Linear4bit returns fp32: the MLP's products stay fp32
         terms.weight_bytes = 4
-        terms.mlp_bytes = 4
+        terms.linear_out_bytes = 4
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"quantization_config": bnb_config(self.config)}
