@@ -135,12 +135,15 @@ class _Adapter(Method):
         if cls.use_dora:  # peft's DoRA: magnitudes; per token the base and adapter outputs; an in x in eye
             terms.added_tensors_per_layer += [dims[t][1] for t in targets]
             # (gate/up outputs are also the MLP's saved inputs: counted once)
-            # in the dtype of the base layer's output (QLoRA's 4-bit layers return the fp32 stream's)
-            out_bytes = terms.linear_out_bytes if terms.linear_out_bytes is not None else terms.compute_bytes
+            # peft computes DoRA in the adapter's fp32 unless autocast runs it in bf16; its per-token
+            # outputs in the base layer's output dtype where that is wider (QLoRA: the fp32 stream's)
+            dora_bytes = terms.compute_bytes if terms.autocast else terms.trainable_bytes
+            out_bytes = terms.linear_out_bytes if terms.linear_out_bytes is not None else dora_bytes
             terms.extra_bytes_per_token += out_bytes * sum(
                 (1 if t in ("gate_proj", "up_proj") else 2) * dims[t][1] for t in targets
             )
-            terms.extra_per_layer = sum(i * i + i * r + 3 * o for i, o in (dims[t] for t in targets))
+            per_layer = sum(i * i + i * r + 3 * o for i, o in (dims[t] for t in targets))
+            terms.extra_bytes_per_layer += dora_bytes * per_layer
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return wrap_with_adapter(model, self.config, use_dora=self.use_dora)
