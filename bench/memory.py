@@ -4,6 +4,7 @@ each as a share of full fine-tuning; and what measuring costs.
     python bench/memory.py                                   # CPU: Llama 4 x 512, vocab 32000, seq 512
     python bench/memory.py --device cuda --preset llama2-7b --seq 2048 --batch 1   # the TokenTune paper's setting
     python bench/memory.py --overhead                        # the meter's cost on step time only
+    python bench/memory.py --combinations --dtype bfloat16   # every method combination, two bf16 settings
 
 Rows (``ROWS``): full fine-tuning, LoRA, QLoRA, LoRA + TokenTune and QLoRA + TokenTune at
 ``--ratio`` (0.3), and LoRA + IST / RST at ``--budget`` (25% of the layers). Each row runs
@@ -19,6 +20,17 @@ measured ``memory/train_gb``: weights + grads + optimizer + saved activations, p
 loaded, which adds the allocator's temporaries and kernels' workspaces), and the share of full
 fine-tuning of each. The TokenTune paper reports (Llama-2-7B, seq 2048, batch 1, GPU peak): QLoRA
 about 37% and QLoRA + TokenTune about 21% of full fine-tuning.
+
+Each row's process builds its own model, and the random checkpoint is saved by a process of its own
+first: the parent never touches the device, so a row has the whole GPU (the ``full`` row of the 7B
+preset needs about 63 GiB of an 80 GB H100). IST's probe batch is the training batch
+(``ist.probe_batch_size`` = ``--batch``), so IST's peak is its training step's, not a larger probe's.
+
+``--combinations``: instead of the rows, every method combination the registry allows (the contract
+test's list), on the shipped tiny model at ``--seq`` 128, batch 2 unless given, each in its own
+process; the estimate against the measured ``memory/train_gb``. With ``--dtype bfloat16`` it runs two
+settings side by side: bf16 weights (``model.dtype: bfloat16``) and bf16 autocast over fp32 weights
+(``model.dtype: float32``), both with ``train.bf16: true`` (what ``auto`` gives on a GPU).
 
 ``--overhead``: one process, LoRA + TokenTune on the CPU shape (or the preset), ``--rounds``
 rounds of ``--steps`` steps with the meter sampling every step and ``--steps`` without, the order
@@ -88,7 +100,7 @@ def run_config(args: argparse.Namespace, methods: list[str], out_dir: str) -> di
     sparse = any(m in methods for m in ("ist", "rst"))
     d: dict[str, Any] = {
         "model": {
-            "name_or_path": str(checkpoint_dir(args)),
+            "name_or_path": args.model or str(checkpoint_dir(args)),
             "tokenizer": str(assets.default_model_path()),  # ids < 1612: any vocab here covers them
             "dtype": args.dtype,
         },
@@ -96,7 +108,7 @@ def run_config(args: argparse.Namespace, methods: list[str], out_dir: str) -> di
                  "train_on_inputs": True},
         "methods": methods,
         "train": {"max_steps": args.sparse_steps if sparse else args.steps, "batch_size": args.batch, "log_every": 1, "eval_batches": 1,
-                  "warmup_steps": 0, "output_dir": out_dir, "lr": 1e-4},
+                  "warmup_steps": 0, "output_dir": out_dir, "lr": 1e-4, "bf16": args.train_bf16},
         "compute": {"use_gpu": args.device == "cuda"},
         "lora": {"rank": args.lora_rank},
     }  # fmt: skip
@@ -107,6 +119,8 @@ def run_config(args: argparse.Namespace, methods: list[str], out_dir: str) -> di
     for m in ("ist", "rst"):
         if m in methods:
             d[m] = {"budget": args.budget, "seed": 0}
+    if "ist" in methods:  # the probe batch is the training batch (its default, 16, would set IST's peak)
+        d["ist"]["probe_batch_size"] = args.batch
     return d
 
 
@@ -115,8 +129,9 @@ def measure_row(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from tokentune.estimate import estimate_measured
     from tokentune.train import train
 
+    methods = ROWS[name] if name in ROWS else name.split("+")
     with tempfile.TemporaryDirectory() as out:
-        cfg = RunConfig.from_dict(run_config(args, ROWS[name], out))
+        cfg = RunConfig.from_dict(run_config(args, methods, out))
         res = train(cfg)
     est = estimate_measured(cfg, res.memory)
     m = res.memory
@@ -126,10 +141,14 @@ def measure_row(args: argparse.Namespace, name: str) -> dict[str, Any]:
     return row
 
 
-def run_rows(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
+def run_rows(
+    args: argparse.Namespace, argv: list[str], names: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Each row (a ``ROWS`` name or a ``+``-joined method list) in a process of its own."""
     results = []
-    for i, name in enumerate(args.rows):
-        print(f"[{i + 1}/{len(args.rows)}] {name} ...", file=sys.stderr, flush=True)
+    names = names or args.rows
+    for i, name in enumerate(names):
+        print(f"[{i + 1}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, *argv, "--row", name]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -138,6 +157,8 @@ def run_rows(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
             results.append({"row": name, "error": " | ".join(tail)})
             continue
         results.append(json.loads(lines[-1]))
+        r = results[-1]
+        print(f"    est/meas {r['estimate_gb'] / r['train_gb']:.3f}", file=sys.stderr, flush=True)
     return results
 
 
@@ -166,6 +187,68 @@ def table(results: list[dict[str, Any]], device: str) -> str:
         lines.append(line)
     widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(cols))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+# ---- every method combination ------------------------------------------------------------------
+#: ``--combinations --dtype bfloat16``: setting -> (model.dtype, train.bf16)
+BF16_SETTINGS = {"bf16 weights": ("bfloat16", "true"), "autocast, fp32 weights": ("float32", "true")}
+
+
+def allowed_combinations() -> list[list[str]]:
+    """Every method list the registry allows: a trainer, optionally a quantizer, any modifiers."""
+    import itertools
+
+    from tokentune.errors import ConfigError
+    from tokentune.methods import REGISTRY, validate_methods
+
+    def kind(k: str) -> list[str]:
+        return sorted(n for n, c in REGISTRY.items() if c.kind == k and not n.startswith("_"))
+
+    combos = []
+    for trainer, quant in itertools.product(kind("trainer"), [None, *kind("quantizer")]):
+        mods = kind("modifier")
+        for picked in itertools.chain.from_iterable(
+            itertools.combinations(mods, k) for k in range(len(mods) + 1)
+        ):
+            names = [x for x in (quant, trainer, *picked) if x]
+            try:
+                validate_methods(names)
+            except ConfigError:
+                continue
+            combos.append(names)
+    return combos
+
+
+def run_combinations(args: argparse.Namespace, argv: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per setting, every allowed combination in a process of its own (``run_rows``)."""
+    settings = BF16_SETTINGS if args.dtype == "bfloat16" else {args.dtype: (args.dtype, args.train_bf16)}
+    names = ["+".join(c) for c in allowed_combinations()]
+    out = {}
+    for label, (dtype, bf16) in settings.items():
+        print(f"{label}: model.dtype {dtype}, train.bf16 {bf16}", file=sys.stderr, flush=True)
+        out[label] = run_rows(args, [*argv, "--dtype", dtype, "--train-bf16", bf16], names)
+    return out
+
+
+def combinations_table(by_setting: dict[str, list[dict[str, Any]]]) -> str:
+    """| combination | per setting: estimate, train_gb, est/meas |, then the worst ratio per setting."""
+    labels = list(by_setting)
+    head = "| combination | " + " | ".join(f"{x}: estimate | train_gb | est/meas" for x in labels) + " |"
+    lines = [head, "|" + " --- |" * (1 + 3 * len(labels))]
+    worst = dict.fromkeys(labels, 0.0)
+    for i, first in enumerate(by_setting[labels[0]]):
+        cells = [first["row"]]
+        for label in labels:
+            r = by_setting[label][i]
+            if "error" in r:
+                cells += ["failed", r["error"][:60], ""]
+                continue
+            ratio = r["estimate_gb"] / r["train_gb"]
+            worst[label] = max(worst[label], abs(ratio - 1))
+            cells += [f"{r['estimate_gb'] * 1024:.2f} MB", f"{r['train_gb'] * 1024:.2f} MB", f"{ratio:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = ", ".join(f"{label}: {100 * w:.1f}%" for label, w in worst.items())
+    return "\n".join(lines) + f"\nlargest deviation of est/meas from 1: {summary}"
 
 
 # ---- the meter's cost -------------------------------------------------------------------------------
@@ -239,13 +322,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a real architecture (overrides the size flags)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 512; the preset's)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=None, help="default 1 (--combinations: 2)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on cuda")
+    p.add_argument(
+        "--train-bf16", choices=["auto", "true", "false"], default="auto", help="train.bf16 (autocast)"
+    )
+    p.add_argument("--model", default=None, help="a model path instead of a random Llama of the size flags")
+    p.add_argument(
+        "--combinations",
+        action="store_true",
+        help="every allowed method combination on the shipped tiny model (--dtype bfloat16: two bf16 settings)",
+    )
     p.add_argument("--ratio", type=float, default=0.3, help="TokenTune's selection ratio")
     p.add_argument("--budget", type=float, default=0.25, help="IST/RST's layer budget (a fraction)")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -257,7 +349,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the rows as JSON too")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "tokentune-bench"))
     p.add_argument("--row", help=argparse.SUPPRESS)
+    p.add_argument("--build-checkpoint", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.combinations:
+        from tokentune import assets
+
+        args.model = args.model or str(assets.default_model_path())
+        args.seq, args.batch = args.seq or 128, args.batch or 2
+    args.batch = args.batch or 1
     for k, v in (PRESETS.get(args.preset) or {}).items():
         if k == "seq":
             args.seq = args.seq or v
@@ -284,9 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.row:
         print(json.dumps(measure_row(args, args.row)), flush=True)
         return 0
+    if args.build_checkpoint:
+        checkpoint_dir(args)
+        return 0
     shape = f"Llama {args.layers} x {args.hidden} (heads {args.heads}/{args.kv_heads}, vocab {args.vocab})"
+    shape = args.model or shape
     print(f"{shape}, seq {args.seq}, batch {args.batch}, {args.dtype} on {args.device}", flush=True)
-    checkpoint_dir(args)  # saved once, before the rows' processes
+    if args.combinations:
+        print(combinations_table(run_combinations(args, argv)))
+        return 0
+    if not args.model:  # saved once, by a process of its own: the parent never holds the device
+        subprocess.run([sys.executable, __file__, *argv, "--build-checkpoint"], check=True)
     if args.overhead:
         res = overhead(args)
         print(

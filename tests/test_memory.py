@@ -8,10 +8,17 @@
   ``memory/train_gb`` and each component within +-25% or 2 MB. Sequences fill ``data.max_length``
   (the estimate's assumption); IST/RST run until every layer has trained and the first layer was
   the lowest trained one at a sampled step (their estimated peak).
+- The same under bf16 in its two settings (``BF16``): bf16 weights (``model.dtype: bfloat16``) and
+  bf16 autocast over fp32 weights (``train.bf16: true``); the cross product is slow, one combination
+  per setting (every kind of dtype term between them) runs in the fast loop.
+- The estimate's device and transient terms (what must fit beyond ``memory/train_gb``), CUDA's
+  reserved peak beside the allocated one, and a single run's ``result.json`` with the estimate.
 ZeRO-2/3 with 2 workers: ``tests/test_distributed.py::test_memory_estimate_under_zero``.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -26,8 +33,16 @@ from tests.conftest import (
     tiny_run_dict,
 )
 from tokentune.config import RunConfig
-from tokentune.estimate import GB, estimate_measured, estimate_memory
+from tokentune.estimate import (
+    CUDA_CONTEXT_GB,
+    GB,
+    NCCL_BUFFERS_GB,
+    autocast_on,
+    estimate_measured,
+    estimate_memory,
+)
 from tokentune.memory import MemoryMeter, distinct_bytes
+from tokentune.shape import model_shape
 from tokentune.train import train
 
 
@@ -88,13 +103,22 @@ def test_views_and_shared_storage_count_once():
 # ---- the loop reports it ----------------------------------------------------------------------------------
 def test_training_reports_the_breakdown_on_log_steps(tiny_workspace, tmp_path, one_thread):
     d = tiny_run_dict(tiny_workspace, ["lora"], tmp_path / "out", train={"max_steps": 4, "log_every": 2})
-    res = train(RunConfig.from_dict(d))
+    cfg = RunConfig.from_dict(d)
+    res = train(cfg)
     logged = [h for h in res.history if "loss" in h]
     assert [h["step"] for h in logged] == [2, 4]
     for h in logged:  # measured on step 2 (the first after the first) and at each log step
         assert h["memory/train_gb"] > h["memory/weights_gb"] > 0 and h["memory/activations_gb"] > 0
     assert res.memory["memory/train_gb"] == pytest.approx(logged[-1]["memory/train_gb"])
     assert not hasattr(res, "peak_memory_bytes")
+    # a single run's result.json: the estimate beside the measurement, as a trial records it
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())["memory"]
+    est = estimate_measured(cfg, res.memory)
+    assert saved["memory/train_gb"] == pytest.approx(res.memory["memory/train_gb"])
+    assert saved["memory/estimate_gb"] == pytest.approx(est.total_gb)
+    assert saved["memory/estimate_ratio"] == pytest.approx(est.total_gb / res.memory["memory/train_gb"])
+    assert 0.85 <= saved["memory/estimate_ratio"] <= 1.15
+    assert saved["memory/estimate_device_gb"] == 0.0  # CPU
 
 
 # ---- estimate vs measured over every allowed combination ------------------------------------------------
@@ -144,3 +168,83 @@ def test_estimate_matches_measured_fast(long_rows, tmp_path, one_thread):
     assert check_estimate(cfg, res.memory) == []
     # the planning estimate (max_length) equals the measured-shape one here: sequences fill it
     assert estimate_memory(cfg).total_gb == pytest.approx(estimate_measured(cfg, res.memory).total_gb)
+
+
+# ---- bf16: bf16 weights, and bf16 autocast over fp32 weights ------------------------------------------------
+#: setting -> (model.dtype, train.bf16)
+BF16 = {"bf16-weights": ("bfloat16", "true"), "autocast-fp32-weights": ("float32", "true")}
+
+
+def bf16_run_dict(methods, setting, data, out_dir, max_length, steps=8) -> dict:
+    dtype, bf16 = BF16[setting]
+    d = memory_run_dict(methods, data, out_dir, max_length=max_length, steps=steps)
+    d["model"] = {"dtype": dtype}
+    d["train"]["bf16"] = bf16
+    if "qlora" in methods:  # the 4-bit matmuls compute in the weights' dtype
+        d["qlora"] = {"compute_dtype": dtype}
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", BF16)
+@pytest.mark.parametrize("methods", allowed_combinations(), ids=lambda m: "+".join(m))
+def test_estimate_matches_measured_bf16(methods, setting, long_rows, tmp_path, one_thread):
+    steps = 8 if any(m in methods for m in SPARSE_METHODS) else 2  # the second step has every state
+    cfg = RunConfig.from_dict(bf16_run_dict(methods, setting, long_rows, tmp_path / "out", 128, steps))
+    res = train(cfg)
+    assert res.memory["memory/peak_seq_len"] == 128
+    if any(m in methods for m in SPARSE_METHODS):
+        assert reached_sparse_peak(res.history, 4), "IST/RST never trained every layer in 8 steps"
+    assert check_estimate(cfg, res.memory) == []
+
+
+@pytest.mark.parametrize(
+    "methods, setting",
+    [(["qlora", "lora", "tokentune"], "bf16-weights"), (["full"], "autocast-fp32-weights")],
+    ids=["qlora+lora+tokentune-bf16-weights", "full-autocast-fp32-weights"],
+)
+def test_estimate_matches_measured_bf16_fast(methods, setting, long_rows, tmp_path, one_thread):
+    """QLoRA's fp32 upcast and LoRA's input copies under autocast; autocast's bf16 copies of fp32
+    weights and of each linear's input (full fine-tuning). Every combination: the slow test above."""
+    cfg = RunConfig.from_dict(bf16_run_dict(methods, setting, long_rows, tmp_path / "o", 64, steps=2))
+    assert autocast_on(cfg)
+    res = train(cfg)
+    assert check_estimate(cfg, res.memory) == []
+
+
+# ---- what must fit beyond train_gb ------------------------------------------------------------------------
+def _estimate(methods, tiny_workspace, tmp_path, **compute):
+    d = tiny_run_dict(tiny_workspace, methods, tmp_path, compute=compute)
+    return estimate_memory(RunConfig.from_dict(d))
+
+
+def test_device_term_counts_the_cuda_context_and_nccl_only_on_cuda(tiny_workspace, tmp_path):
+    cpu = _estimate(["lora"], tiny_workspace, tmp_path, use_gpu=False)
+    one = _estimate(["lora"], tiny_workspace, tmp_path, use_gpu=True)
+    two = _estimate(["lora"], tiny_workspace, tmp_path, use_gpu=True, workers=2)
+    assert cpu.device_gb == 0 and one.device_gb == CUDA_CONTEXT_GB
+    assert two.device_gb == CUDA_CONTEXT_GB + NCCL_BUFFERS_GB
+    assert one.fit_gb == pytest.approx(one.total_gb + one.transient_gb + one.device_gb)
+    metrics = two.metrics()
+    assert metrics["memory/estimate_fit_gb"] == pytest.approx(two.fit_gb)
+    assert metrics["memory/estimate_gb"] == pytest.approx(two.total_gb)  # still comparable with train_gb
+
+
+def test_transients_count_the_logits_gradient_and_adamw_foreach_copy(tiny_workspace, tmp_path):
+    cpu = _estimate(["full"], tiny_workspace, tmp_path, use_gpu=False)
+    cuda = _estimate(["full"], tiny_workspace, tmp_path, use_gpu=True)
+    cfg = RunConfig.from_dict(tiny_run_dict(tiny_workspace, ["full"], tmp_path))
+    logits = cfg.train.batch_size * cfg.data.max_length * model_shape(cfg.model.name_or_path).vocab
+    assert cpu.transient_gb * GB >= logits * 4  # the fp32 logits' gradient at least
+    # on CUDA AdamW's foreach step holds one more copy of every trainable parameter (fp32 here)
+    assert (cuda.activations_gb + cuda.transient_gb) * GB >= cuda.trainable_params * 4
+    assert cuda.transient_gb >= cpu.transient_gb
+
+
+def test_cuda_reserved_peak_is_recorded_beside_the_allocated_peak(monkeypatch):
+    model, opt, _ = _toy()
+    meter = MemoryMeter(model, opt, torch.device("cuda"))  # no CUDA here: the allocator's figures below
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * GB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * GB)
+    m = meter.metrics()
+    assert (m["memory/cuda_peak_gb"], m["memory/cuda_reserved_gb"]) == (3.0, 4.0)

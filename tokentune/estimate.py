@@ -19,6 +19,21 @@ whose weight or adapter trains (q/k/v share one, gate/up share one, o_proj's is 
 output); attention's query, keys, values, output and log-sum-exp; the MLP's gate, up and SiLU
 outputs; the logits in fp32. IST/RST is estimated at its peak: the step whose lowest trained layer is
 the first, so every layer keeps what backward through it needs.
+
+Dtypes (measured on CPU with saved-tensor hooks; the same autocast rules hold on CUDA). Whatever the
+model's dtype, Llama's RMSNorm saves its input upcast to fp32 (and its fp32 rsqrt), attention saves
+its log-sum-exp in fp32, and the loss keeps fp32 logits. Under bf16 autocast (``train.bf16``) the
+matmuls' inputs and outputs are bf16 (``MemoryTerms.compute_bytes``) whatever the weights' dtype, and
+autocast's bf16 copy of every fp32 weight a matmul needs in backward is saved too: each decoder linear
+and the head while the weights stay fp32 (``_autocast_weight_copies``). Without autocast everything
+else is in the weights' dtype. A method that changes what its modules save says so in its terms
+(LoRA: each adapter's own copy of its input; QLoRA: fp32 embeddings, norms, head and MLP products).
+
+Besides the four measured components the estimate gives what must also fit on a device at the peak
+(``MemoryEstimate.fit_gb``), which ``memory/train_gb`` does not count: ``transient_gb`` (the larger of
+the logits' gradients during backward and AdamW's foreach temporary at the step on CUDA) and
+``device_gb`` (see ``device_bytes``: the CUDA context and cuBLAS workspace, NCCL's buffers with more
+than one worker; zero on CPU).
 """
 
 from __future__ import annotations
@@ -57,6 +72,19 @@ class MemoryTerms:
     token_share: float = 1.0  # share of each sequence whose activations are saved for backward
     kv_width: int = 0  # elements of keys + values kept per token of the whole sequence per layer
     selection_mask: bool = False  # a split forward keeps a [selected x all] attention mask
+    autocast: bool = False  # bf16 autocast over the forward (set before the methods run; they read it)
+    input_elems: int | None = None  # per trained layer and token: the saved linear inputs, when a method
+    # counts them itself (None: ``saved_inputs`` grouped, one input per group of modules that share it)
+    input_bytes: float | None = None  # bytes per element of those inputs (None: ``compute_bytes``)
+    linear_out_bytes: float | None = None  # bytes of the base linears' outputs and so of the MLP's
+    # gate/up/SiLU outputs (None: ``compute_bytes``)
+    extra_bytes_per_token: float = 0  # per trained layer and token, bytes a method saves (its own dtypes)
+    extra_bytes_per_layer: float = 0  # per trained layer, bytes independent of the tokens
+
+    @property
+    def compute_bytes(self) -> float:
+        """Bytes per element of what matmuls produce and save: bf16 under autocast, else the weights'."""
+        return 2 if self.autocast else self.weight_bytes
 
     @property
     def linear_params_per_layer(self) -> int:
@@ -77,6 +105,8 @@ class MemoryEstimate:
     activations_gb: float  # saved for backward, one micro-batch of max_length tokens, logits included
     trainable_params: int
     buffers_gb: float = 0.0  # DeepSpeed's gradient bucket (not in MemoryMeter's breakdown)
+    transient_gb: float = 0.0  # at the peak, beyond the four (logits' gradients; AdamW's foreach copy)
+    device_gb: float = 0.0  # what the device holds beyond tensors (``device_bytes``; zero on CPU)
 
     @property
     def breakdown_gb(self) -> float:
@@ -85,8 +115,14 @@ class MemoryEstimate:
 
     @property
     def total_gb(self) -> float:
-        """What must fit: the breakdown and DeepSpeed's buffers."""
+        """The breakdown and DeepSpeed's buffers (``memory/estimate_gb``; the breakdown without DeepSpeed)."""
         return self.breakdown_gb + self.buffers_gb
+
+    @property
+    def fit_gb(self) -> float:
+        """What must fit on the device: the four, DeepSpeed's buffers, the peak's transients and the
+        device term (``tune.max_memory_gb`` gates on this)."""
+        return self.total_gb + self.transient_gb + self.device_gb
 
     def short(self) -> str:
         parts = (self.weights_gb, self.grads_gb + self.optimizer_gb, self.activations_gb)
@@ -99,6 +135,17 @@ class MemoryEstimate:
         if self.buffers_gb:
             out["memory/estimate_buffers_gb"] = self.buffers_gb
         out["memory/estimate_gb"] = self.total_gb
+        out["memory/estimate_transient_gb"] = self.transient_gb
+        out["memory/estimate_device_gb"] = self.device_gb
+        out["memory/estimate_fit_gb"] = self.fit_gb
+        return out
+
+    def vs_measured(self, memory: dict[str, float]) -> dict[str, float]:
+        """``metrics()`` and ``memory/estimate_ratio`` (estimate / measured ``memory/train_gb``)."""
+        out = self.metrics()
+        measured = memory.get("memory/train_gb")
+        if isinstance(measured, (int, float)) and measured > 0:
+            out["memory/estimate_ratio"] = self.breakdown_gb / measured  # train_gb: no DeepSpeed buffers
         return out
 
 
@@ -120,6 +167,7 @@ def memory_terms(cfg: RunConfig, shape: ModelShape) -> MemoryTerms:
         linear_weight_bytes=wbytes,
         active_layers=shape.layers,
         kv_width=2 * shape.kv_heads * shape.head_dim,
+        autocast=autocast_on(cfg),
     )
     for cls, settings in MethodStack.classes(cfg.methods, cfg.method_configs):
         cls.memory_terms(settings, terms)
@@ -149,14 +197,45 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape | None = None) -> MemoryEs
     else:  # DeepSpeed: fp32 partitions of each parameter group: gradient, master copy, 2 states
         grads = stepped * 4 / (shards if zero >= 2 else 1)
         optimizer = 3 * trainable * 4 / (shards if zero >= 1 else 1)
+    activations = _activation_bytes(t, active)
+    cuda = cfg.compute.use_gpu is True
+    step_copy = (trainable * t.trainable_bytes if zero is None else optimizer / 3) if cuda else 0
     return MemoryEstimate(
         weights_gb=weights / GB,
         grads_gb=grads / GB,
         optimizer_gb=optimizer / GB,
-        activations_gb=_activation_bytes(t, active) / GB,
+        activations_gb=activations / GB,
         trainable_params=int(trainable),
         buffers_gb=deepspeed_buffer_bytes(cfg, trainable) / GB,
+        transient_gb=max(_logits_grad_bytes(t), step_copy - activations) / GB,
+        device_gb=device_bytes(workers, cuda) / GB,
     )
+
+
+#: What a CUDA process holds besides its tensors (documented figures, not measured here): the CUDA
+#: context with torch's lazily loaded kernels (about 0.5 GiB on an H100 with CUDA 12/13) and the
+#: cuBLAS workspace (32 MiB on Hopper, allocated after the first matmul)
+CUDA_CONTEXT_GB = 0.5 + 32 / 1024
+#: NCCL's buffers per rank when it has peers: NCCL_BUFFSIZE (4 MiB) per channel, send and receive,
+#: for up to 32 channels and two algorithms (ring, tree): up to 4 MiB x 2 x 32 x 2 = 0.5 GiB
+NCCL_BUFFERS_GB = 0.5
+
+
+def device_bytes(workers: int, cuda: bool) -> float:
+    """The device term of one worker: ``CUDA_CONTEXT_GB`` on CUDA, ``NCCL_BUFFERS_GB`` more with more
+    than one worker; zero on CPU. Neither ``memory/train_gb`` nor ``memory/cuda_peak_gb`` counts it
+    (``memory/cuda_reserved_gb`` holds the allocator's share, not the context)."""
+    if not cuda:
+        return 0.0
+    return (CUDA_CONTEXT_GB + (NCCL_BUFFERS_GB if workers > 1 else 0.0)) * GB
+
+
+def _logits_grad_bytes(t: MemoryTerms) -> float:
+    """At the start of backward, besides the saved fp32 log-softmax: the gradient of the fp32 logits
+    and, when the head computes in bf16, the gradient of its bf16 output."""
+    tokens = t.cfg.train.batch_size * t.cfg.data.max_length * t.token_share
+    c = t.compute_bytes
+    return tokens * t.shape.vocab * (4 + (c if c != 4 else 0))
 
 
 def estimate_measured(cfg: RunConfig, memory: dict[str, float]) -> MemoryEstimate | None:
@@ -168,6 +247,13 @@ def estimate_measured(cfg: RunConfig, memory: dict[str, float]) -> MemoryEstimat
     at = cfg.copy()
     at.train.batch_size, at.data.max_length = int(batch), int(seq)
     return estimate_memory(at)
+
+
+def measured_estimate_metrics(cfg: RunConfig, memory: dict[str, float]) -> dict[str, float]:
+    """``memory/estimate_*`` and ``memory/estimate_ratio`` of a run's measured ``memory/*`` (a trial
+    and a single run's ``result.json`` record the same keys); empty when the model's shape is unknown."""
+    est = estimate_measured(cfg, memory)
+    return est.vs_measured(memory) if est is not None else {}
 
 
 # ---- DeepSpeed's own terms (compute.zero_stage set) ------------------------------------------------------
@@ -217,32 +303,53 @@ def _weights_bytes(t: MemoryTerms, shards: int) -> float:
     return s.layers * sum(held(n, b) for n, b in per_layer) + sum(held(n, b) for n, b in outside)
 
 
+def autocast_on(cfg: RunConfig) -> bool:
+    """Whether the forward runs under bf16 autocast: ``train.bf16`` true, or auto on a GPU run."""
+    return cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and cfg.compute.use_gpu is True)
+
+
+def grouped_inputs(shape: ModelShape, names: set[str]) -> int:
+    """Per token, the inputs the linears ``names`` save when modules fed the same tensor share it:
+    q/k/v one hidden-sized input, gate/up one, down_proj its own (o_proj's is attention's output)."""
+    h, inter = shape.hidden, shape.intermediate
+    n = h if names & {"q_proj", "k_proj", "v_proj"} else 0
+    n += h if names & {"gate_proj", "up_proj"} else 0
+    return n + (inter if "down_proj" in names else 0)
+
+
 def _activation_bytes(t: MemoryTerms, active: int) -> float:
     """Saved for backward in one micro-batch; see the module docstring for what each term is."""
     s, cfg = t.shape, t.cfg
     h, inter, heads = s.hidden, s.intermediate, s.heads
-    q = heads * s.head_dim
-    bf16 = cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and cfg.compute.use_gpu is True)
-    abytes = 2 if bf16 else t.weight_bytes  # autocast's matmul outputs (norms and logits stay fp32)
+    c, wb = t.compute_bytes, t.weight_bytes
     seq = cfg.data.max_length
     tokens = cfg.train.batch_size * seq
     share = t.token_share
 
-    norm = 2 * h + 1 if t.base_trains else h + 1
-    core = 2 * norm + 2 * q + heads + 3 * inter  # norms, query + output + lse, gate/up/SiLU outputs
-    inputs = 0
-    if t.saved_inputs & {"q_proj", "k_proj", "v_proj"}:
-        inputs += h
-    if t.saved_inputs & {"gate_proj", "up_proj"}:
-        inputs += h
-    if "down_proj" in t.saved_inputs:
-        inputs += inter
-    trained = core + inputs + t.extra_per_token
+    # RMSNorm: its input upcast to fp32 and the fp32 rsqrt; when its weight trains, the normalised input
+    norm = 4 * (h + 1) + (wb * h if t.base_trains else 0)
+    mlp = t.linear_out_bytes if t.linear_out_bytes is not None else c
+    core = 2 * norm + 4 * heads + c * 2 * heads * s.head_dim + mlp * 3 * inter  # + query, output, lse
+    in_elems = t.input_elems if t.input_elems is not None else grouped_inputs(s, t.saved_inputs)
+    inputs = in_elems * (t.input_bytes if t.input_bytes is not None else c)
+    trained = core + inputs + c * t.extra_per_token + t.extra_bytes_per_token
     frozen = core  # a layer above the lowest trained one: backward passes through it, nothing trains
     per_layer_tokens = tokens * share * (active * trained + (s.layers - active) * frozen)
-    kv = tokens * t.kv_width * s.layers  # keys and values of every token (TokenTune: all rows)
-    head = tokens * share * (norm + (h if t.base_trains else 0))  # final norm, lm_head input
-    selection = tokens * share * seq if t.selection_mask else 0
+    kv = tokens * t.kv_width * s.layers * c  # keys and values of every token (TokenTune: all rows)
+    head = tokens * share * (norm + (c * h if t.base_trains else 0))  # final norm, lm_head input
+    selection = tokens * share * seq * c if t.selection_mask else 0
     logits = tokens * share * s.vocab * 4  # log-softmax output, fp32 whatever the activation dtype
-    constant = active * t.extra_per_layer
-    return (per_layer_tokens + kv + head + selection + constant) * abytes + logits
+    constant = active * (t.extra_per_layer * c + t.extra_bytes_per_layer) + _autocast_weight_copies(t)
+    return per_layer_tokens + kv + head + selection + logits + constant
+
+
+def _autocast_weight_copies(t: MemoryTerms) -> float:
+    """Autocast's bf16 copies of the fp32 weights that backward multiplies by: every decoder linear
+    (while not quantized) and the head. Not saved when the weights are bf16 already (fp16 weights
+    would be copied too; that mix is not modelled)."""
+    if not t.autocast:
+        return 0.0
+    s = t.shape
+    copies = s.layers * t.linear_params_per_layer if t.linear_weight_bytes > 2 else 0  # fp32/fp64
+    copies += s.vocab * s.hidden if t.weight_bytes > 2 else 0
+    return 2.0 * copies

@@ -24,9 +24,13 @@ The breakdown, per worker, in GB (2**30 bytes), each tensor counted once by its 
 - ``train``: their sum, what an accelerator needs besides the framework's runtime and buffers.
 
 Values are the peak over the sampled steps so far (IST/RST's saved depth changes from step to step).
-On CUDA ``cuda_peak_gb`` is the allocator's peak since ``reset_peak``; ``process_rss_gb`` is the
-process's peak resident set (the Python/torch runtime included), the only figure that covers
-everything on a CPU.
+On CUDA ``cuda_peak_gb`` is the allocator's peak since ``reset_peak`` (``max_memory_allocated``:
+tensors, the allocator's temporaries, kernels' workspaces) and ``cuda_reserved_gb`` the peak the
+caching allocator held from the device (``max_memory_reserved``, the figure the TokenTune paper logs:
+the above plus its rounding and cached free blocks). Neither counts the CUDA context or NCCL's
+buffers: the estimate's ``device_gb`` term does (``tokentune.estimate.device_bytes``).
+``process_rss_gb`` is the process's peak resident set (the Python/torch runtime included), the only
+figure that covers everything on a CPU.
 """
 
 from __future__ import annotations
@@ -198,6 +202,7 @@ class MemoryMeter:
                 out["memory/peak_batch"], out["memory/peak_seq_len"] = map(float, self.peak_shape)
         if self.device.type == "cuda":
             out["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / GB
+            out["memory/cuda_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / GB
         out["memory/process_rss_gb"] = process_rss_bytes() / GB
         return out
 

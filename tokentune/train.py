@@ -35,6 +35,7 @@ from tokentune.checkpoint import (
 from tokentune.config import RunConfig
 from tokentune.data import StepSampler, collate, load_splits, prepare_tokenizer
 from tokentune.engine import DeepSpeedEngine, PlainEngine, dist_info
+from tokentune.estimate import measured_estimate_metrics
 from tokentune.files import write_json_atomic
 from tokentune.memory import MemoryMeter, Throughput, reset_peak
 from tokentune.methods import MethodStack, StepContext
@@ -287,6 +288,7 @@ def train(
     )
     if rank == 0:
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+        summary["memory"] = {**result.memory, **measured_estimate_metrics(cfg, result.memory)}
         write_json_atomic(out_dir / "result.json", summary)
     return result
 

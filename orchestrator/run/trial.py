@@ -333,13 +333,7 @@ def _train_metrics(m: dict[str, Any]) -> dict[str, Any]:
 
 def estimate_vs_measured(est: MemoryEstimate | None, metrics: dict[str, Any]) -> dict[str, float]:
     """``memory/estimate_*`` of the trial's config and ``memory/estimate_ratio`` (estimate / measured)."""
-    if est is None:
-        return {}
-    out = est.metrics()
-    measured = metrics.get("memory/train_gb")
-    if is_number(measured) and measured > 0:
-        out["memory/estimate_ratio"] = est.breakdown_gb / measured  # train_gb: the breakdown, no buffers
-    return out
+    return est.vs_measured(metrics) if est is not None else {}
 
 
 # ---- tracking helpers --------------------------------------------------------------------------------------

@@ -57,8 +57,9 @@ def dry_run_trials(spec: SweepSpec, n: int | None = None) -> list[PlannedTrial]:
 
 
 def over_memory_limit(estimate: MemoryEstimate | None, limit_gb: float | None) -> bool:
-    """The rule the dry run marks REFUSED and a trial refuses to launch by (``tune.max_memory_gb``)."""
-    return bool(limit_gb and estimate is not None and estimate.total_gb > limit_gb)
+    """The rule the dry run marks REFUSED and a trial refuses to launch by (``tune.max_memory_gb``): what
+    must fit on the device (``MemoryEstimate.fit_gb``) over the limit."""
+    return bool(limit_gb and estimate is not None and estimate.fit_gb > limit_gb)
 
 
 def trial_resources(cfg: RunConfig, driver_cpus: float = 0.0) -> dict[str, Any]:

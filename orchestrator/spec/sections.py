@@ -167,8 +167,8 @@ class TuneSettings:
     )
     max_memory_gb: float | None = setting(
         None,
-        "GB per worker: a trial whose memory estimate (sequences filling data.max_length) is above it is "
-        "refused before launch (REFUSED in the dry run); null = no limit",
+        "GB per worker: a trial whose memory estimate of what must fit (memory/estimate_fit_gb, sequences "
+        "filling data.max_length) is above it is refused before launch (REFUSED in the dry run); null = no limit",
     )
     scheduler: SchedulerSpec = setting(help="FIFO or ASHA: the tune.scheduler section", factory=SchedulerSpec)
 

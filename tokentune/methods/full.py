@@ -53,6 +53,11 @@ class Full(Method):
         terms.trainable_bytes = terms.weight_bytes
         terms.base_trains = True  # norms keep their normalised input, the head its input
         terms.saved_inputs = set(terms.shape.linear_dims())
+        if terms.autocast and terms.weight_bytes != 2:  # autocast casts the fp32 norm output once per
+            # linear: q/k/v and gate/up keep a bf16 copy each (o_proj's and down_proj's inputs are bf16)
+            dims = terms.shape.linear_dims()
+            fed = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+            terms.input_elems = sum(dims[n][0] for n in fed) + terms.shape.intermediate
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         freeze_matching(model, self.config.freeze)

@@ -125,13 +125,25 @@ class _Adapter(Method):
         terms.added_tensors_per_layer = [n for t in targets for n in (r * dims[t][0], r * dims[t][1])]
         terms.saved_inputs = set(targets)  # lora_A keeps its module's input
         terms.extra_per_token = r * len(targets)  # lora_A's output, kept by lora_B
+        if terms.autocast or terms.compute_bytes != terms.trainable_bytes:
+            # peft casts each adapter's input to the adapter's fp32 (and autocast casts it back to bf16):
+            # every adapted module keeps its own copy instead of sharing its group's input
+            terms.input_elems = sum(dims[t][0] for t in targets)
+            terms.input_bytes = 2 if terms.autocast else terms.trainable_bytes
+        if terms.autocast:  # autocast's bf16 copies of lora_A and lora_B, saved by their matmuls
+            terms.extra_bytes_per_layer += 2 * r * sum(dims[t][0] + dims[t][1] for t in targets)
         if cls.use_dora:  # peft's DoRA: magnitudes; per token the base and adapter outputs; an in x in eye
             terms.added_tensors_per_layer += [dims[t][1] for t in targets]
             # (gate/up outputs are also the MLP's saved inputs: counted once)
-            terms.extra_per_token += sum(
+            # peft computes DoRA in the adapter's fp32 unless autocast runs it in bf16; its per-token
+            # outputs in the base layer's output dtype where that is wider (QLoRA: the fp32 stream's)
+            dora_bytes = terms.compute_bytes if terms.autocast else terms.trainable_bytes
+            out_bytes = terms.linear_out_bytes if terms.linear_out_bytes is not None else dora_bytes
+            terms.extra_bytes_per_token += out_bytes * sum(
                 (1 if t in ("gate_proj", "up_proj") else 2) * dims[t][1] for t in targets
             )
-            terms.extra_per_layer = sum(i * i + i * r + 3 * o for i, o in (dims[t] for t in targets))
+            per_layer = sum(i * i + i * r + 3 * o for i, o in (dims[t] for t in targets))
+            terms.extra_bytes_per_layer += dora_bytes * per_layer
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return wrap_with_adapter(model, self.config, use_dora=self.use_dora)

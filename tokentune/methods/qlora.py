@@ -61,6 +61,10 @@ class QLoRA(Method):
         # blocks) with double quantization, else fp32
         scales = 1 / 64 + 4 / (64 * 256) if settings.double_quant else 4 / 64
         terms.linear_weight_bytes = 0.5 + scales
+        # prepare_model_for_kbit_training upcasts every other parameter (embeddings, norms, head) to
+        # fp32, so the residual stream is fp32 and Linear4bit returns fp32: the MLP's products stay fp32
+        terms.weight_bytes = 4
+        terms.linear_out_bytes = 4
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"quantization_config": bnb_config(self.config)}
