@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tokentune.errors import ConfigError, check, is_int, is_number
+from tokentune.errors import ConfigError, check, check_expanded_size, is_int, is_number
 from tokentune.methods import REGISTRY, validate_methods
 from tokentune.settings import build_section, setting
 
@@ -251,7 +251,9 @@ class EvalConfig:
     """lm-eval after training (section ``eval``)."""
 
     tasks: list[str] | None = setting(
-        None, "lm-eval tasks (name or name:fewshot: shipped or any lm-eval task); null = the shipped tasks"
+        None,
+        "lm-eval tasks (name or name:fewshot: shipped, any lm-eval task, or the path of a task YAML, whose "
+        "folder is indexed as lm-eval's --include_path); null = the shipped tasks",
     )
     num_fewshot: int | None = setting(
         None, "shots for tasks named without a :fewshot suffix; null = the task's default"
@@ -406,6 +408,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
     if data is None:
         return {}
+    check_expanded_size(data, f"config file {str(p)!r}")  # before anything formats it
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
     return data
