@@ -4,7 +4,8 @@
     res = run_sweep("search_spaces/quickstart.yaml", ["train.max_steps=20"])
     res.best.trial_id, res.best.metrics["eval/score"], res.results_csv
 
-Steps: load + validate the spec (no cluster resource is touched before this succeeds) -> Ray (local or
+Steps: load + validate the spec (no cluster resource is touched before this succeeds; on resume the stored
+one, ``orchestrator.spec.resume``) -> a tracking server asked, bounded (``tracking_store``) -> Ray (local or
 ``address``; a file tracking store, e.g. the default SQLite, is refused when the cluster has nodes on
 other machines: their trials' runs would be lost) -> sweep folder ``<storage>/<name>/`` with the
 resolved ``sweep.yaml`` -> MLflow parent run (get-or-create) -> Ray Tune (a fresh Tuner, or
@@ -19,7 +20,7 @@ tracking server gets its own. A running sweep holds ``<sweep folder>/.lock`` (``
 when the process ends, also on ``kill -9``, so a killed sweep can be resumed): a second start of the
 same folder, fresh or ``--resume``, is refused while it runs. A fresh start into a folder that holds a
 sweep (finished or not) is refused: resume it or choose another name. With a URI ``storage`` the lock
-guards the local sweep folder only (one driver machine).
+guards the local sweep folder only (one driver machine). SIGTERM/SIGINT: ``orchestrator.run.interrupt``.
 """
 
 from __future__ import annotations
@@ -36,13 +37,17 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.results.best import Goal, best_trial
+from orchestrator.results.tracking_store import check_tracking_store, tracking_origin
 from orchestrator.results.types import SweepResult, TrialResult
+from orchestrator.run.interrupt import StopOnSignal, SweepInterrupted, close_running_children
 from orchestrator.run.storage_sync import download_trials, is_uri, read_text, upload_file
 from orchestrator.spec.parts import value_label
 from orchestrator.spec.plan import DRY_RUN_TRIALS, PLAN_ROWS, format_plan
+from orchestrator.spec.resume import never_ran_error, resume_differences, where_overrides
 from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
 from orchestrator.spec.validate import check_sweep_name, refuse_local_store_on_cluster
-from tokentune.files import write_text_atomic
+from tokentune.files import open_in_place, refuse_link, write_text_atomic
+from tokentune.redact import redact, unmasked
 
 if TYPE_CHECKING:
     from orchestrator.results.tracking import SweepTracker
@@ -89,11 +94,12 @@ def run_sweep(
         sweep = sweep.replaced(name=name.strip())
     sweep_dir, storage_uri = sweep_location(sweep)
     if resume:
-        sweep = _stored_spec(sweep, sweep_dir, storage_uri, check_inputs)
+        sweep = _stored_spec(sweep, sweep_dir, storage_uri, check_inputs, overrides)
     if dry_run:
         return _dry_run(sweep, sweep_dir)
+    check_tracking_store(sweep_dir, sweep.tracking.uri, tracking_origin(sweep.tracking.uri))  # writes nothing
     plan = sweep.plan_text(PLAN_ROWS)
-    with sweep_lock(sweep_dir, sweep.name):
+    with sweep_lock(sweep_dir, sweep.name), StopOnSignal() as stop:  # SIGTERM/SIGINT: a clean stop
         return _run(
             sweep,
             sweep_dir,
@@ -105,6 +111,7 @@ def run_sweep(
             t0=t0,
             quiet=quiet,
             verbose=verbose,
+            stop=stop,
         )
 
 
@@ -115,7 +122,7 @@ def sweep_lock(sweep_dir: Path, name: str) -> Iterator[None]:
     import fcntl
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_in_place(sweep_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # never through a link
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -155,7 +162,7 @@ def sweep_location(spec: SweepSpec) -> tuple[Path, str]:
 
 def _stored_file(sweep_dir: Path, storage_uri: str) -> tuple[str, dict[str, Any]] | None:
     """(where, contents) of the sweep's ``sweep.yaml``: local, else at a URI storage; None if neither."""
-    local = sweep_dir / SPEC_FILE
+    local = refuse_link(sweep_dir / SPEC_FILE)  # another file linked in would be resumed
     if local.is_file():
         return str(local), yaml.safe_load(local.read_text()) or {}
     if is_uri(storage_uri) and (text := read_text(storage_uri, SPEC_FILE)) is not None:
@@ -163,16 +170,32 @@ def _stored_file(sweep_dir: Path, storage_uri: str) -> tuple[str, dict[str, Any]
     return None
 
 
-def _stored_spec(fresh: SweepSpec, sweep_dir: Path, storage_uri: str, check_inputs: bool = True) -> SweepSpec:
-    """The spec stored with the sweep (``sweep.yaml``: local, else at a URI storage), or ``fresh``."""
+def _stored_spec(
+    fresh: SweepSpec,
+    sweep_dir: Path,
+    storage_uri: str,
+    check_inputs: bool = True,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> SweepSpec:
+    """The spec stored with the sweep (``sweep.yaml``: local, else at a URI storage) with the ``storage``
+    and ``tracking.uri`` given in ``overrides`` (``orchestrator.spec.resume``); a ``SpecError`` naming
+    the sweeps that exist when there is none (the sweep never ran)."""
     found = _stored_file(sweep_dir, storage_uri)
     if found is None:
-        return fresh
+        if (sweep_dir / LOCK_FILE).exists():  # a sweep starting there now: say that it runs
+            with sweep_lock(sweep_dir, fresh.name):
+                pass
+        raise never_ran_error(
+            fresh.name, fresh.storage, sweep_dir, storage_uri if is_uri(storage_uri) else None
+        )
     stored, raw = found
     raw.pop("sweep_id", None)
-    spec = load_spec(raw, check_inputs=check_inputs).replaced(source=stored)
+    raw = unmasked(raw, fresh.to_dict())  # sweep.yaml is redacted: the given spec holds what was masked
+    spec = load_spec(raw, where_overrides(overrides), check_inputs=check_inputs).replaced(source=stored)
     if spec.to_dict() != fresh.to_dict():
-        log.warning("resume: using the sweep's stored spec %s (the given spec or overrides differ)", stored)
+        before = load_spec(raw, check_inputs=False).to_dict()
+        diff = resume_differences(before, fresh.to_dict(), spec.to_dict())
+        log.warning("resume: the given spec differs from the stored one (%s): %s", stored, diff or "-")
     return spec
 
 
@@ -204,8 +227,10 @@ def _run(
     t0: float,
     quiet: bool = False,
     verbose: bool = False,
+    stop: StopOnSignal | None = None,
 ) -> SweepResult:
-    """The sweep itself, step by step (the module docstring's list); the caller holds the lock."""
+    """The sweep itself, step by step (the module docstring's list); the caller holds the lock. A signal
+    (``stop``) ends the parent run KILLED, its open trial runs too, and raises ``SweepInterrupted``."""
     from orchestrator.results.tracking import SweepTracker
     from orchestrator.run.ray_cluster import init_ray, nodes_on_other_machines
     from orchestrator.run.tuner import set_tune_env, start_sweep_actors
@@ -215,17 +240,23 @@ def _run(
         _refuse_existing(spec, sweep_dir, ctx.storage_uri)
     set_tune_env(verbose)
     cluster = init_ray(address, log_to_driver=verbose)  # worker logs stay in Ray's log folder
+    stop = stop or StopOnSignal()
+    stop.install()  # ray.init's own SIGTERM handler aborts the process
     # before anything is written: a refused sweep can be started again with another tracking URI
-    refuse_local_store_on_cluster(ctx.tracking_uri, _tracking_origin(spec), nodes_on_other_machines())
+    refuse_local_store_on_cluster(
+        ctx.tracking_uri, tracking_origin(spec.tracking.uri), nodes_on_other_machines()
+    )
     sweep_id = _write_spec(spec, sweep_dir, ctx.storage_uri, resume)
     if progress and not quiet:
         _print_plan(plan, verbose)
     tracker = SweepTracker(ctx.tracking_uri, ctx.experiment, spec.name, sweep_id=sweep_id)
     ctx.parent_run_id = tracker.start_parent(spec.to_dict())
-    actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
     status = "FAILED"
     try:
-        trials = _fit(spec, ctx, cluster, resume=resume, progress=progress, verbose=verbose)
+        actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
+        with stop.fitting():
+            trials = _fit(spec, ctx, cluster, resume=resume, progress=progress, verbose=verbose)
+        stop.raise_if_stopped(f"resume it with --resume (sweep folder {sweep_dir})")
         result = _summarise(spec, trials, tracker, sweep_dir, progress=progress, quiet=quiet)
         if spec.after_trial.merges:
             from orchestrator.run.post_trial import prune_merged
@@ -233,6 +264,10 @@ def _run(
             best_id = result.best.trial_id if result.best else None
             prune_merged(sweep_dir, best_id, spec.after_trial.keep_merged)
         status = "FINISHED"
+    except SweepInterrupted:
+        status = "KILLED"
+        close_running_children(tracker, "the sweep was stopped by a signal; --resume continues it")
+        raise
     finally:
         tracker.end_parent(status)
     result.mlflow_parent_run_id, result.tracking_uri = ctx.parent_run_id, ctx.tracking_uri
@@ -275,7 +310,8 @@ def _write_spec(spec: SweepSpec, sweep_dir: Path, remote: str | None, resume: bo
     found = _stored_file(sweep_dir, remote or "") if resume else None
     sweep_id = (found[1].get("sweep_id") if found else None) or str(uuid.uuid4())
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(sweep_dir / SPEC_FILE, yaml.safe_dump({"sweep_id": sweep_id}) + spec.to_yaml())
+    safe = yaml.safe_dump(redact(spec.to_dict()), sort_keys=False)  # as MLflow's copy: no secret stored
+    write_text_atomic(sweep_dir / SPEC_FILE, yaml.safe_dump({"sweep_id": sweep_id}) + safe)
     if remote:
         upload_file(sweep_dir / SPEC_FILE, remote, SPEC_FILE)
         if resume:  # trials that finished on other nodes (or machines) must not run again
@@ -369,15 +405,6 @@ def _summarise(
 
 def _trial_of(trials: list[TrialResult], row: dict[str, Any] | None) -> TrialResult | None:
     return next((t for t in trials if row is not None and t.trial_id == row["trial_id"]), None)
-
-
-def _tracking_origin(spec: SweepSpec) -> str:
-    """Where the sweep's tracking URI comes from (``default_tracking_uri``'s order), for messages."""
-    if spec.tracking.uri:
-        return "tracking.uri"
-    if os.environ.get("MLFLOW_TRACKING_URI", "").strip():
-        return "from MLFLOW_TRACKING_URI"
-    return "the default: a SQLite file in the sweep folder"
 
 
 def _row_input(t: TrialResult) -> dict[str, Any]:

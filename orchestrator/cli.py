@@ -171,8 +171,15 @@ HANDLERS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``tokentune`` console script."""
-    return base.run(build_parser(), HANDLERS, argv)
+    """The ``tokentune`` console script. A sweep stopped by SIGTERM/SIGINT says so in one line and exits
+    with the shell's ``128 + signal``."""
+    from orchestrator.run.interrupt import SweepInterrupted
+
+    try:
+        return base.run(build_parser(), HANDLERS, argv)
+    except SweepInterrupted as e:
+        print(f"sweep {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -290,8 +290,8 @@ def check_estimate(cfg, memory: dict[str, float]) -> list[str]:
     est = estimate_measured(cfg, memory)
     misses = []
     measured = memory["memory/train_gb"]
-    if abs(est.total_gb / measured - 1) > ESTIMATE_TOTAL_TOL:
-        misses.append(f"total: estimate {est.total_gb / mb:.3f} MB vs measured {measured / mb:.3f} MB")
+    if abs(est.breakdown_gb / measured - 1) > ESTIMATE_TOTAL_TOL:  # train_gb: no DeepSpeed buffers
+        misses.append(f"total: estimate {est.breakdown_gb / mb:.3f} MB vs measured {measured / mb:.3f} MB")
     for part in ("weights", "grads", "optimizer", "activations"):
         e, m = getattr(est, f"{part}_gb"), memory[f"memory/{part}_gb"]
         if abs(e - m) > max(ESTIMATE_PART_TOL * m, ESTIMATE_PART_ABS_GB):
@@ -312,7 +312,13 @@ def ray_local():
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if ray.is_initialized():  # a Ray another module's in-process sweep left up: this one must hold 2 CPUs
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    except Exception as e:  # Ray waits a fixed 30 s for its raylet: a loaded machine can miss that once
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         yield ray
     finally:

@@ -10,6 +10,10 @@ found among the driver's descendants by their Ray process title, ``prlimit`` for
     TOKENTUNE_FAULT_RUNS=30 pytest -s tests/test_faults.py     # more kill-and-resume cycles (default 10)
     TOKENTUNE_FAULT_SEED=7 ...                                 # another first seed (default 0)
 
+Half-written state (issue 27): ``tokentune train`` runs that hit a seeded write limit (``ulimit -f``) while
+writing their first checkpoint, then ``final/``, must start again and resume (a table of the runs with
+``-s``); SIGTERM to a sweep driver stops it cleanly and ``--resume`` finishes it.
+
 Figures: one line per cycle with ``-s``; all of them in ``<tmp>/fault_figures.json``.
 """
 
@@ -680,3 +684,151 @@ def test_unreadable_ray_train_snapshot_is_set_aside(tmp_path):
         assert bad is not None and bad.read_text() == torn and not (run / RAY_SNAPSHOT).exists()
         bad.unlink()
     assert set_aside_unreadable_snapshot("s3://bucket/x", "run") is None  # local storage only
+
+
+# ---- half-written checkpoints and final/ (issue 27, item 4) -------------------------------------------
+HALF_STEPS = 3  # checkpoints at steps 1 and 2, final/ after step 3
+#: torch.save's zip writer reports a short write as its own error, not EFBIG
+WRITE_ERRORS = (*DISK_ERRORS, "unexpected pos")
+
+
+def _train_cmd(cfg_path: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "tokentune.cli", "train", str(cfg_path)] + (["--resume"] if resume else [])
+
+
+def _run_limited(cmd: list[str], log: Path, static: int | None, armed: tuple[Path, int] | None) -> dict:
+    """Run ``tokentune train``; ``static``: its RLIMIT_FSIZE from the start (``ulimit -f``); ``armed``:
+    (file, bytes): that limit set on the running process once the file appears (a disk that fills up)."""
+    import resource
+
+    import psutil
+
+    def preexec() -> None:
+        if static is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (static, static))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    t0, limited_at = time.time(), None
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec
+        )
+        try:
+            while proc.poll() is None:
+                assert time.time() - t0 < LAUNCH_TIMEOUT_S, f"tokentune train hung:\n{_tail(log)}"
+                if armed is not None and limited_at is None and armed[0].exists():
+                    psutil.Process(proc.pid).rlimit(psutil.RLIMIT_FSIZE, (armed[1], armed[1]))
+                    limited_at = round(time.time() - t0, 1)
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=60)
+    return {"rc": proc.returncode, "limited_at_s": limited_at, "wall_s": round(time.time() - t0, 1)}
+
+
+def _left(out: Path) -> str:
+    """What a run left: its checkpoints and final/, each complete or not."""
+    from tokentune.completeness import checkpoint_complete, final_complete
+
+    parts = []
+    for p in sorted(out.glob("checkpoint-*")) + sorted(out.glob("final*")):
+        ok = final_complete(p) if p.name.startswith("final") else checkpoint_complete(p)
+        parts.append(f"{p.name}({'complete' if ok else 'incomplete'})")
+    return " ".join(parts) or "-"
+
+
+@pytest.mark.slow
+def test_runs_killed_while_writing_checkpoints_and_final_recover(tiny_workspace, tmp_path):
+    """Seeded write limits on real ``tokentune train`` runs: (1) ``ulimit -f`` below the size of the first
+    checkpoint's weights: the run dies writing its first checkpoint; a fresh start must then be accepted
+    (before: "use --resume", and --resume found nothing). (2) the fresh run gets the limit once its last
+    checkpoint is complete: it dies writing ``final/`` (before: "already holds a finished run"). (3)
+    ``--resume`` continues from that checkpoint and finishes. Prints the table of runs and outcomes."""
+    import yaml
+
+    from tests.conftest import tiny_run_dict
+    from tokentune.completeness import final_complete
+
+    rng = random.Random(f"half-written-{FIRST_SEED}")
+    out = tmp_path / "run"
+    cfg = tiny_run_dict(tiny_workspace, ["lora"], out, train={"max_steps": HALF_STEPS, "save_every": 1})
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    first_limit = rng.randint(4_000, 60_000)  # > run_config.json (~1.5 kB), < the weights (~110 kB)
+    final_limit = rng.randint(1_000, 60_000)  # < the adapter (~100 kB); final/README.md (~5 kB) may fit
+    runs = [
+        ("fresh", f"ulimit -f {first_limit} B", _train_cmd(cfg_path, False), first_limit, None),
+        ("fresh", f"limit {final_limit} B at ckpt 2", _train_cmd(cfg_path, False), None,
+         (out / "checkpoint-000002" / "state.json", final_limit)),
+        ("--resume", "none", _train_cmd(cfg_path, True), None, None),
+    ]  # fmt: skip
+    table = []
+    for i, (mode, fault, cmd, static, armed) in enumerate(runs):
+        log = tmp_path / f"train{i}.log"
+        got = _run_limited(cmd, log, static, armed)
+        table.append({"run": i, "mode": mode, "fault": fault, **got, "left": _left(out)})
+        text = _tail(log, 10**6)
+        assert "use --resume" not in text and "already holds" not in text, f"run {i} refused:\n{text[-3000:]}"
+        if i < 2:
+            assert got["rc"] != 0 and any(k in text for k in WRITE_ERRORS), (
+                f"run {i}: no write error\n{text[-2000:]}"
+            )
+    assert (out / "checkpoint-000001.incomplete").is_dir()  # run 0's, set aside by run 1
+    assert any(p.name.startswith("final.incomplete") for p in out.iterdir())  # run 1's, set aside by run 2
+    assert table[2]["rc"] == 0 and final_complete(out / "final") and (out / "result.json").is_file()
+    print(f"\nhalf-written runs (seed {FIRST_SEED}):")
+    print(f"{'run':>3}  {'mode':9} {'fault':28} {'rc':>3} {'wall_s':>6}  left")
+    for r in table:
+        print(f"{r['run']:>3}  {r['mode']:9} {r['fault']:28} {r['rc']:>3} {r['wall_s']:>6}  {r['left']}")
+    (tmp_path / "half_written_figures.json").write_text(json.dumps(table, indent=2))
+
+
+# ---- SIGTERM to the sweep driver (issue 27, item 8) -------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigterm_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path):
+    """SIGTERM to a real ``tokentune sweep`` driver once its first trial finished and the second trains:
+    the driver stops the trials, marks the parent run KILLED (no run left RUNNING), says so in one line
+    and exits 143; ``--resume`` finishes the sweep without training the finished trial again."""
+    name, storage = "sigterm", tmp_path / "sweeps"
+    sweep_dir = storage / name
+    cmd = sweep_args(storage, name, [2, 4])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "sigterm_run0.log"
+    t0 = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
+        sent = None
+        try:
+            while proc.poll() is None and time.time() - t0 < LAUNCH_TIMEOUT_S:
+                dirs = _trial_dirs(sweep_dir)
+                done = [d for d in dirs if _status(d).get("status") == "finished"]
+                training = [d for d in dirs if d not in done and _train_starts(d) >= 1]
+                if sent is None and done and training:
+                    proc.send_signal(signal.SIGTERM)
+                    sent = time.time()
+                if sent is not None:
+                    break
+                time.sleep(POLL_S)
+            rc = proc.wait(timeout=180)
+        finally:
+            _kill_tree(proc)
+    console = _tail(log, 10**6)
+    assert sent is not None, f"the sweep ended before the signal:\n{console[-3000:]}"
+    stop_s = round(time.time() - sent, 1)
+    assert rc == 143, f"rc {rc}:\n{console[-3000:]}"
+    assert "sweep stopped by SIGTERM: resume it with --resume" in console, console[-2000:]
+    ml = _mlflow(sweep_dir, name)
+    assert [p.info.status for p in ml["parents"]] == ["KILLED"]
+    assert all(c.info.status != "RUNNING" for c in ml["children"]), [c.info.status for c in ml["children"]]
+    before = check_between_runs(sweep_dir, name, {})
+    assert len(before) == 1
+    run = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "sigterm_run1.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    check_between_runs(sweep_dir, name, before)
+    check_finished_sweep(sweep_dir, name, 2, {})
+    print(f"\nsigterm: stopped {stop_s}s after the signal (rc {rc}); one --resume finished the sweep")

@@ -194,3 +194,14 @@ def test_readme_blocks_are_found():
     assert {"bash", "python", "yaml", ""} <= set(langs) and len(langs) >= 8, langs
     commands_seen = commands("a && b c \\\n  d # note\n# only a comment\n")
     assert commands_seen == [["a"], ["b", "c", "d"]], commands_seen
+
+
+def test_ci_runs_the_readmes_test_command():
+    """``.ci/run`` runs exactly the pytest command the README shows, after installing the same extras."""
+    readme = (REPO / "README.md").read_text()
+    shown = re.search(r"&& (python -m pytest [^\n`]*)", readme)
+    assert shown, "the README shows no `... && python -m pytest ...` test command"
+    ci = (REPO / ".ci" / "run").read_text()
+    ran = [line.strip() for line in ci.splitlines() if line.strip().startswith("python -m pytest")]
+    assert ran == [shown.group(1).strip()], (ran, shown.group(1))
+    assert '".[test,browser]"' in shown.string and '".[test,browser]"' in ci

@@ -8,6 +8,7 @@ console errors of both CLIs are redacted."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -225,6 +226,79 @@ def test_mlflow_error_tags_and_artifacts(tracker):
     assert json.loads((out / "run_config.json").read_text())["data"]["train"].endswith(f"sig={REDACTED}")
 
 
+# ---- secret-shaped config values and descriptions: one redaction pass for every output -----------------
+TOKEN_PATH = f"/data/{SECRETS['huggingface'][0]}/train.jsonl"  # a path whose folder looks like a token
+
+
+def _searched_trials() -> list[dict]:
+    searched = {"lora.rank": 4, "data.train": TOKEN_PATH, "hub.auth_token": "plain-but-named-secret"}
+    metrics = {"eval/score": 0.5, "memory/train_gb": 0.1}
+    return [
+        {"trial_id": "t1", "status": "finished", "searched": searched, "metrics": metrics},
+        {"trial_id": "t2", "status": "failed", "searched": searched, "error": TEXTS["aws_secret"]},
+    ]
+
+
+def _assert_masked(produced: str, where: str) -> None:
+    assert SECRETS["huggingface"][0] not in produced, f"the hf_ folder leaks through {where}"
+    assert "plain-but-named-secret" not in produced, f"hub.auth_token leaks through {where}"
+    assert_no_secret(produced, where)
+
+
+def test_results_files_and_console_table_mask_secret_shaped_values(tmp_path):
+    from orchestrator.results import report
+    from orchestrator.results.console import searched_text
+
+    keys = ["lora.rank", "data.train", "hub.auth_token"]
+    rows = report.results_table(_searched_trials(), search_keys=keys)
+    assert rows[0]["data.train"] == f"/data/{REDACTED}/train.jsonl" and rows[0]["hub.auth_token"] == REDACTED
+    raw = [{"trial_id": "t1", "data.train": TOKEN_PATH, "hub.auth_token": "plain-but-named-secret"}]
+    for table in (rows, raw):  # the writers mask a table that did not come from results_table, too
+        _assert_masked(report.write_csv(table, tmp_path / "results.csv").read_text(), "results.csv")
+        _assert_masked(report.write_json(table, tmp_path / "results.json").read_text(), "results.json")
+        _assert_masked(report.format_table(table, max_cell=200), "the console table")
+        _assert_masked(json.dumps(report.column_table(table)), "MLflow's results table")
+    _assert_masked(searched_text(_searched_trials()[0]["searched"], limit=500), "the progress lines")
+
+
+def test_the_summary_upload_goes_through_the_redacting_path(tracker, tmp_path):
+    """``log_summary`` with a raw table: the files it writes, the artifacts, the table, the description."""
+    tr, _ = tracker
+    tr.start_parent()
+    raw = [{"trial_id": "t1", "status": "finished", "data.train": TOKEN_PATH, "eval/score": 0.5}]
+    paths = tr.log_summary(raw, tmp_path / "out", description=f"| t1 | {TOKEN_PATH} |")
+    for path in paths.values():
+        if path.suffix != ".png":
+            _assert_masked(path.read_text(), path.name)
+    out = tmp_path / "downloaded"
+    for name in ("results.csv", "results.json", "results_table.json"):
+        local = Path(tr.client.download_artifacts(tr.parent_run_id, name, str(out)))
+        _assert_masked(local.read_text(), f"the artifact {name}")
+    for key, value in tr.client.get_run(tr.parent_run_id).data.tags.items():
+        _assert_masked(value, f"the tag {key}")
+
+
+def test_sweep_yaml_is_redacted_and_a_resume_takes_the_masked_values_from_the_given_spec(tmp_path):
+    import yaml
+
+    from orchestrator.api import SPEC_FILE, _stored_spec, _write_spec
+
+    d = {
+        "name": "s",
+        "description": f"owner token {SECRETS['huggingface'][0]}",
+        "base": {"train": {"max_steps": 2}, "data": {"train": TOKEN_PATH}},
+        "search": {"data.val": {"grid": [TOKEN_PATH, "/data/val.jsonl"]}},
+        "storage": str(tmp_path),
+    }
+    spec = load_spec(d, check_inputs=False)
+    _write_spec(spec, tmp_path / "s", None, resume=False)
+    stored = (tmp_path / "s" / SPEC_FILE).read_text()
+    _assert_masked(stored, SPEC_FILE)
+    assert yaml.safe_load(stored)["description"] == f"owner token {REDACTED}"
+    resumed = _stored_spec(spec, tmp_path / "s", str(tmp_path / "s"), check_inputs=False)
+    assert resumed.to_dict() == spec.to_dict()  # what was masked comes back from the spec given again
+
+
 # ---- credentials in tracking.uri / storage are refused ------------------------------------------------
 @pytest.mark.parametrize(
     "key,value,secret",
@@ -316,3 +390,104 @@ def test_trial_errors_printed_by_the_orchestrator_cli_are_redacted(monkeypatch, 
     assert train_job(cfg, SimpleNamespace(address=None)) == 1
     err = capsys.readouterr().err
     assert "training failed" in err and token not in err and REDACTED in err
+
+
+# ---- one real sweep: credentials in the environment, a secret-shaped config value and description -------
+CANARY = "ttcanary" + "Q7zR2kX9mL4pW8vN"  # unique, not secret-shaped: only a copy of the variable has it
+#: the credential variables the README tells users to set (storage, MLflow login)
+CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+)
+
+
+def _files_holding(needle: str, *roots: Path) -> list[str]:
+    """Every regular file under ``roots`` whose bytes contain ``needle`` (links and sockets skipped)."""
+    hits = []
+    for root in roots:
+        for p in Path(root).rglob("*"):
+            if p.is_file() and not p.is_symlink() and needle.encode() in p.read_bytes():
+                hits.append(str(p))
+    return hits
+
+
+#: the child process: the sweep as ``tokentune sweep`` runs it (Ray started by us, console on), then what a
+#: Ray worker sees of the credential variables
+CANARY_SWEEP = """
+import json, os, sys
+import ray
+from orchestrator.api import run_sweep
+res = run_sweep(sys.argv[1], sys.argv[3:], name="canary")
+worker_env = ray.remote(num_cpus=0)(lambda names: {n: os.environ.get(n) for n in names})
+seen = ray.get(worker_env.remote(sys.argv[2].split(",")))
+ray.shutdown()
+print("RESULT " + json.dumps({"sweep_dir": res.sweep_dir, "status": [t.status for t in res.trials], "env": seen}))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_canary_sweep_leaves_no_secret_in_sweep_folder_mlflow_or_ray_logs(tmp_path):
+    """One tiny quickstart sweep (one LoRA trial, 6 steps) with a canary in each credential variable the
+    README names, a Hugging Face token-shaped folder in a searched data path and a token in the spec's
+    description. The credentials reach the workers (inherited from the Ray the sweep starts, not via a
+    runtime_env) and are in no file under the sweep folder (the MLflow store included) or Ray's session
+    folder; the token-shaped values are masked in sweep.yaml, results.csv/.json, MLflow and the console."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    token_dir = "hf_" + "CfgCanaryAbCdEfGhIjKlMnOp"  # secret-shaped, a folder name in data.train
+    described = "hf_" + "DescCanaryQrStUvWxYz0123"  # secret-shaped, in the description
+    data = tmp_path / token_dir / "train.jsonl"
+    data.parent.mkdir()
+    shutil.copyfile(root / "tokentune" / "assets" / "data" / "instruct_train.jsonl", data)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="tt-canary-"))  # short: Ray's socket paths stay < 108 bytes
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update({var: f"{CANARY}-{var}" for var in CREDENTIAL_VARS})
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(root))
+    overrides = [
+        f"storage={tmp_path / 'sweeps'}",
+        "methods=[lora]",
+        "search.lora.rank={grid: [4]}",
+        f"search.data.train={data}",
+        f"description=owner token {described}",
+        "train.max_steps=6",
+        "train.batch_size=8",
+        "train.log_every=3",
+        "train.warmup_steps=1",
+        "eval.limit=8",
+    ]
+    try:
+        quickstart = str(root / "search_spaces" / "quickstart.yaml")
+        cmd = [sys.executable, "-c", CANARY_SWEEP, quickstart, ",".join(CREDENTIAL_VARS), *overrides]
+        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out[-3000:]
+        res = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+        assert res["status"] == ["finished"]
+        assert res["env"] == {v: f"{CANARY}-{v}" for v in CREDENTIAL_VARS}, "workers lack the credentials"
+        sweep_dir = Path(res["sweep_dir"])
+        mlflow_store = sweep_dir / "mlflow.db", sweep_dir / "mlartifacts"
+        assert all(p.exists() for p in mlflow_store) and list((ray_tmp / "ray").glob("session_*/logs/*"))
+        assert _files_holding(CANARY, sweep_dir, ray_tmp) == []
+        assert _files_holding(described, sweep_dir, ray_tmp) == []
+        outputs = [sweep_dir / "sweep.yaml", sweep_dir / "results.csv", sweep_dir / "results.json"]
+        assert _files_holding(token_dir, *outputs, *mlflow_store) == []
+        assert "data.train" in (sweep_dir / "results.csv").read_text()  # the column is there, masked
+        console = out.split("RESULT ", 1)[0]  # what the sweep printed (the RESULT line is the check's)
+        assert "best trial:" in console, console[-3000:]
+        for needle in (token_dir, described, CANARY):
+            assert needle not in console, [line for line in console.splitlines() if needle in line]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

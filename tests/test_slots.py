@@ -62,22 +62,32 @@ def test_slot_table_refuses_no_slots():
 
 
 @pytest.mark.ray
-def test_the_slot_actor_gates_concurrent_holders(ray_local):
-    """Three Ray tasks ask one slot at once: their held intervals never overlap, all of them run."""
+def test_the_slot_actor_gates_concurrent_holders(ray_local, tmp_path):
+    """Three Ray tasks ask one slot at once: their held intervals never overlap, all of them run.
+
+    The tasks meet at a barrier (a file each in ``tmp_path``) before they ask, so on a loaded machine a
+    slow task start cannot turn "at once" into "one after another"."""
     import ray
 
     from orchestrator.run.slots import start_slot_actor
 
     name, handle = start_slot_actor(1, "test-gate")
+    barrier = str(tmp_path)
 
     @ray.remote(num_cpus=0)
     def hold(key: str) -> tuple[float, float, float]:
+        from pathlib import Path
+
         from orchestrator.run.slots import train_slot
 
+        Path(barrier, key).touch()
+        deadline = time.time() + 120
+        while len(list(Path(barrier).iterdir())) < 3 and time.time() < deadline:
+            time.sleep(0.02)
         waited_flag = []
         with train_slot(name, key, on_wait=lambda: waited_flag.append(1), poll_s=0.05) as waited:
             start = time.time()
-            time.sleep(0.5)
+            time.sleep(2.0)  # long enough that the other two ask while this one holds it, even under load
             end = time.time()
         return start, end, waited if waited_flag else 0.0
 

@@ -241,7 +241,7 @@ def test_sweep_location(tmp_path, monkeypatch):
 
 def test_resume_on_another_machine_reads_the_stored_spec(tmp_path, storage):
     from orchestrator.api import SPEC_FILE, _stored_spec
-    from orchestrator.spec.sweep import load_spec
+    from orchestrator.spec.sweep import SpecError, load_spec
 
     uri, remote = storage
     stored = load_spec(spec_dict(uri), ["tune.num_samples=3"])
@@ -250,4 +250,5 @@ def test_resume_on_another_machine_reads_the_stored_spec(tmp_path, storage):
     fresh = load_spec(spec_dict(uri))
     got = _stored_spec(fresh, tmp_path / "empty_local_sweep", uri)
     assert got.tune.num_samples == 3 and got.source == f"{uri}/{SPEC_FILE}"
-    assert _stored_spec(fresh, tmp_path / "empty_local_sweep", str(remote)) is fresh  # local storage
+    with pytest.raises(SpecError, match="never ran here"):  # local storage: nothing to resume
+        _stored_spec(fresh, tmp_path / "empty_local_sweep", str(remote))

@@ -2,10 +2,20 @@
 
 - ``checkpoint-NNNNNN/`` (every ``train.save_every`` steps, the newest ``train.keep_checkpoints`` kept):
   trainable weights (``trainable.pt``, gathered under ZeRO-3), the engine's optimizer and scheduler
-  state, each method's state (``methods.pt``), the torch RNG and the step (``state.json``, written
-  last: a checkpoint without it is incomplete and never resumed from).
+  state, each method's state (``methods.pt``), the torch RNG (``rng.pt``: the CPU generator, and every
+  CUDA device's when CUDA is available) and the step (``state.json``, written last: a checkpoint
+  without it is incomplete and never resumed from). Everything is read back onto the CPU or the
+  rank's own device, never onto the device it was saved from.
 - ``final/``: a peft adapter (adapter methods) or a full Hugging Face checkpoint (full fine-tuning),
-  written on rank 0 and readable without DeepSpeed, with the tokenizer.
+  written on rank 0 and readable without DeepSpeed, with the tokenizer, and last ``complete.json``
+  (every file's size): a ``final/`` without it is incomplete. One written before the marker existed
+  counts as complete when its config and weights files read back (:func:`final_complete`). Under ZeRO-3
+  the partitions are gathered one parameter at a time and only rank 0 keeps a copy (:func:`trainable_state`).
+
+Half-written state (a run killed while writing, a full disk): :func:`check_output_dir` first sets aside
+(renames to ``<name>.incomplete[-N]``, with a warning) every incomplete checkpoint and an incomplete
+``final/``, so such a run can be resumed from its last complete checkpoint, or started again when it
+has none. :func:`latest_checkpoint` only ever returns a complete one.
 
 Run identity: every checkpoint carries a copy of ``run_config.json`` and its :func:`config_hash` (in
 ``state.json``). The hash covers what decides the trained weights; it leaves out where and how often
@@ -31,9 +41,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokentune.completeness import (
+    INCOMPLETE,
+    checkpoint_complete,
+    set_aside_incomplete,
+    write_complete_marker,
+)
 from tokentune.engine import barrier
 from tokentune.errors import ConfigError
-from tokentune.files import write_json_atomic
+from tokentune.files import write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from tokentune.config import RunConfig
@@ -56,24 +72,55 @@ LATER_KEYS = {
 CORE_SECTIONS = ("model", "data", "train", "compute", "methods")  # + the sections of the listed methods
 
 
-def trainable_state(model: torch.nn.Module, zero_stage: int | None = None) -> dict[str, torch.Tensor]:
-    """Copies of every trainable parameter, gathered on every rank under ZeRO-3."""
+def trainable_state(
+    model: torch.nn.Module, zero_stage: int | None = None, rank: int = 0
+) -> dict[str, torch.Tensor]:
+    """CPU copies of every trainable parameter. Under ZeRO-3 (a collective: every rank calls it) each
+    parameter is gathered in turn and only ``rank`` 0 copies it: other ranks get ``{}``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if zero_stage == 3:
-        import deepspeed
+    return _gathered(named, rank) if zero_stage == 3 else {n: p.detach().clone().cpu() for n, p in named}
 
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().clone().cpu() for n, p in named}
-    return {n: p.detach().clone().cpu() for n, p in named}
+
+def _gathered(named: list[tuple[str, torch.Tensor]], rank: int) -> dict[str, torch.Tensor]:
+    """ZeRO-3 partitions gathered one parameter at a time (one whole parameter alive per rank); rank 0
+    keeps a CPU copy of each (tied names share one copy), the others nothing."""
+    import deepspeed
+
+    copies: dict[int, torch.Tensor] = {}
+    for p in {id(p): p for _, p in named}.values():  # each tensor once, in the same order on every rank
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if rank == 0:
+                copies[id(p)] = p.detach().to("cpu", copy=True)
+    return {n: copies[id(p)] for n, p in named} if rank == 0 else {}
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     """A short sha256 of names + raw bytes: equal digests mean bit-identical weights."""
     h = hashlib.sha256()
     for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        _hash_tensor(h, name, state[name])
     return h.hexdigest()[:16]
+
+
+def trainable_digest(model: torch.nn.Module, zero_stage: int | None = None) -> str:
+    """:func:`state_digest` of :func:`trainable_state`, on every rank, without copying the weights:
+    under ZeRO-3 each parameter is gathered and hashed in turn."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    h = hashlib.sha256()
+    for name in sorted(named):
+        if zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([named[name]], modifier_rank=None):
+                _hash_tensor(h, name, named[name])
+        else:
+            _hash_tensor(h, name, named[name])
+    return h.hexdigest()[:16]
+
+
+def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    h.update(name.encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -92,7 +139,8 @@ def save_final(model, tokenizer, out: Path, zero_stage: int | None, rank: int) -
     is_adapter = hasattr(model, "peft_config")
     state = None
     if zero_stage == 3:  # partitioned: gather what is saved (a full model includes frozen weights)
-        state = trainable_state(model, 3) if is_adapter else _gathered_parameters(model)
+        named = model.named_parameters(remove_duplicate=False)  # a full model: every (tied) name
+        state = trainable_state(model, 3, rank) if is_adapter else _gathered(list(named), rank)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if is_adapter:
@@ -103,18 +151,8 @@ def save_final(model, tokenizer, out: Path, zero_stage: int | None, rank: int) -
         else:
             model.save_pretrained(str(out), state_dict=_full_state_with(model, state))
         tokenizer.save_pretrained(str(out))
+        write_complete_marker(out)
     return is_adapter
-
-
-def _gathered_parameters(model) -> dict[str, torch.Tensor]:
-    """Every parameter gathered from its ZeRO-3 partitions; tied names share one tensor (as unsharded)."""
-    import deepspeed
-
-    named = list(model.named_parameters(remove_duplicate=False))  # tied weights: every name
-    unique = list({id(p): p for _, p in named}.values())
-    with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
-        copies = {id(p): p.detach().clone().cpu() for p in unique}
-    return {n: copies[id(p)] for n, p in named}
 
 
 def _full_state_with(model, gathered: dict[str, torch.Tensor] | None):
@@ -130,22 +168,22 @@ def save_checkpoint(
 ) -> Path:
     """``checkpoint-<step>/``: trainable weights, optimizer + scheduler, method states, RNG, step."""
     path = out_dir / f"checkpoint-{step:06d}"
-    state = trainable_state(model, zero if zero == 3 else None)
+    state = trainable_state(model, zero if zero == 3 else None, rank)
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         torch.save(state, path / "trainable.pt")
         torch.save(methods.state_dict(), path / "methods.pt")
-        torch.save({"torch": torch.get_rng_state()}, path / "rng.pt")
+        torch.save(rng_state(), path / "rng.pt")
     barrier()
     engine.save(path)
     barrier()
     if rank == 0:
         meta: dict[str, Any] = {"step": step}
         if (out_dir / RUN_CONFIG).is_file():  # written by train() at the start of this run
-            shutil.copyfile(out_dir / RUN_CONFIG, path / RUN_CONFIG)
+            write_bytes_atomic(path / RUN_CONFIG, (out_dir / RUN_CONFIG).read_bytes())  # never via a link
             meta["config_hash"] = config_hash(_read_json(path / RUN_CONFIG))
         write_json_atomic(path / "state.json", meta)
-        old = sorted(out_dir.glob("checkpoint-*"))[:-keep]
+        old = sorted(p for p in out_dir.glob("checkpoint-*") if INCOMPLETE not in p.name)[:-keep]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
     barrier()
@@ -153,8 +191,9 @@ def save_checkpoint(
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (one with ``state.json``) under ``out_dir``, or None."""
-    done = [p for p in sorted(Path(out_dir).glob("checkpoint-*")) if (p / "state.json").exists()]
+    """The newest complete checkpoint (one with a readable ``state.json``) under ``out_dir``, or None."""
+    found = sorted(p for p in Path(out_dir).glob("checkpoint-*") if INCOMPLETE not in p.name)
+    done = [p for p in found if checkpoint_complete(p)]
     return done[-1] if done else None
 
 
@@ -170,11 +209,37 @@ def load_checkpoint(
     if cfg is not None:
         check_resume(path, cfg)
     if zero is None:  # DeepSpeed restores the module itself
-        load_trainable_state(model, torch.load(path / "trainable.pt", weights_only=True))
+        load_trainable_state(model, torch.load(path / "trainable.pt", map_location="cpu", weights_only=True))
     engine.load(path)
-    methods.load_state_dict(torch.load(path / "methods.pt", weights_only=True))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    methods.load_state_dict(torch.load(path / "methods.pt", map_location="cpu", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
     return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def rng_state() -> dict[str, Any]:
+    """What ``rng.pt`` holds: the CPU generator's state and, when CUDA is available, every CUDA device's
+    (``torch.cuda.get_rng_state_all``: dropout on a GPU draws from those)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`; the CUDA states when both the checkpoint and this process have them
+    (one per device: a resume on another device count restores none, with a warning)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if len(cuda) != torch.cuda.device_count():
+        warnings.warn(
+            f"the checkpoint holds the RNG of {len(cuda)} CUDA devices, this process sees "
+            f"{torch.cuda.device_count()}: CUDA RNG not restored (dropout will differ)",
+            stacklevel=2,
+        )
+        return
+    torch.cuda.set_rng_state_all(cuda)
 
 
 # ---- run identity --------------------------------------------------------------------------------------
@@ -262,6 +327,7 @@ def check_resume(path: str | Path, cfg: RunConfig) -> int:
 def check_output_dir(out_dir: str | Path, cfg: RunConfig, resume_from: str | Path | None = None) -> None:
     """Refuse (``ConfigError``) an output folder that would mix two runs; call before writing into it.
 
+    Incomplete checkpoints and an incomplete ``final/`` are set aside first (:func:`set_aside_incomplete`).
     Fresh (``resume_from`` None): ``out_dir`` must hold no ``checkpoint-*`` and no ``final/`` (of any
     config: delete the folder or choose another to train again). Resume: ``resume_from`` passes
     :func:`check_resume`, and the checkpoints (or ``final/``) already in ``out_dir`` are of this config.
@@ -269,7 +335,9 @@ def check_output_dir(out_dir: str | Path, cfg: RunConfig, resume_from: str | Pat
     out_dir = Path(out_dir)
     if resume_from is not None:
         check_resume(resume_from, cfg)
-    ckpts = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
+    if out_dir.is_dir():
+        set_aside_incomplete(out_dir)
+    ckpts = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir() and INCOMPLETE not in p.name)
     final = (out_dir / "final").is_dir()
     if not ckpts and not final:
         return

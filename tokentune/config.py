@@ -239,6 +239,8 @@ class ComputeConfig:
         want = {"true": True, "false": False}.get(want, want) if isinstance(want, str) else want
         check(want in (True, False, "auto"), "compute.use_gpu", self.use_gpu, "true, false or auto")
         self.use_gpu = want
+        gpu_gloo = want is True and self.backend == "gloo"  # gloo cannot run DeepSpeed's collectives on GPUs
+        check(not gpu_gloo, "compute.backend", self.backend, "nccl or auto when compute.use_gpu=true")
 
     def wants_gpu(self, gpu_available: bool) -> bool:
         """``compute.use_gpu`` decided: true/false as given; auto = when a GPU is available (CUDA on this
@@ -252,8 +254,7 @@ class EvalConfig:
 
     tasks: list[str] | None = setting(
         None,
-        "lm-eval tasks (name or name:fewshot: shipped, any lm-eval task, or the path of a task YAML, whose "
-        "folder is indexed as lm-eval's --include_path); null = the shipped tasks",
+        "lm-eval tasks (name or name:fewshot: shipped, lm-eval's, or a task YAML path); null = the shipped",
     )
     num_fewshot: int | None = setting(
         None, "shots for tasks named without a :fewshot suffix; null = the task's default"

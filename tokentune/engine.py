@@ -62,19 +62,69 @@ class PlainEngine:
             torch.save(self.state_dict(), path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
-        state = torch.load(path / "optimizer.pt", weights_only=True)
+        # onto this rank's own device (a checkpoint saved from cuda:0 would otherwise land on cuda:0)
+        state = torch.load(path / "optimizer.pt", map_location=state_location(self.params), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def state_location(params: list[torch.Tensor]) -> torch.device:
+    """Where this rank loads optimizer state: the device of its own parameters (torch.load's default
+    would restore each tensor onto the device it was saved from, cuda:0 for every rank)."""
+    return params[0].device if params else torch.device("cpu")
+
+
 #: ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's
 #: ``stage3_param_persistence_threshold``, its default made explicit; the memory estimate uses it).
+#: Not sized from the trainable parameters: it decides which parameters, frozen ones included, are too
+#: small to be worth partitioning; an adapter's tensors stay below it and so need no gather.
 ZERO3_PERSISTENCE_THRESHOLD = 100_000
+#: DeepSpeed's defaults: gradient buckets (``reduce_bucket_size``/``allgather_bucket_size``), ZeRO-3's
+#: prefetch bucket and live-parameter limit (elements)
+DS_BUCKET_DEFAULT, DS_PREFETCH_DEFAULT, DS_MAX_LIVE_DEFAULT = 500_000_000, 50_000_000, 1_000_000_000
+BUCKET_ALIGN = 4096  # elements; a multiple of every alignment DeepSpeed asks of a bucket
+
+
+def zero_bucket_elements(trainable: int) -> int:
+    """Elements of each of DeepSpeed's gradient buckets for ``trainable`` trainable parameters.
+
+    Rule: room for every trainable gradient at once (one collective per step), rounded up to
+    :data:`BUCKET_ALIGN`, never above DeepSpeed's default (full fine-tuning of a large model keeps
+    DeepSpeed's pipelined buckets). DeepSpeed allocates a reduce bucket in full (ZeRO-1/2: per
+    micro-step, ZeRO-3: for the run) whatever the trainable count: its 5e8-element default is a
+    0.93 GiB bf16 buffer for a LoRA job of a few MB. ``tokentune.estimate`` counts what remains.
+    """
+    return min(DS_BUCKET_DEFAULT, max(BUCKET_ALIGN, -(-int(trainable) // BUCKET_ALIGN) * BUCKET_ALIGN))
+
+
+def zero_sizes(stage: int, trainable: int, largest: int = 0) -> dict[str, int]:
+    """The ``zero_optimization`` sizes for ``trainable`` trainable parameters (``largest``: the model's
+    largest parameter, in elements).
+
+    Gradient buckets: :func:`zero_bucket_elements`. ZeRO-3's prefetch bucket is the gradient bucket
+    (at most DeepSpeed's default; DeepSpeed always prefetches at least one parameter); its live-parameter
+    limit (elements gathered at once, frozen ones included) is two of the bucket or of the largest
+    parameter, whichever is larger (the one in use and the one prefetched), at most DeepSpeed's default.
+    """
+    bucket = zero_bucket_elements(trainable)
+    out = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if stage == 3:
+        out["stage3_prefetch_bucket_size"] = min(DS_PREFETCH_DEFAULT, bucket)
+        out["stage3_max_live_parameters"] = min(DS_MAX_LIVE_DEFAULT, 2 * max(bucket, int(largest)))
+        out["stage3_param_persistence_threshold"] = ZERO3_PERSISTENCE_THRESHOLD
+    return out
 
 
 def deepspeed_config(
-    stage: int, micro_batch: int, grad_accum: int, max_grad_norm: float | None, bf16: bool
+    stage: int,
+    micro_batch: int,
+    grad_accum: int,
+    max_grad_norm: float | None,
+    bf16: bool,
+    trainable: int = DS_BUCKET_DEFAULT,
+    largest: int = 0,
 ) -> dict:
+    """DeepSpeed's config for one rank; buckets sized for ``trainable`` parameters (:func:`zero_sizes`)."""
     world = dist_info()[1]
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -84,7 +134,7 @@ def deepspeed_config(
         "zero_optimization": {
             "stage": stage,
             "stage3_gather_16bit_weights_on_model_save": stage == 3,
-            **({"stage3_param_persistence_threshold": ZERO3_PERSISTENCE_THRESHOLD} if stage == 3 else {}),
+            **zero_sizes(stage, trainable, largest),
         },
         "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},
@@ -104,7 +154,9 @@ class DeepSpeedEngine:
 
         self.stage = stage
         self.rank, self.world = dist_info()
-        cfg = deepspeed_config(stage, micro_batch, grad_accum, max_grad_norm, bf16)
+        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        largest = max((p.numel() for p in model.parameters()), default=0)
+        cfg = deepspeed_config(stage, micro_batch, grad_accum, max_grad_norm, bf16, trainable, largest)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
         )

@@ -9,8 +9,9 @@ optimizer, activations; see there), for a micro-batch of ``train.batch_size`` se
 nothing trainable; each listed method adjusts the terms it knows through ``Method.memory_terms``
 (the trainer its trainable parameters and which inputs autograd saves, QLoRA the bytes of the linear
 weights, TokenTune the share of tokens whose activations are saved, IST/RST the layers that get
-gradients). ZeRO's partitioning is a compute setting, applied here. Adding a method never means
-editing this file.
+gradients). ZeRO's partitioning is a compute setting, applied here, and so are DeepSpeed's own terms
+(:func:`deepspeed_terms`: its bf16 casts every floating parameter; :func:`deepspeed_buffer_bytes`:
+its gradient bucket, the ``buffers`` term). Adding a method never means editing this file.
 
 Activations are counted the way PyTorch saves them for a Llama-style layer (per token, in elements):
 each RMSNorm its input (and, when its weight trains, the normalised input); the input of every linear
@@ -25,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tokentune.engine import ZERO3_PERSISTENCE_THRESHOLD
+from tokentune.engine import ZERO3_PERSISTENCE_THRESHOLD, zero_bucket_elements
 from tokentune.methods import MethodStack
 from tokentune.shape import ModelShape, model_shape
 
@@ -75,10 +76,17 @@ class MemoryEstimate:
     optimizer_gb: float  # AdamW states (+ ZeRO's fp32 copy of the weights)
     activations_gb: float  # saved for backward, one micro-batch of max_length tokens, logits included
     trainable_params: int
+    buffers_gb: float = 0.0  # DeepSpeed's gradient bucket (not in MemoryMeter's breakdown)
+
+    @property
+    def breakdown_gb(self) -> float:
+        """The four components ``MemoryMeter`` measures: compare with ``memory/train_gb``."""
+        return self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
 
     @property
     def total_gb(self) -> float:
-        return self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+        """What must fit: the breakdown and DeepSpeed's buffers."""
+        return self.breakdown_gb + self.buffers_gb
 
     def short(self) -> str:
         parts = (self.weights_gb, self.grads_gb + self.optimizer_gb, self.activations_gb)
@@ -88,6 +96,8 @@ class MemoryEstimate:
         """``memory/estimate_*`` keys, next to the measured ``memory/*`` of a run."""
         parts = ("weights", "grads", "optimizer", "activations")
         out = {f"memory/estimate_{k}_gb": getattr(self, f"{k}_gb") for k in parts}
+        if self.buffers_gb:
+            out["memory/estimate_buffers_gb"] = self.buffers_gb
         out["memory/estimate_gb"] = self.total_gb
         return out
 
@@ -120,6 +130,8 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape | None = None) -> MemoryEs
         return None
     t = memory_terms(cfg, shape)
     zero, workers = cfg.compute.zero_stage, cfg.compute.workers
+    if zero is not None:
+        deepspeed_terms(t)
     shards = workers if zero is not None else 1
     L = shape.layers
     trainable = L * t.trainable_per_layer + t.trainable_outside
@@ -140,6 +152,7 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape | None = None) -> MemoryEs
         optimizer_gb=optimizer / GB,
         activations_gb=_activation_bytes(t, active) / GB,
         trainable_params=int(trainable),
+        buffers_gb=deepspeed_buffer_bytes(cfg, trainable) / GB,
     )
 
 
@@ -154,11 +167,42 @@ def estimate_measured(cfg: RunConfig, memory: dict[str, float]) -> MemoryEstimat
     return estimate_memory(at)
 
 
+# ---- DeepSpeed's own terms (compute.zero_stage set) ------------------------------------------------------
+def deepspeed_bf16(cfg: RunConfig) -> bool:
+    """DeepSpeed's bf16 is on: ``train.py`` enables it with autocast (``train.bf16`` true, or auto on a GPU)."""
+    return cfg.train.bf16 == "true" or (cfg.train.bf16 == "auto" and cfg.compute.use_gpu is True)
+
+
+def deepspeed_terms(t: MemoryTerms) -> None:
+    """DeepSpeed's bf16 casts every floating parameter and buffer to bf16 (the base, norms, embeddings and
+    adapters; 4-bit weights stay packed); its optimizer then keeps the fp32 master copy, gradient and
+    AdamW states per ZeRO partition (``estimate_memory``)."""
+    if not deepspeed_bf16(t.cfg):
+        return
+    t.weight_bytes = 2
+    if t.linear_weight_bytes >= 2:  # a floating linear weight (QLoRA's 4-bit ones are not cast)
+        t.linear_weight_bytes = 2
+    t.trainable_bytes = 2
+
+
+def deepspeed_buffer_bytes(cfg: RunConfig, trainable: int) -> float:
+    """DeepSpeed's gradient bucket: ZeRO-1/2 allocate one per micro-step, ZeRO-3 one for the run, of
+    ``tokentune.engine.zero_bucket_elements(trainable)`` elements in the parameters' dtype. ZeRO-0 has
+    none; no DeepSpeed, no bucket."""
+    zero = cfg.compute.zero_stage
+    if not zero:
+        return 0.0
+    nbytes = 2 if deepspeed_bf16(cfg) else DTYPE_BYTES.get(cfg.model.dtype, 4)
+    return zero_bucket_elements(trainable) * nbytes
+
+
 def _weights_bytes(t: MemoryTerms, shards: int) -> float:
     """Parameters and adapters held by one worker; ZeRO-3 (``shards`` > 1) keeps small ones whole."""
     s = t.shape
     per_layer = [(i * o, t.linear_weight_bytes) for i, o in s.linear_dims().values()]
-    per_layer += [(s.hidden, t.weight_bytes)] * 2 + [(n, 4) for n in t.added_tensors_per_layer]
+    per_layer += [(s.hidden, t.weight_bytes)] * 2 + [
+        (n, t.trainable_bytes) for n in t.added_tensors_per_layer
+    ]
     outside = [(s.vocab * s.hidden, t.weight_bytes)] * (1 if s.tied else 2) + [(s.hidden, t.weight_bytes)]
 
     def held(n: int, nbytes: float) -> float:

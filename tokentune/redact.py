@@ -1,8 +1,9 @@
 """Redaction: the one pass every text and record goes through before it leaves the process.
 
-What leaves: errors and tracebacks (``status.json``, ``eval.json``, the results' ``error`` column,
-MLflow tags and ``error.txt``), the text files logged as MLflow artifacts, params and ``sweep.yaml``,
-and the dry run's plan. Two rules, applied by :func:`redact` (records) and :func:`redact_text` (text):
+What leaves: errors and tracebacks (``status.json``, ``eval.json``, MLflow tags and ``error.txt``), the
+text files logged as MLflow artifacts, params and ``sweep.yaml`` (the sweep folder's and MLflow's), the
+dry run's plan, and the results table (:func:`redact_rows`: results.csv/.json, the console table, the
+Pareto labels, the summary logged to MLflow). Two rules, applied by :func:`redact` (records) and :func:`redact_text` (text):
 
 - a key is secret by name (``HF_TOKEN``, ``*_token``, ``*secret*``, ``*password*``, ``AWS_*``,
   ``*api_key*``, ``*connection_string*``, ``*credential*``, ``*private_key``, ``sas``, ``sig`` ...):
@@ -23,7 +24,7 @@ from __future__ import annotations
 import re
 import tempfile
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,30 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact_value(v) for v in value]
     return value
+
+
+def redact_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A table (a results table, a list of records) through :func:`redact`, row by row: what every writer
+    and formatter of rows calls (results.csv/.json, the console table, the Pareto plot's labels, the
+    table logged to MLflow), so a secret-shaped value (an ``hf_...`` folder in a searched path) is
+    masked in each of them alike."""
+    return [redact(row) for row in rows]
+
+
+def unmasked(stored: Any, given: Any) -> Any:
+    """``stored`` (a record written through :func:`redact`) with every masked value whose original is in
+    ``given`` (the same record, as the user gave it again) put back: a value masked whole (``***``, by
+    its key) takes ``given``'s, a value masked in place takes it when masking it gives ``stored``'s.
+    Everything else, and every key only ``stored`` has, stays as stored. How a resumed sweep reads its
+    redacted ``sweep.yaml``."""
+    if isinstance(stored, Mapping) and isinstance(given, Mapping):
+        return {k: unmasked(v, given[k]) if k in given else v for k, v in stored.items()}
+    if isinstance(stored, list) and isinstance(given, (list, tuple)) and len(stored) == len(given):
+        return [unmasked(s, g) for s, g in zip(stored, given)]
+    if isinstance(stored, str) and REDACTED in stored and given not in (None, ""):
+        if stored == REDACTED or redact_value(given) == stored:
+            return given
+    return stored
 
 
 def secret_in_uri(uri: str) -> str | None:

@@ -30,8 +30,7 @@ from tokentune.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_final,
-    state_digest,
-    trainable_state,
+    trainable_digest,
 )
 from tokentune.config import RunConfig
 from tokentune.data import StepSampler, collate, load_splits, prepare_tokenizer
@@ -271,7 +270,7 @@ def train(
     final_dir = out_dir / "final"
     is_adapter = save_final(engine.model, tokenizer, final_dir, zero, rank)
     phase("final_saved")
-    digest = state_digest(trainable_state(engine.model, zero))
+    digest = trainable_digest(engine.model, zero)
     wall = time.perf_counter() - t_start
     tokens = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     result = TrainResult(

@@ -19,11 +19,12 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from orchestrator.results.trial_status import read_status, trial_dir
+from tokentune.redact import redact_text
 
 
 def searched_text(searched: dict[str, Any], limit: int = 90) -> str:
     """``lora.rank=4 methods=lora+tokentune`` (searched values only, unset ones left out; lists joined by
-    ``+``), cut to ``limit``."""
+    ``+``), redacted (``tokentune.redact``), cut to ``limit``."""
     parts = []
     for key, value in searched.items():
         if value is None or value == "":  # a searched key this trial's methods do not use
@@ -31,7 +32,7 @@ def searched_text(searched: dict[str, Any], limit: int = 90) -> str:
         if isinstance(value, (list, tuple)):
             value = "+".join(str(v) for v in value)
         parts.append(f"{key}={value}")
-    text = " ".join(parts)
+    text = redact_text(" ".join(parts))  # before the cut: a cut secret would no longer match
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -107,7 +108,7 @@ class SweepProgress(Callback):
 
     def _say(self, text: str) -> None:
         self.last_line = time.monotonic()
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self.out, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {redact_text(text)}", file=self.out, flush=True)
 
 
 def _searched(config: dict[str, Any]) -> dict[str, Any]:

@@ -9,15 +9,15 @@ A *trial* (the input) is a dict as the sweep collects it::
      "error": None}
 
 Metric keys may also sit at the top level of the trial dict. A *row* (the output) is flat: trial id,
-status, the searched values, eval scores, whether it is on the Pareto front, memory (measured
-and estimated), cost and loss columns, error.
+status, the searched values, eval scores, whether it is on the Pareto front, memory (measured and
+estimated), cost and loss columns, error; redacted (``tokentune.redact.redact_rows``) wherever it is
+written or shown.
 
 The memory axis is measured, per worker (``tokentune.memory``): ``memory/cuda_peak_gb`` when every
 trial ran on a GPU, else ``memory/train_gb`` (weights + gradients + optimizer state + saved
-activations, the runtime excluded). ``memory_axis(rows)`` says which.
-
-Nothing here knows a method: columns are the searched keys (or the searched keys whose values differ
-between trials), and a point's label is its method list plus its searched values.
+activations, the runtime excluded). ``memory_axis(rows)`` says which. Nothing here knows a method:
+columns are the searched keys (or the searched keys whose values differ between trials), and a
+point's label is its method list plus its searched values.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.results.best import Goal, best_trial, best_trials, front, number
-from tokentune.files import write_json_atomic, write_text_atomic
-from tokentune.redact import redact_text
+from tokentune.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from tokentune.redact import redact_rows
 
 #: the run config's method list: the first searched column when present
 METHODS_KEY = "methods"
@@ -150,8 +150,9 @@ def results_table(
         for key in COST_KEYS:
             if key not in OPTIONAL_KEYS or key in optional:
                 row[key] = number(m.get(key))
-        row["error"] = redact_text(str(trial.get("error") or "")) or None  # errors may quote a secret
+        row["error"] = str(trial.get("error") or "") or None
         rows.append(row)
+    rows = redact_rows(rows)  # searched values, errors: every cell of every output comes from here
     front = {id(r) for r in pareto_front(rows, SCORE_KEY, memory_axis(rows))}
     best = {id(r) for r in best_trials(rows, goals)}
     for row in rows:
@@ -198,10 +199,12 @@ def column_table(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
             return None if math.isnan(value) else value
         return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
 
-    return {c: [cell(r.get(c)) for r in rows] for c in columns_of(rows)}
+    safe = redact_rows(rows)
+    return {c: [cell(r.get(c)) for r in safe] for c in columns_of(safe)}
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    rows = redact_rows(rows)
     columns = columns_of(rows) or ["trial_id"]
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=columns, restval="")
@@ -212,7 +215,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def write_json(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    return write_json_atomic(path, rows)
+    return write_json_atomic(path, redact_rows(rows))
 
 
 # ------------------------------------------------------------------------------------- Pareto
@@ -271,8 +274,7 @@ def pareto_plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path, rows = Path(path), redact_rows(rows)  # the labels show searched values
     memory_key = memory_key or memory_axis(rows)
     points = [
         r for r in rows if number(r.get(score_key)) is not None and number(r.get(memory_key)) is not None
@@ -333,9 +335,10 @@ def pareto_plot(
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return path
+    return write_bytes_atomic(path, png.getvalue())
 
 
 # ------------------------------------------------------------------------------------ console
@@ -398,6 +401,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, m
     """Plain fixed-width text, one line per row, for the console."""
     if not rows:
         return "(no trials)"
+    rows = redact_rows(rows)
     columns = columns or columns_of(rows)
     cells = []
     for row in rows:

@@ -7,7 +7,8 @@ Exit status (also in ``tokentune sweep --help`` and the README's sweep reference
 - ``0``: every trial finished (or was stopped early by the scheduler or the time limit: a result, not a failure);
 - ``1``: no trial finished: every trial failed (or none ran);
 - ``2``: the spec or the command line was refused before anything ran (``error: ...``, as every command);
-- ``3``: some trials failed or did not run, others finished: the last line says how many and which.
+- ``3``: some trials failed or did not run, others finished: the last line says how many and which;
+- ``130`` / ``143``: stopped by SIGINT / SIGTERM (``128 + signal``, ``orchestrator.run.interrupt``): resume it.
 
 A leaf of ``orchestrator.results``: no Ray, no MLflow; ``orchestrator.cli`` prints what it returns.
 """
@@ -22,7 +23,7 @@ ALL_DONE, NONE_FINISHED, REFUSED, SOME_FAILED = 0, 1, 2, 3
 EXIT_STATUS_HELP = (
     "Exit status: 0 every trial finished (or was stopped early by the scheduler); 1 every trial failed "
     "(none finished); 2 the spec or command line was refused; 3 some trials failed or did not run (the last "
-    "line names them)."
+    "line names them); 130/143 stopped by SIGINT/SIGTERM (continue it with --resume)."
 )
 SHOWN_IDS = 5  # failed trials named in the last line; the rest are counted
 

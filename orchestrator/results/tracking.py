@@ -34,7 +34,8 @@ from typing import Any
 from orchestrator.results import report
 from orchestrator.results.best import Goal, best_trial
 from orchestrator.results.mlflow_ui import DESCRIPTION_TAG, KIND_TAGS
-from tokentune.redact import redact, redact_text, redacted_file
+from tokentune.files import refuse_link
+from tokentune.redact import redact, redact_rows, redact_text, redacted_file
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def default_tracking_uri(sweep_dir: str | Path, explicit: str | None = None) -> 
     """
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if not uri.strip():
-        return sqlite_uri(Path(sweep_dir).expanduser().resolve() / "mlflow.db")
+        return sqlite_uri(refuse_link(Path(sweep_dir).expanduser().resolve() / "mlflow.db"))
     return absolute_uri(uri.strip())
 
 
@@ -362,12 +363,13 @@ class SweepTracker:
         metrics, score and memory as parent metrics ``best/<metric>``, and with ``memory_budget_gb`` the
         best trial within it (``tokentune.best_within_budget``).
         """
+        rows = redact_rows(rows)  # the one pass: the files, the table, the tags all come from these
         memory_key = memory_key or report.memory_axis(rows)
         paths = _write_summary(rows, Path(out_dir), memory_key)
         if self.parent_run_id is None:
             return paths
         for path in paths.values():
-            self.client.log_artifact(self.parent_run_id, str(path))
+            self.log_artifact(self.parent_run_id, path)  # text files redacted again on the way out
         if rows:
             table = report.column_table(rows)
             try:

@@ -82,14 +82,17 @@ SPANS = {
 
 def phase_durations(path: str | Path) -> dict[str, float]:
     """``phase/<span>_s`` of the trial's last attempt (the events after its last ``trial started``),
-    plus ``phase/overhead_s`` = trial wall - training steps - waiting for a slot; spans whose events are missing are left out."""
+    plus ``phase/overhead_s`` = trial wall - training steps - waiting for a slot; spans whose events are
+    missing are left out. Informative only: a corrupt line is skipped with a warning naming file and line,
+    and an event without a numeric time is ignored, so no trial's result depends on this log."""
     from tokentune.files import read_jsonl
 
-    events = read_jsonl(Path(path) / EVENTS_FILE) if (Path(path) / EVENTS_FILE).is_file() else []
+    events = read_jsonl(Path(path) / EVENTS_FILE, skip_corrupt=True)  # a bad line: skipped, with a warning
     starts = [i for i, e in enumerate(events) if e.get("event") == "trial started"]
     last: dict[str, float] = {}
     for e in events[starts[-1] if starts else 0 :]:
-        last[e.get("event")] = float(e.get("time", 0.0))
+        if isinstance(e.get("time"), (int, float)) and isinstance(e.get("event"), str):
+            last[e["event"]] = float(e["time"])
     if "post-trial finished" not in last and "train finished" in last:
         last["post-trial finished"] = last["train finished"]  # no after_trial: training ends the trial
     out = {f"phase/{k}_s": last[b] - last[a] for k, (a, b) in SPANS.items() if a in last and b in last}

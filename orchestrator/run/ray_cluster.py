@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.run.train_worker import FAULT_ENV
+from tokentune.redact import is_secret_key
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ TRAIN_POLL_S = "0.2"
 STARTUP_ENV = "RAY_worker_maximum_startup_concurrency"  # worker processes a local raylet starts at once
 LOCAL_STARTUP_CONCURRENCY = 8  # measured: the quickstart-sized sweep 74.6 s -> 61.3 s on 2 cores
 ORPHAN_SWEEP_S = 10.0  # how often the sweeper looks for orphaned placement groups
+#: Ray's own lists of driver environment variables it copies into the runtime_env of the actors it starts
+#: (Tune: every trial actor; Train: the controller and workers), as (module, attribute)
+RAY_COPIED_ENV = (
+    ("ray.tune.execution.class_cache", "ENV_VARS_TO_PROPAGATE"),
+    ("ray.train.v2._internal.constants", "ENV_VARS_TO_PROPAGATE"),
+)
 
 
 def project_root() -> str:
@@ -64,6 +71,37 @@ def worker_env() -> dict[str, str]:
     path = [project_root(), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
     return env
+
+
+def keep_credentials_out_of_runtime_envs() -> list[str]:
+    """Stop Ray copying credentials from this process's environment into actors' ``runtime_env``; returns
+    the names it no longer copies.
+
+    Ray Tune puts ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN`` and
+    ``AWS_SECURITY_TOKEN`` of the driver's environment into every trial actor's ``runtime_env``, and Ray
+    writes each ``runtime_env`` in plain text to ``runtime_env_agent.log`` in its session folder. Workers
+    do not need that copy: those of a Ray started here inherit this process's environment (the raylet
+    is its child), and on a cluster every node reads its own (environment, instance role, credentials
+    file). Every name in :data:`RAY_COPIED_ENV`'s lists that ``tokentune.redact.is_secret_key`` calls a
+    secret is dropped; the lists are Ray's private module state, so a Ray that moved them changes nothing
+    here (the canary sweep in tests/test_secrets.py then fails).
+    """
+    import importlib
+
+    dropped: list[str] = []
+    for module_name, attr in RAY_COPIED_ENV:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        names = getattr(module, attr, None)
+        if not isinstance(names, (set, frozenset, list, tuple)):
+            continue
+        secret = [n for n in names if is_secret_key(n)]
+        if secret:
+            setattr(module, attr, type(names)(n for n in names if n not in secret))
+            dropped += secret
+    return sorted(dropped)
 
 
 def set_train_poll_interval() -> str:
@@ -85,12 +123,13 @@ def init_ray(
 
     A local cluster keeps its dashboard on 127.0.0.1 and Ray's token authentication on (a client of
     an existing cluster needs ``RAY_AUTH_MODE=token`` and the cluster's token); usage stats are off.
-    Workers get :func:`worker_env`. When Ray is already initialised (e.g. inside a Tune trial) this
-    only returns the resources.
+    Workers get :func:`worker_env`, never a credential (:func:`keep_credentials_out_of_runtime_envs`).
+    When Ray is already initialised (e.g. inside a Tune trial) this only returns the resources.
     """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    keep_credentials_out_of_runtime_envs()
     if ray.is_initialized():
         return dict(ray.cluster_resources())
     set_train_poll_interval()  # for the Train controllers this process starts; workers get it below

@@ -37,6 +37,7 @@ from orchestrator.run.ray_cluster import (
     worker_env,
 )
 from orchestrator.run.train_worker import (
+    DS_ACCELERATOR,
     FINAL,
     HISTORY_FILE,
     import_deepspeed,
@@ -89,6 +90,11 @@ def check_launch(cfg: RunConfig, resources: dict[str, float] | None = None) -> b
             ) from e
     if c.backend == "nccl" and not use_gpu:
         raise ConfigError("compute.backend='nccl' needs GPU workers (use_gpu is false): use 'gloo' or 'auto'")
+    if c.backend == "gloo" and use_gpu:
+        raise ConfigError(
+            "compute.backend='gloo' with GPU workers (compute.use_gpu=auto and the Ray cluster has GPUs): "
+            "use 'nccl' or 'auto' (gloo cannot run DeepSpeed's collectives on GPUs), or compute.use_gpu=false"
+        )
     if resources:
         cpus = resources.get("CPU", 0)
         need = c.workers * c.cpus_per_worker
@@ -304,9 +310,18 @@ def _trainer(fn, loop_config, cfg: RunConfig, use_gpu: bool, name, storage, max_
             # the latest mid-run checkpoint + "final"; older ones are deleted from storage
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(2, cfg.train.keep_checkpoints)),
             callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": train_worker_env(use_gpu)},
         ),
     )
+
+
+def train_worker_env(use_gpu: bool) -> dict[str, str]:
+    """The environment of this job's workers: ``worker_env()``, without a ``DS_ACCELERATOR=cpu`` of this
+    process when the workers have GPUs (each worker also decides it: ``set_deepspeed_accelerator``)."""
+    env = worker_env()
+    if use_gpu and env.get(DS_ACCELERATOR, "").strip().lower() == "cpu":
+        del env[DS_ACCELERATOR]
+    return env
 
 
 def _fit(trainer, sweep_orphans: bool = True) -> tuple[Any, BaseException | None]:

@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,25 @@ def import_deepspeed():
     return deepspeed
 
 
+#: DeepSpeed's accelerator override; "cpu" is right only for a worker without a GPU
+DS_ACCELERATOR = "DS_ACCELERATOR"
+
+
+def set_deepspeed_accelerator(use_gpu: bool, environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Decide DeepSpeed's accelerator for this worker, before DeepSpeed is imported; returns the value.
+
+    A worker without a GPU gets ``DS_ACCELERATOR=cpu``. A GPU worker never keeps ``cpu`` (set for the
+    test process or a CPU driver and forwarded to every Ray worker): it is removed, so DeepSpeed detects
+    CUDA; any other value a user set (e.g. ``cuda``) is kept.
+    """
+    env = os.environ if environ is None else environ
+    if not use_gpu:
+        env[DS_ACCELERATOR] = "cpu"
+    elif env.get(DS_ACCELERATOR, "").strip().lower() == "cpu":
+        del env[DS_ACCELERATOR]
+    return env.get(DS_ACCELERATOR)
+
+
 def _worker_setup(use_gpu: bool, cfgs: list[RunConfig]):
     """DeepSpeed imported (CPU accelerator unless GPU workers), the device; returns rank, world, device."""
     import ray.train
@@ -69,8 +89,7 @@ def _worker_setup(use_gpu: bool, cfgs: list[RunConfig]):
 
     skip_unused_packages([c.methods for c in cfgs])  # e.g. bitsandbytes without QLoRA
     ctx = ray.train.get_context()
-    if not use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    set_deepspeed_accelerator(use_gpu)
     if any(c.compute.zero_stage is not None for c in cfgs):
         import_deepspeed()
     device = None

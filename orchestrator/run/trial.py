@@ -25,6 +25,7 @@ carries only the redacted one-line message (Tune stores it), not the original ex
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import traceback
@@ -50,6 +51,8 @@ from tokentune.config import EvalConfig
 from tokentune.errors import is_number
 from tokentune.estimate import MemoryEstimate, estimate_measured, estimate_memory
 from tokentune.redact import redact_text
+
+log = logging.getLogger(__name__)
 
 FINAL_FLAG = "trial_final"  # set on the trial's last Tune report (the tracking callback skips it)
 
@@ -119,6 +122,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         tracker.set_tags(run_id, {"tokentune.trial_dir": str(tdir), "tokentune.status": "running"})
         metrics = _train_and_evaluate(spec, cfg, trial_id, tdir, ctx)
         metrics["trial_wall_s"] = time.perf_counter() - t0
+        metrics.update(phase_summary(tdir))  # informative: never fails a trial that trained
     except BaseException as err:
         if _stop_requested():  # Tune stops this trial (ASHA, time limit, sweep shutdown): not a failure
             log_event(tdir, "stopped by Tune")
@@ -131,7 +135,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
             raise
         raise TrialFailed(msg) from None  # the original may quote a secret; Tune stores what is raised
 
-    metrics.update(phase_durations(tdir))
     write_status(
         tdir, "finished", trial_id=trial_id, metrics=metrics, searched=_jsonable(searched), run_id=run_id
     )
@@ -139,6 +142,16 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     _close_finished_run(tracker, run_id, tdir, metrics, cfg.train.max_steps)
     log_event(tdir, "logged")
     ray.tune.report({**metrics, FINAL_FLAG: 1})
+
+
+def phase_summary(tdir: Path) -> dict[str, float]:
+    """``phase_durations`` of the trial's events, or {} with a warning when they cannot be read: the
+    phase log informs, no trial's result depends on it."""
+    try:
+        return phase_durations(tdir)
+    except Exception as err:  # noqa: BLE001 - a corrupt or unreadable log costs the phase figures only
+        log.warning("trial %s: phase times left out (%s)", tdir.name, redact_text(_error_text(err)))
+        return {}
 
 
 def _finished_before(ctx: TrialContext, tdir: Path, trial_id: str) -> dict[str, Any] | None:
@@ -187,12 +200,31 @@ def _upload(ctx: TrialContext, tdir: Path, trial_id: str) -> None:
 
 def close_open_run(tracker, tdir: Path, done: dict[str, Any]) -> bool:
     """status.json is a trial's commit point; a crash right after writing it can leave the trial's MLflow
-    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed."""
+    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed. A run
+    the tracking store does not hold (resumed with a new ``tracking.uri``) is made there, closed likewise."""
     run_id = done.get("run_id")
-    if not run_id or tracker.client.get_run(run_id).info.status == "FINISHED":
+    if not run_id:
+        return False
+    status = _run_status(tracker, run_id)
+    if status is None:  # not in this store (--resume with a new tracking.uri): the trial is recorded there
+        searched = {str(k).replace(".", "/"): v for k, v in (done.get("searched") or {}).items()}
+        run_id = tracker.trial_run(done.get("trial_id") or tdir.name, {"search": searched})
+        info = {k: v for k, v in done.items() if k not in ("status", "time", "run_id")}
+        write_status(tdir, "finished", **info, run_id=run_id)  # the next resume finds it there
+    elif status == "FINISHED":
         return False
     _close_finished_run(tracker, run_id, tdir, done["metrics"], done["metrics"].get("step"))
     return True
+
+
+def _run_status(tracker, run_id: str) -> str | None:
+    """The MLflow run's status, or None when this tracking store has no such run."""
+    try:
+        return tracker.client.get_run(run_id).info.status
+    except Exception as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def _close_finished_run(tracker, run_id: str, tdir: Path, metrics: dict[str, Any], step: Any) -> None:
@@ -280,7 +312,7 @@ def estimate_vs_measured(est: MemoryEstimate | None, metrics: dict[str, Any]) ->
     out = est.metrics()
     measured = metrics.get("memory/train_gb")
     if is_number(measured) and measured > 0:
-        out["memory/estimate_ratio"] = est.total_gb / measured
+        out["memory/estimate_ratio"] = est.breakdown_gb / measured  # train_gb: the breakdown, no buffers
     return out
 
 
