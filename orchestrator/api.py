@@ -42,7 +42,7 @@ from orchestrator.results.types import SweepResult, TrialResult
 from orchestrator.run.interrupt import StopOnSignal, SweepInterrupted, close_running_children
 from orchestrator.run.storage_sync import download_trials, is_uri, read_text, upload_file
 from orchestrator.spec.parts import value_label
-from orchestrator.spec.plan import PLAN_ROWS, format_plan
+from orchestrator.spec.plan import DRY_RUN_TRIALS, PLAN_ROWS, format_plan
 from orchestrator.spec.resume import never_ran_error, resume_differences, where_overrides
 from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
 from orchestrator.spec.validate import check_sweep_name, refuse_local_store_on_cluster
@@ -82,7 +82,8 @@ def run_sweep(
     ``spec``: a YAML path, a spec dict, or a ``SweepSpec``; ``overrides``: ``--set`` items
     (``tune.num_samples=2``, ``train.lr=3e-4`` = ``base.train.lr``); ``name``: the sweep folder
     (default: the spec's name); ``resume``: continue ``<storage>/<name>`` (finished trials are kept);
-    ``dry_run``: validate and plan only (``SweepResult.plan_text``, ``trials`` with status planned);
+    ``dry_run``: validate and plan only (``SweepResult.plan_text``, ``trials`` with status planned: the
+    first ``DRY_RUN_TRIALS``, 1000; ``spec.num_trials()`` counts them all);
     ``check_inputs=False``: do not check that the model, data and eval tasks exist here (a spec meant for
     another machine; the plan names what was not checked).
     """
@@ -199,8 +200,9 @@ def _stored_spec(
 
 
 def _dry_run(sweep: SweepSpec, sweep_dir: Path) -> SweepResult:
-    """Every trial built once (status ``planned``); the text shows the first 50, as ``plan_text()`` does."""
-    trials = sweep.dry_run_trials()
+    """The first ``DRY_RUN_TRIALS`` trials built once (status ``planned``; the rest are only counted); the
+    text shows the first 50 and the total, as ``plan_text()`` does."""
+    trials = sweep.dry_run_trials(DRY_RUN_TRIALS)
     planned = [TrialResult(f"plan_{p.index:04d}", p.searched, _plan_metrics(p), "planned") for p in trials]
     text = format_plan(sweep, trials[:PLAN_ROWS])
     return SweepResult(sweep.name, str(sweep_dir), planned, plan_text=text, spec=sweep)

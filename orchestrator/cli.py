@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from orchestrator.results.summary import EXIT_STATUS_HELP, sweep_summary
 from tokentune import cli as base
 from tokentune.cli_eval import add_eval_parser
 from tokentune.redact import redact_text
@@ -67,7 +68,7 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "(a parent run per sweep, a child per trial).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"{SPEC_KEYS} `--help-spec` lists every setting of the sections with its default. See "
-        "README.md 'Sweep reference'.",
+        f"README.md 'Sweep reference'.\n\n{EXIT_STATUS_HELP}",
     )
     s.add_argument("spec", help="sweep YAML, e.g. search_spaces/quickstart.yaml")
     s.add_argument(
@@ -154,25 +155,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(result.plan_text)
         return 0
-    counts = {
-        s: sum(t.status == s for t in result.trials) for s in ("finished", "stopped", "failed", "pending")
-    }
-    parts = [f"{counts['finished']} finished"]
-    parts += [f"{counts['stopped']} stopped early (scheduler or time limit)"] if counts["stopped"] else []
-    parts += [f"{counts['failed']} failed"] + ([f"{counts['pending']} not run"] if counts["pending"] else [])
-    failed = [t for t in result.trials if t.status == "failed"]
-    code = 0 if result.trials and len(failed) < len(result.trials) else 1
-    if args.quiet:  # the results table was the last line
-        return code
-    # after the results table and the best trial (printed by the sweep itself): where to look
-    print(f"sweep {result.name}: {', '.join(parts)} -> {result.sweep_dir}")
-    if result.results_csv:
-        print(f"results: {result.results_csv} and pareto.png beside it")
-    if result.tracking_uri:
-        from orchestrator.results.mlflow_ui import serve_hint
-
-        print(f"MLflow: {serve_hint(result.tracking_uri)}, then compare the trials at")
-        print(f"  {result.mlflow_compare_url}")
+    # after the results table and the best trial (printed by the sweep itself): where to look, then,
+    # when a trial failed or did not run, a last line saying so; the exit status says it too
+    lines, code = sweep_summary(result, quiet=args.quiet)
+    for line in lines:
+        print(line)
     return code
 
 

@@ -32,7 +32,7 @@ def test_missing_file_is_named(tmp_path):
 
 def test_malformed_row_names_file_and_row(tmp_path):
     p = _write(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, "{not json"])
-    with pytest.raises(DataError, match=r"d\.jsonl: row 2 is not valid JSON"):
+    with pytest.raises(DataError, match=r"d\.jsonl: line 2 is not valid JSON"):
         read_rows(p)
     p = _write(tmp_path / "e.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
     with pytest.raises(DataError, match=r"e\.jsonl: row 2: field 'output'"):

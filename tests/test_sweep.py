@@ -293,6 +293,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     The storage is a ``file://`` URI, as s3:// or gs:// would be: Tune and Train state live there, and
     every trial folder is uploaded there (the local sweep folder is ``./sweeps/<name>``)."""
     from orchestrator import run_sweep
+    from orchestrator.results.summary import sweep_summary
 
     bad = str(tmp_path / "no_such_data.jsonl")
     search = {
@@ -327,6 +328,9 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         status = json.loads((Path(t.trial_dir) / "status.json").read_text())
         assert status["status"] == t.status
     assert res.best is not None and res.best.trial_id == ok.trial_id
+    lines, code = sweep_summary(res)  # what `tokentune sweep` prints last, and its exit status
+    assert code == 3 and lines[-1].endswith("(exit status 3)") and "3 of 4 trials failed" in lines[-1]
+    assert all(t.trial_id in lines[-1] for t in res.trials if t.status == "failed")
     rows = {r["trial_id"]: r for r in _csv_rows(res.results_csv)}
     assert len(rows) == 4 and "no_such_task_xyz" in rows[bad_task.trial_id]["error"]
     _, children = _mlflow_runs(res.tracking_uri, "with_failure")

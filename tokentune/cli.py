@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -93,6 +95,11 @@ def add_merge_parser(sub: Any) -> argparse.ArgumentParser:
     m.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="merge dtype"
     )
+    m.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output folder that is not empty (after the merge succeeded; refused without it)",
+    )
     return m
 
 
@@ -175,12 +182,30 @@ def cmd_train(args: argparse.Namespace, distributed: Distributed | None = None) 
         if resume is None:
             print(f"no checkpoint in {cfg.train.output_dir}; starting from scratch", file=sys.stderr)
     print(f"training {cfg.methods} -> {cfg.train.output_dir}", flush=True)
-    result = train(cfg, resume_from=resume, progress=True)
+    try:
+        result = train(cfg, resume_from=resume, progress=True)
+    except FloatingPointError as e:  # a NaN/inf loss: the run stopped, nothing to debug in a traceback
+        print(f"error: training stopped: {redact_text(str(e))}", file=sys.stderr)
+        return 1
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a file of the checkpoint
+        print(f"error: {refused_load(resume, e)}", file=sys.stderr)
+        return 1
     print(
         f"done: {result.steps} steps in {result.wall_s:.1f}s, val_loss {result.val_loss:.4f}, "
         f"{_memory_line(result.memory)} -> {result.final_dir}"
     )
     return 0
+
+
+def refused_load(checkpoint: Any, e: Exception) -> str:
+    """One line for a checkpoint file that ``torch.load(weights_only=True)`` refused (torch's own message
+    is a paragraph): which checkpoint, what the unpickler found, and that nothing of it was run."""
+    text = " ".join(str(e).split())
+    detail = text.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation", 1)[0].strip()
+    return (
+        f"refused to load checkpoint {str(checkpoint)!r}: a file holds more than tensors ({detail[:160]}); "
+        "weights_only loading runs no code from it: resume only from checkpoints this tool wrote"
+    )
 
 
 def _memory_line(memory: dict[str, float]) -> str:
@@ -193,11 +218,44 @@ def _memory_line(memory: dict[str, float]) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge into a new or empty folder; a folder that holds anything is refused unless ``--overwrite``,
+    which merges beside it first and replaces it only once the merge succeeded."""
     from tokentune.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype)
+    out = Path(args.output)
+    check_merge_output(Path(args.adapter), out, args.overwrite)
+    if not (out.exists() or out.is_symlink()):
+        out = merge_adapter(args.adapter, out, base=args.base, dtype=args.dtype)
+    else:
+        tmp = out.with_name(f".{out.name}.merging-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merge_adapter(args.adapter, tmp, base=args.base, dtype=args.dtype)
+        if out.is_symlink() or not out.is_dir():
+            out.unlink()  # the link itself, never what it points to
+        else:
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     print(f"merged checkpoint written to {out}")
     return 0
+
+
+def check_merge_output(adapter: Path, out: Path, overwrite: bool) -> None:
+    """``tokentune merge``'s output must be new or empty, or ``overwrite`` given; never the adapter's own
+    folder or one holding it (replacing it would delete the adapter). A ``ConfigError`` naming the folder."""
+    from tokentune.errors import ConfigError
+
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.resolve() == adapter.resolve() or out.resolve() in adapter.resolve().parents:
+        raise ConfigError(
+            f"merge: output {str(out)!r} is (or holds) the adapter folder {str(adapter)!r}: choose another folder"
+        )
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() and not out.is_symlink() else [out.name]
+    if entries and not overwrite:
+        raise ConfigError(
+            f"merge: output {str(out)!r} is not empty ({len(entries)} entries, e.g. {entries[0]!r}): give a new "
+            "or empty folder, or --overwrite to replace it (once the merge succeeded)"
+        )
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tokentune.errors import ConfigError, check, is_int, is_number
+from tokentune.errors import ConfigError, check, check_expanded_size, is_int, is_number
 from tokentune.methods import REGISTRY, validate_methods
 from tokentune.settings import build_section, setting
 
@@ -255,7 +255,8 @@ class EvalConfig:
     """lm-eval after training (section ``eval``)."""
 
     tasks: list[str] | None = setting(
-        None, "lm-eval tasks (name or name:fewshot: shipped or any lm-eval task); null = the shipped tasks"
+        None,
+        "lm-eval tasks (name or name:fewshot: shipped, lm-eval's, or a task YAML path); null = the shipped",
     )
     num_fewshot: int | None = setting(
         None, "shots for tasks named without a :fewshot suffix; null = the task's default"
@@ -410,6 +411,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
     if data is None:
         return {}
+    check_expanded_size(data, f"config file {str(p)!r}")  # before anything formats it
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
     return data

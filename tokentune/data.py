@@ -8,7 +8,8 @@ HF dataset name (``data.split``, ``data.subset``, ``data.revision``); ``data.col
 names to the dataset's columns. Alpaca: the prompt comes from a template (Alpaca by default, or a JSON file with
 ``prompt_input`` and ``prompt_no_input``); prompt tokens get label -100 unless ``train_on_inputs``.
 Files must be UTF-8 (an error names the file and the byte offset); a template may use only the
-placeholders ``{instruction}`` and ``{input}`` (``{instruction}`` in ``prompt_no_input``). A row whose
+placeholders ``{instruction}`` and ``{input}`` (``{instruction}`` in ``prompt_no_input``), plain (no
+``!r`` conversion or ``:>99`` format spec). A row whose
 answer is truncated away (no supervised token left) is dropped: the count is logged once per file and
 kept on the dataset (``TokenizedDataset.dropped``); a file whose rows are all dropped is an error.
 A conversation cut by ``data.max_length`` inside an assistant turn keeps the part before the cut.
@@ -98,15 +99,23 @@ def load_template(spec: str) -> dict[str, str]:
 def _check_placeholders(spec: str, key: str, text: str, allowed: tuple[str, ...]) -> None:
     accepted = ", ".join("{" + a + "}" for a in allowed)
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        fields = [(f, c, s) for _, f, s, c in string.Formatter().parse(text) if f is not None]
     except ValueError as e:  # a lone "{" or "}"
         raise DataError(
             f"template file {spec!r}: {key} is not a valid template ({e}); write literal braces as {{{{ }}}}"
         ) from None
-    for f in fields:
+    for f, conversion, format_spec in fields:
         if f not in allowed:
             raise DataError(
                 f"template file {spec!r}: {key} has the unknown placeholder {{{f}}}; allowed in {key}: {accepted}"
+            )
+        if conversion or format_spec:  # e.g. {instruction!r:>100000000}: a 100 MB prompt per row
+            shown = (
+                f"{{{f}{'!' + conversion if conversion else ''}{':' + format_spec if format_spec else ''}}}"
+            )
+            raise DataError(
+                f"template file {spec!r}: {key} has the placeholder {shown[:60]!r} with a conversion or "
+                f"format spec; write it plain as {{{f}}} (allowed in {key}: {accepted})"
             )
 
 
@@ -196,7 +205,10 @@ def read_numbered_rows(
             try:
                 rows.append((i, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{source}: row {i} is not valid JSON: {e.msg}") from e
+                raise DataError(
+                    f"{source}: line {i} is not valid JSON ({e.msg}, column {e.colno}): a .jsonl file holds "
+                    "one JSON object per line"
+                ) from None
     else:
         try:
             data = json.loads(text)

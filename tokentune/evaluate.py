@@ -10,7 +10,8 @@
 merge-then-evaluate path: ``tokentune eval`` calls it, and the sweep's after-trial step
 (``orchestrator.run.post_trial``) runs the same two steps as a Ray task.
 
-A task is a shipped name (see ``shipped_tasks()``), any lm-eval task/group/tag name, or
+A task is a shipped name (see ``shipped_tasks()``), any lm-eval task/group/tag name, the path of an
+lm-eval task YAML (``tokentune.task_files``: its folder is indexed, as lm-eval's ``--include_path``), or
 ``name:fewshot``. Only when a non-shipped name is asked for does lm-eval index its ~14k built-in
 tasks (~15 s); a built-in task whose dataset is unavailable offline raises ``RuntimeError``.
 
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from tokentune.assets import DEFAULT_TASKS, default_tasks_dir
+from tokentune.task_files import folder_tasks, resolve_task_files
+from tokentune.task_files import read_task_yaml as _read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +105,11 @@ def evaluate(
     """
     from lm_eval.tasks import TaskManager
 
-    specs = [parse_task_spec(s) for s in _as_list(tasks)]
-    shipped = shipped_tasks()
+    specs, folders = resolve_task_files([parse_task_spec(s) for s in _as_list(tasks)])  # task files: names
+    shipped, from_files = shipped_tasks(), folder_tasks(tuple(folders))
     names = [name for name, _ in specs]
-    _check_names(names, shipped)
-    needs_defaults = any(name not in shipped for name in names)
+    _check_names([n for n in names if n not in from_files], shipped)
+    needs_defaults = any(name not in shipped and name not in from_files for name in names)
     chat = _chat_tasks(names, shipped) if apply_chat_template is None else apply_chat_template
 
     model_obj, tok = _load_model_and_tokenizer(model, tokenizer, device)
@@ -114,7 +117,8 @@ def evaluate(
     model_obj.eval()
     try:
         # The shipped YAMLs load their documents relative to their own folder (tasks/tt_data.py).
-        manager = TaskManager(include_path=str(default_tasks_dir()), include_defaults=needs_defaults)
+        paths = [str(default_tasks_dir()), *folders]  # task files' folders, as lm-eval's --include_path
+        manager = TaskManager(include_path=paths, include_defaults=needs_defaults)
         _check_names_indexed(names, manager, shipped)
         loaded = [t for name, shots in specs for t in _load_task(manager, name, shots, num_fewshot)]
         raw = _simple_evaluate(model_obj, tok, loaded, manager, limit, batch_size, seed, chat)
@@ -295,18 +299,6 @@ def _as_list(tasks: list[str] | str | None) -> list[str]:
     if not names:
         raise ValueError(f"no evaluation tasks given (tasks={tasks!r})")
     return names
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A task YAML, with lm-eval's ``!function`` tags read as their text (nothing is imported)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    with path.open() as f:
-        return yaml.load(f, Loader=Loader) or {}
 
 
 def _check_names(names: list[str], shipped: list[str]) -> None:

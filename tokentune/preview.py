@@ -108,3 +108,37 @@ def training_rows(cfg: RunConfig) -> int:
 
 
 _ROWS: dict[str, int] = {}  # training_rows' cache
+
+
+def check_trainable(cfg: RunConfig) -> None:
+    """What would fail every run of ``cfg`` when it loads its data, found cheaply (a dry run's check for
+    data it does not fully tokenize): rows are read and checked, and each split must keep a row with a
+    supervised token after truncation (tokenizing stops at the first that does) and the training split
+    must hold at least one global batch (checked first). Raises ``DataError`` naming the file."""
+    from tokentune.models import load_tokenizer
+
+    d, tc = cfg.data, cfg.train
+    train_src, train_rows, val_src, val_rows = split_rows(d, tc.seed)
+    check_batch_fits(cfg, len(train_rows), train_src)
+    encode = row_encoder(prepare_tokenizer(load_tokenizer(cfg.model), d), d)
+    for source, numbered in (
+        (train_src, train_rows),
+        (val_src or f"{train_src} (validation split)", val_rows),
+    ):
+        if not any(any(x != IGNORE_INDEX for x in encode(row)[1]) for _, row in numbered):
+            raise DataError(
+                f"{source}: data.max_length={d.max_length} truncates the answer of all {len(numbered)} rows "
+                "away (no supervised token left); raise data.max_length"
+            )
+
+
+def check_batch_fits(cfg: RunConfig, rows: int, source: str) -> None:
+    """The training rows must fill one global batch (``train.batch_size`` x ``compute.workers``), as the
+    run's sampler requires; else a ``DataError`` naming the file."""
+    batch = cfg.train.batch_size * cfg.compute.workers
+    if rows < batch:
+        raise DataError(
+            f"{source}: {rows} training row(s) (after the validation split), fewer than one batch: "
+            f"train.batch_size={cfg.train.batch_size} x compute.workers={cfg.compute.workers}; lower "
+            "train.batch_size or give more rows"
+        )

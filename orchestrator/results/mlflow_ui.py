@@ -12,6 +12,7 @@ results table and the best trial), and the sweep prints the compare view of its 
 from __future__ import annotations
 
 import json
+import shlex
 import urllib.parse
 
 #: ``mlflow ui``'s default address (it binds to localhost)
@@ -47,10 +48,11 @@ def ui_base(tracking_uri: str) -> str:
 
 
 def serve_hint(tracking_uri: str) -> str:
-    """How to open the UI for this store (nothing to start for a tracking server)."""
+    """How to open the UI for this store (nothing to start for a tracking server); the command is
+    shell-quoted (``shlex.quote``): a path with spaces or ``$`` pastes into a shell as it is."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1"
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1"
 
 
 def sweep_description(name: str, table: str, best_line: str) -> str:

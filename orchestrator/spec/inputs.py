@@ -1,11 +1,13 @@
 """The inputs of a sweep exist here, before any cluster resource is used. Pure: never imports ray.
 
     notes = check_inputs(spec)   # raises SpecError naming the key; validate_spec calls it
+    raw = absolute_local_paths(raw)   # relative input paths that exist here made absolute (load_spec)
 
 Checked for ``base`` and for every searched candidate: ``model.name_or_path`` / ``model.tokenizer`` a
 local folder or a hub name in the local Hugging Face cache; ``data.train`` / ``data.val`` a local
 .json/.jsonl file or an HF dataset in the local cache; ``data.template`` ``alpaca`` or a valid template
-file (UTF-8 JSON, only known placeholders); ``eval.tasks`` shipped or known to lm-eval's task index.
+file (UTF-8 JSON, only known placeholders); ``eval.tasks`` shipped, known to lm-eval's task index, or
+the path of an lm-eval task YAML whose task lm-eval indexes in its folder (``tokentune.task_files``).
 A hub name that is not cached is an error offline (``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``: the
 trial could never load it) and otherwise a note (it cannot be checked here; the trial downloads it);
 an lm-eval task's dataset cannot be checked offline (a note). ``null`` means the shipped default.
@@ -13,7 +15,10 @@ an lm-eval task's dataset cannot be checked offline (a note). ``null`` means the
 The rows of local data files are read and checked in ``data.format`` (with ``data.columns``); under
 ``data.format: chat`` or with ``train.epochs`` every row is also rendered and tokenized
 (``tokentune.preview.training_rows``), so a bad row or a chat template that fails to render is an
-error naming the file, the row and the key before Ray starts.
+error naming the file, the row and the key before Ray starts; otherwise (a local model) each split is
+tokenized up to its first row with a supervised token (``tokentune.preview.check_trainable``). Either
+way a split whose every answer is truncated away, or training rows fewer than one batch, is an error:
+every trial would fail on it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.spec.parts import SpecError, lookup_dotted
 from tokentune.config import ConfigError, set_dotted
+from tokentune.task_files import TASK_SUFFIXES
 
 if TYPE_CHECKING:
     from orchestrator.spec.sweep import SweepSpec
@@ -45,6 +51,50 @@ ACCEPTED_INPUT = {
     "data.train": "a .json/.jsonl file, an HF dataset name or null (the shipped instruction data)",
     "data.val": "a .json/.jsonl file, an HF dataset name or null",
 }
+
+
+#: config keys that may name a local file or folder: a relative one is taken from the working directory
+PATH_KEYS = ("model.name_or_path", "model.tokenizer", "data.train", "data.val", "data.template", "eval.tasks")
+
+
+def absolute_local_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Relative paths in :data:`PATH_KEYS` (in ``base`` and in ``search``) that exist from the working
+    directory, made absolute: Ray's workers run elsewhere (hub names and missing files stay as they are,
+    for the input checks to judge)."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, list):  # eval.tasks: task YAML files among the names ("tasks/t.yaml:5")
+            return [fix_task(v) for v in value]
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            p = Path(value).expanduser()
+            return str(p.resolve()) if p.exists() else value
+        return value
+
+    def fix_task(value: Any) -> Any:
+        from tokentune.evaluate import parse_task_spec
+
+        if not isinstance(value, str):
+            return value
+        name, shots = parse_task_spec(value)
+        return (
+            value
+            if Path(name).suffix not in TASK_SUFFIXES
+            else fix(name) + (f":{shots}" if shots is not None else "")
+        )
+
+    base = raw.get("base")
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        if isinstance(base, dict) and isinstance(base.get(section), dict) and name in base[section]:
+            base[section][name] = fix(base[section][name])
+        dim = (raw.get("search") or {}).get(key) if isinstance(raw.get("search"), dict) else None
+        if isinstance(dim, dict):
+            for verb in ("grid", "choice"):
+                if isinstance(dim.get(verb), list):
+                    dim[verb] = [fix(v) for v in dim[verb]]
+        elif dim is not None:
+            raw["search"][key] = fix(dim)
+    return raw
 
 
 def check_inputs(spec: SweepSpec) -> list[str]:
@@ -89,7 +139,7 @@ def check_data_rows(spec: SweepSpec) -> None:
     under ``chat`` or ``train.epochs``); a bad row raises a ``SpecError`` naming the file, row and key.
     Hub datasets, and models that are not local, are left to the trial."""
     from tokentune.data import is_local_source, split_rows
-    from tokentune.preview import training_rows
+    from tokentune.preview import check_batch_fits, check_trainable, training_rows
 
     seen: set[str] = set()
     for i, cfg in enumerate(spec.trial_configs(64)):
@@ -105,7 +155,9 @@ def check_data_rows(spec: SweepSpec) -> None:
         )
         try:
             if render and local_model:
-                training_rows(cfg)
+                check_batch_fits(cfg, training_rows(cfg), d.train or "data.train")
+            elif sources and local_model:
+                check_trainable(cfg)
             elif sources:
                 split_rows(d, cfg.train.seed)
         except ConfigError as e:
@@ -198,12 +250,16 @@ def _not_cached(key: str, value: str, where: str, offline_var: str) -> str:
 
 def _check_tasks(value: Any, where: str) -> str | None:
     from tokentune.evaluate import parse_task_spec, shipped_tasks
+    from tokentune.task_files import folder_tasks, resolve_task_files
 
     if not isinstance(value, list) or not all(isinstance(t, str) and t.strip() for t in value):
         raise SpecError(where, f"eval.tasks={value!r} is invalid: expected a list of task names or null")
-    shipped = shipped_tasks()
-    names = [parse_task_spec(t)[0] for t in value]
-    others = [n for n in names if n not in shipped and not Path(n).is_file()]
+    try:  # a task YAML file: the task it defines, its folder indexed as lm-eval's --include_path
+        specs, folders = resolve_task_files([parse_task_spec(t) for t in value])
+    except ValueError as e:
+        raise SpecError(where, f"eval.tasks: {e}") from None
+    shipped, from_files = shipped_tasks(), folder_tasks(tuple(folders))
+    others = [n for n, _ in specs if n not in shipped and n not in from_files]
     if not others:
         return None
     known = _lm_eval_tasks()
@@ -212,7 +268,7 @@ def _check_tasks(value: Any, where: str) -> str | None:
             raise SpecError(
                 where,
                 f"eval.tasks: unknown evaluation task {name!r}; shipped tasks: {', '.join(shipped)}; or any "
-                "lm-eval task name (`lm-eval ls tasks`), optionally as 'name:fewshot'",
+                "lm-eval task name (`lm-eval ls tasks`) or the path of a task YAML file, optionally as 'name:fewshot'",
             )
     if _is_set("HF_HUB_OFFLINE") or _is_set("HF_DATASETS_OFFLINE"):
         return (

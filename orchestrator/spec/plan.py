@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from orchestrator.spec.sweep import SweepSpec
 
 PLAN_ROWS = 50  # trials the plan text shows; the rest are counted
+DRY_RUN_TRIALS = 1000  # trials a dry run builds (run_sweep(dry_run=True).trials); the rest are counted
 PLAN_WIDTH = 110  # a settings line wraps here
 UNKNOWN_MEMORY = "memory: unknown (model shape not available offline)"
 
@@ -48,7 +49,7 @@ def dry_run_trials(spec: SweepSpec, n: int | None = None) -> list[PlannedTrial]:
     """The first ``n`` (default: all) planned trials with resources and memory estimates."""
     planned = []
     limit = spec.tune.max_memory_gb
-    for i, searched in enumerate(spec.searched_values()[:n]):
+    for i, searched in enumerate(spec.searched_values(n)):
         cfg = spec.planned_config(searched)  # built once per spec: the tuner reads the same
         mem = estimate_memory(cfg)
         over = over_memory_limit(mem, limit)
@@ -95,8 +96,9 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
     if t.algorithm == "optuna" or any(d.verb not in ("grid", "fixed") for d in spec.search.values()):
         lines.append("  (searched values below are illustrative draws with the seed; Tune draws its own)")
     lines += ["", *_trial_table(spec, trials)]
-    if len(trials) < spec.num_trials():
-        lines.append(f"  ... {spec.num_trials() - len(trials)} more")
+    total = spec.num_trials()
+    if len(trials) < total:
+        lines.append(f"  ... {total - len(trials):,} more ({total:,} trials in all)")
     if trials:
         cfg = trials[0].config
         tr = cfg.train

@@ -38,7 +38,9 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from typing import Any
 import yaml
 
 from orchestrator.spec import plan
+from orchestrator.spec.inputs import absolute_local_paths
 from orchestrator.spec.parts import SearchDim, SpecError, lookup_dotted, parse_dim
 from orchestrator.spec.sections import (
     AfterTrial,
@@ -57,6 +60,7 @@ from orchestrator.spec.sections import (
 )
 from orchestrator.spec.validate import check_sweep_name, validate_spec
 from tokentune.config import ConfigError, RunConfig, load_yaml, parse_override, set_dotted
+from tokentune.errors import check_expanded_size
 
 TOP_KEYS = tuple("include name description base search objective tune after_trial tracking storage".split())
 DEFAULT_STORAGE = "sweeps"
@@ -144,37 +148,41 @@ class SweepSpec:
 
     def expand_grid(self) -> list[dict[str, Any]]:
         """Every combination of the ``grid`` values (``[{}]`` when nothing is a grid)."""
+        return list(self._grid_points())
+
+    def _grid_points(self) -> Iterator[dict[str, Any]]:
         dims = self.grid_dims()
-        return [
-            dict(zip([d.key for d in dims], combo)) for combo in itertools.product(*[d.values for d in dims])
-        ]
+        keys = [d.key for d in dims]
+        return (dict(zip(keys, combo)) for combo in itertools.product(*[d.values for d in dims]))
 
     def num_trials(self) -> int:
+        """Counted, not built: the grid's size (the product of its value counts) x ``num_samples``."""
         if self.tune.algorithm == "optuna":
             return self.tune.num_samples
-        return len(self.expand_grid()) * self.tune.num_samples
+        return math.prod(len(d.values) for d in self.grid_dims()) * self.tune.num_samples
 
-    def searched_values(self) -> list[dict[str, Any]]:
-        """The planned trials' searched values: grid product x num_samples, other verbs drawn with the seed.
+    def searched_values(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The first ``n`` (default: all) planned trials' searched values: grid product x num_samples,
+        other verbs drawn with the seed; built lazily, so ``n`` bounds the work (``num_samples: 10**8``).
 
         The drawn values (and all of Optuna's, which depend on earlier results) are illustrative:
         Ray Tune draws its own with the same seed.
         """
+        return list(itertools.islice(self._iter_searched(), n))
+
+    def _iter_searched(self) -> Iterator[dict[str, Any]]:
         rng = random.Random(self.tune.seed)
-        grid = [{}] if self.tune.algorithm == "optuna" else self.expand_grid()
-        out = []
         for _ in range(self.tune.num_samples):
+            grid = iter([{}]) if self.tune.algorithm == "optuna" else self._grid_points()
             for point in grid:
-                searched = {}
-                for key, dim in self.search.items():
-                    searched[key] = point[key] if key in point else dim.sample(rng)
-                out.append(searched)
-        return out
+                yield {
+                    key: point[key] if key in point else dim.sample(rng) for key, dim in self.search.items()
+                }
 
     def trial_configs(self, n: int | None = None) -> list[RunConfig]:
         """The configs of the first ``n`` (default: all) trials of ``searched_values`` (``planned_config``:
         built once, shared, read-only)."""
-        return [self.planned_config(searched) for searched in self.searched_values()[:n]]
+        return [self.planned_config(searched) for searched in self.searched_values(n)]
 
     def dry_run_trials(self, n: int | None = None) -> list[plan.PlannedTrial]:
         """The first ``n`` (default: all) planned trials with resources and memory estimates."""
@@ -204,36 +212,6 @@ class SweepSpec:
 
 
 # ---- loading ---------------------------------------------------------------------------------------
-#: config keys that may name a local file or folder: a relative one is taken from the working directory
-PATH_KEYS = ("model.name_or_path", "model.tokenizer", "data.train", "data.val", "data.template")
-
-
-def absolute_local_paths(raw: dict[str, Any]) -> dict[str, Any]:
-    """Relative paths in :data:`PATH_KEYS` (in ``base`` and in ``search``) that exist from the working
-    directory, made absolute: Ray's workers run elsewhere (hub names and missing files stay as they are,
-    for the input checks to judge)."""
-
-    def fix(value: Any) -> Any:
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            p = Path(value).expanduser()
-            return str(p.resolve()) if p.exists() else value
-        return value
-
-    base = raw.get("base")
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        if isinstance(base, dict) and isinstance(base.get(section), dict) and name in base[section]:
-            base[section][name] = fix(base[section][name])
-        dim = (raw.get("search") or {}).get(key) if isinstance(raw.get("search"), dict) else None
-        if isinstance(dim, dict):
-            for verb in ("grid", "choice"):
-                if isinstance(dim.get(verb), list):
-                    dim[verb] = [fix(v) for v in dim[verb]]
-        elif dim is not None:
-            raw["search"][key] = fix(dim)
-    return raw
-
-
 def load_spec(
     path_or_dict: str | Path | dict[str, Any] | SweepSpec,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -257,20 +235,34 @@ def load_spec(
         path_or_dict = path_or_dict.to_dict()
     source = None
     if isinstance(path_or_dict, dict):
+        _check_size(path_or_dict, "spec (a dict)")
         raw = resolve_includes(copy.deepcopy(path_or_dict), Path(base_dir or "."), ())
     else:
         path = Path(path_or_dict)
         source = str(path.resolve())
         raw = read_spec_file(path)
-    raw = absolute_local_paths(apply_spec_overrides(raw, overrides))
+    raw = apply_spec_overrides(raw, overrides)
+    _check_size(
+        raw, "spec" + (f" {source!r}" if source else "") + (" with its --set overrides" if overrides else "")
+    )
+    raw = absolute_local_paths(raw)
     spec = parse_spec(raw, default_name=Path(source).stem if source else "sweep", source=source)
     return spec.replaced(notes=validate_spec(spec, check_inputs=check_inputs))
+
+
+def _check_size(raw: Any, what: str) -> None:
+    """Refuse a spec whose YAML aliases expand it past ``MAX_EXPANDED_SIZE`` before it is copied or
+    formatted (``tokentune.errors.check_expanded_size``; files are checked as they are read)."""
+    try:
+        check_expanded_size(raw, what)
+    except ConfigError as e:
+        raise SpecError("spec", str(e)) from None
 
 
 def read_spec_file(path: Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     try:
         raw = load_yaml(path)
-    except ConfigError as e:
+    except ConfigError as e:  # not YAML, not UTF-8, or too large once its aliases are expanded
         raise SpecError("include" if _seen else "spec", str(e)) from e
     return resolve_includes(raw, path.parent, (*_seen, str(path.resolve())))
 
