@@ -231,12 +231,8 @@ class ComputeConfig:
                 self.zero_stage in (0, 1, 2, 3), "compute.zero_stage", self.zero_stage, "0, 1, 2, 3 or null"
             )
         check(self.backend in ("auto", "gloo", "nccl"), "compute.backend", self.backend, "auto, gloo or nccl")
-        check(
-            is_number(self.cpus_per_worker) and self.cpus_per_worker > 0,
-            "compute.cpus_per_worker",
-            self.cpus_per_worker,
-            "a number > 0",
-        )
+        positive = is_number(self.cpus_per_worker) and self.cpus_per_worker > 0
+        check(positive, "compute.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         want = self.use_gpu.lower() if isinstance(self.use_gpu, str) else self.use_gpu
         want = {"true": True, "false": False}.get(want, want) if isinstance(want, str) else want
         check(want in (True, False, "auto"), "compute.use_gpu", self.use_gpu, "true, false or auto")
@@ -255,8 +251,7 @@ class EvalConfig:
     """lm-eval after training (section ``eval``)."""
 
     tasks: list[str] | None = setting(
-        None,
-        "lm-eval tasks (name or name:fewshot: shipped, lm-eval's, or a task YAML path); null = the shipped",
+        None, "lm-eval tasks (name[:fewshot], or a task YAML path); null = the shipped"
     )
     num_fewshot: int | None = setting(
         None, "shots for tasks named without a :fewshot suffix; null = the task's default"
