@@ -228,3 +228,127 @@ def test_mlflow_telemetry_is_off_in_every_process_that_tracks():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "client None" in out.stdout, out.stdout
     assert worker_env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+# ---- a real sweep with the store unreachable ---------------------------------------------------------------
+class SwitchableProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``target`` that becomes unreachable (each connection is
+    closed unanswered) from the first request that mentions ``trigger`` until ``restore()``."""
+
+    def __init__(self, target: str, trigger: str) -> None:
+        import http.client
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        proxy, host = self, urllib.parse.urlparse(target)
+        self.down, self.refused, self.trigger = threading.Event(), 0, trigger.encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.trigger in body or proxy.trigger in urllib.parse.unquote(self.path).encode():
+                    proxy.down.set()
+                if proxy.down.is_set():
+                    proxy.refused += 1
+                    self.close_connection = True
+                    return  # no answer: the client sees the connection closed
+                conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
+                skip = ("host", "connection", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def restore(self) -> None:
+        self.trigger = b"\0never"
+        self.down.clear()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _events(tdir: Path) -> list[str]:
+    return [r["event"] for r in read_jsonl(tdir / "events.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_sweep_with_the_store_unreachable_finishes_and_resume_completes_its_runs(
+    tmp_path, mlflow_tables, monkeypatch
+):
+    """Two tiny LoRA trials tracked through an ``mlflow server``; the store becomes unreachable from the
+    first request about a trial run until the sweep has ended. Every trial finishes (tracking recorded
+    in the trial folders), the sweep ends with its files; ``--resume`` with the store back sends what was
+    recorded: each trial's run is complete (params, the loss curve's steps, final metrics, status.json,
+    FINISHED) and the summary is logged on the parent."""
+    import ray
+    from mlflow import MlflowClient
+
+    from orchestrator import run_sweep
+    from tests.conftest import running_mlflow_server
+
+    if ray.is_initialized():  # the sweep's Ray must start here, with this environment
+        ray.shutdown()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our retries only (MLflow's take minutes)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "server").mkdir()
+    with running_mlflow_server(tmp_path / "server", mlflow_tables) as url:
+        proxy = SwitchableProxy(url, trigger="tokentune.trial_id")
+        spec = {
+            "include": [str(REPO / "search_spaces" / "_base.yaml")],
+            "name": "offline",
+            "base": {"train": {"max_steps": 6, "batch_size": 8, "log_every": 2, "warmup_steps": 1}},
+            "search": {"lora.rank": {"grid": [2, 4]}},
+            "after_trial": {"action": "none"},
+            "tracking": {"uri": proxy.url},
+            "storage": str(tmp_path / "sweeps"),
+        }
+        try:
+            res = run_sweep(spec, progress=False)
+            assert proxy.down.is_set() and proxy.refused > 0
+            assert [t.status for t in res.trials] == ["finished", "finished"], [t.error for t in res.trials]
+            assert res.mlflow_compare_url is None and Path(res.results_csv).is_file()
+            for t in res.trials:
+                assert (Path(t.trial_dir) / PENDING_FILE).is_file(), t.trial_id
+                assert "tracking offline" in _events(Path(t.trial_dir))
+            proxy.restore()
+            again = run_sweep(spec, resume=True, progress=False)
+        finally:
+            ray.shutdown()
+            proxy.close()
+        client = MlflowClient(url)
+        parent = client.get_run(again.mlflow_parent_run_id)
+        children = client.search_runs(
+            [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+        )
+        assert parent.info.status == "FINISHED" and "results.csv" in parent.data.tags["mlflow.note.content"]
+        assert "results.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+        assert again.mlflow_compare_url and len(children) == 2
+        assert sorted(c.data.params["lora.rank"] for c in children) == ["2", "4"]
+        for run in children:
+            tdir = Path(again.sweep_dir) / "trials" / run.data.tags["tokentune.trial_id"]
+            assert run.info.status == "FINISHED" and run.data.tags["tokentune.status"] == "finished"
+            steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+            assert steps == [2, 4, 6], steps  # every report while the store was down
+            assert "val_loss" in run.data.metrics and "memory/train_gb" in run.data.metrics
+            assert "status.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+            assert not (tdir / PENDING_FILE).exists() and "tracking re-sent" in _events(tdir)

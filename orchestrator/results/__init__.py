@@ -4,7 +4,8 @@
 - ``trial_status``: each trial's ``status.json`` and ``events.jsonl``;
 - ``tracking``: MLflow, a parent run per sweep and a child per trial; ``tracking_queue``: the driver's
   writes off Tune's event loop; ``tracking_journal``: writes that could not be sent, sent on --resume;
-- ``report``: the results table, results.csv/json and the Pareto plot;
+- ``report``: the results table, results.csv/json and the Pareto plot; ``highlights``: what is shown of
+  it at any number of trials (the top rows and the front, the count of the rest);
 - ``mlflow_ui``: the compare view's URL and the parent run's description;
 - ``console``: progress lines and the sweep's last lines.
 """
