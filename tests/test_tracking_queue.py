@@ -24,6 +24,7 @@ import pytest
 
 from orchestrator.results.tracking import SweepTracker
 from orchestrator.results.tracking_journal import (
+    DRIVER_PENDING_FILE,
     PENDING_FILE,
     DriverSender,
     TrialTracking,
@@ -327,8 +328,9 @@ def test_a_sweep_with_the_store_unreachable_finishes_and_resume_completes_its_ru
             assert proxy.down.is_set() and proxy.refused > 0
             assert [t.status for t in res.trials] == ["finished", "finished"], [t.error for t in res.trials]
             assert res.mlflow_compare_url is None and Path(res.results_csv).is_file()
-            for t in res.trials:
+            for t in res.trials:  # the trial's writes, and the driver's (the loss curve)
                 assert (Path(t.trial_dir) / PENDING_FILE).is_file(), t.trial_id
+                assert (Path(t.trial_dir) / DRIVER_PENDING_FILE).is_file(), t.trial_id
                 assert "tracking offline" in _events(Path(t.trial_dir))
             proxy.restore()
             again = run_sweep(spec, resume=True, progress=False)
@@ -351,4 +353,4 @@ def test_a_sweep_with_the_store_unreachable_finishes_and_resume_completes_its_ru
             assert steps == [2, 4, 6], steps  # every report while the store was down
             assert "val_loss" in run.data.metrics and "memory/train_gb" in run.data.metrics
             assert "status.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
-            assert not (tdir / PENDING_FILE).exists() and "tracking re-sent" in _events(tdir)
+            assert not list(tdir.glob("tracking_pending*")) and "tracking re-sent" in _events(tdir)

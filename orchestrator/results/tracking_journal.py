@@ -8,7 +8,8 @@ Each write is retried (``TRIAL_ATTEMPTS`` tries, backoff from ``TRIAL_BACKOFF_S`
 the trial goes on *offline*: that write and every later one of the trial (so their order holds) are
 appended to ``<trial>/tracking_pending.jsonl`` and an event ``tracking offline`` says why; the
 trial's own outcome (``status.json``) does not depend on the store. The driver's tracking queue
-(``tracking_queue``) records there what it could not send. A resumed sweep replays every trial's
+(``tracking_queue``) records what it could not send beside it, in ``tracking_pending.driver.jsonl``
+(one writer per file; a trial folder restored from a URI storage never overwrites the driver's). A resumed sweep replays every trial's
 file before Tune runs (``resend_pending``): the child run is found (or made) by the trial id,
 params, metrics (with their own steps and times), tags and artifacts are logged, the run ends with
 the last recorded end; the file is removed once all of it went through.
@@ -34,17 +35,18 @@ from tokentune.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
 
-PENDING_FILE = "tracking_pending.jsonl"
+PENDING_FILE = "tracking_pending.jsonl"  # the trial process's writes
+DRIVER_PENDING_FILE = "tracking_pending.driver.jsonl"  # the driver's (a file each: one writer per file)
 TRIAL_ARTIFACTS = (STATUS_FILE, "eval.json", "run_config.json", "result.json")
 TRIAL_ATTEMPTS = 3  # a trial waits at most ~1 + 2 s (plus MLflow's own HTTP retries) before going offline
 TRIAL_BACKOFF_S = 1.0
 MISSING = "MISSING"  # ``TrialTracking.run_status`` of a run id this store does not hold
 
 
-def record_pending(tdir: str | Path, rows: list[Row]) -> None:
-    """Append ``rows`` to the trial folder's ``tracking_pending.jsonl``."""
+def record_pending(tdir: str | Path, rows: list[Row], name: str = PENDING_FILE) -> None:
+    """Append ``rows`` to the trial folder's ``tracking_pending.jsonl`` (or ``name``)."""
     for row in rows:
-        append_jsonl(Path(tdir) / PENDING_FILE, redact(row))
+        append_jsonl(Path(tdir) / name, redact(row))
 
 
 # ---- writing rows to MLflow ---------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class DriverSender:
         apply_rows(self.tracker, self.runs[trial_id], self.sweep_dir / TRIALS_DIR / trial_id, rows)
 
     def record(self, trial_id: str, rows: list[Row]) -> None:
-        record_pending(self.sweep_dir / TRIALS_DIR / trial_id, rows)
+        record_pending(self.sweep_dir / TRIALS_DIR / trial_id, rows, DRIVER_PENDING_FILE)
 
 
 # ---- in the trial's process ---------------------------------------------------------------------------------
@@ -147,6 +149,11 @@ class TrialTracking:
             record_pending(self.tdir, [row])
         return None
 
+    @property
+    def started(self) -> bool:
+        """Whether the run was made (or, offline, its making recorded): later writes have a place to go."""
+        return self.run_id is not None or self.offline
+
     def start(self, params: Mapping[str, Any]) -> str | None:
         """Get-or-create the trial's run with its params; its id, or None when offline."""
         row = {"op": "params", "params": dict(params)}
@@ -185,19 +192,21 @@ class TrialTracking:
 
 # ---- on --resume ------------------------------------------------------------------------------------------
 def resend_pending(tracker: Any, sweep_dir: str | Path) -> tuple[int, int]:
-    """Replay every trial's ``tracking_pending.jsonl`` (module docstring); returns (trials sent, trials
-    still pending). A trial whose replay fails keeps its file (one warning per trial)."""
+    """Replay every trial's recorded writes, the driver's then the trial's (module docstring); returns
+    (trials sent, trials still pending). A trial whose replay fails keeps its files (one warning each)."""
     sent = left = 0
-    for path in sorted(Path(sweep_dir, TRIALS_DIR).glob(f"*/{PENDING_FILE}")):
-        tdir, rows = path.parent, read_jsonl(path)
+    for tdir in sorted({p.parent for p in Path(sweep_dir, TRIALS_DIR).glob("*/tracking_pending*.jsonl")}):
+        files = [tdir / DRIVER_PENDING_FILE, tdir / PENDING_FILE]
+        rows = [row for f in files for row in read_jsonl(f)]
         try:
             run_id = tracker.trial_run(tdir.name, params_of(rows), reopen=False)
             apply_rows(tracker, run_id, tdir, rows)
-        except Exception as err:  # noqa: BLE001 - still unreachable: keep the file for the next resume
+        except Exception as err:  # noqa: BLE001 - still unreachable: keep the files for the next resume
             log.warning("trial %s: its recorded tracking could not be sent yet: %s", tdir.name, err)
             left += 1
             continue
-        path.unlink()
+        for f in files:
+            f.unlink(missing_ok=True)
         log_event(tdir, "tracking re-sent", writes=len(rows))
         sent += 1
     return sent, left

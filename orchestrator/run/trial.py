@@ -126,8 +126,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     except BaseException as err:
         if _stop_requested():  # Tune stops this trial (ASHA, time limit, sweep shutdown): not a failure
             log_event(tdir, "stopped by Tune")
-            tracking.tags({"tokentune.status": "stopped"})
-            tracking.end("KILLED", "stopped by Ray Tune (early stopping or time limit)")
+            if tracking.started:
+                tracking.tags({"tokentune.status": "stopped"})
+                tracking.end("KILLED", "stopped by Ray Tune (early stopping or time limit)")
             raise
         msg = _record_failure(err, ctx, tracking, tdir, trial_id, searched)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
@@ -144,6 +145,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     )
     _upload(ctx, tdir, trial_id)
     _close_finished_run(tracking, metrics, cfg.train.max_steps)
+    if tracking.offline:  # its recorded writes go with the folder (a resume on the driver sends them)
+        _upload(ctx, tdir, trial_id)
     log_event(tdir, "logged")
     ray.tune.report({**metrics, FINAL_FLAG: 1})
 
@@ -185,11 +188,11 @@ def _record_failure(
     log_event(tdir, "failed", error=msg)
     detail = redact_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))[-20000:]
     write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, searched=_jsonable(searched))
-    _upload(ctx, tdir, trial_id)
-    if tracking.run_id is not None or tracking.offline:  # else it failed before its run was made
+    if tracking.started:  # else it failed before its run was made
         tracking.artifacts()
         tracking.tags({"tokentune.status": "failed"})
         tracking.end("FAILED", msg)
+    _upload(ctx, tdir, trial_id)  # with what tracking recorded, if the store is down
     return msg
 
 
