@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.results.best import Goal, best_trial
+from orchestrator.results.tracking_journal import end_parent, resend_pending
 from orchestrator.results.tracking_store import check_tracking_store, tracking_origin
 from orchestrator.results.types import SweepResult, TrialResult
 from orchestrator.run.interrupt import StopOnSignal, SweepInterrupted, close_running_children
@@ -47,7 +48,7 @@ from orchestrator.spec.resume import never_ran_error, resume_differences, where_
 from orchestrator.spec.sweep import SpecError, SweepSpec, load_spec
 from orchestrator.spec.validate import check_sweep_name, refuse_local_store_on_cluster
 from tokentune.files import open_in_place, refuse_link, write_text_atomic
-from tokentune.redact import redact, redact_text, unmasked
+from tokentune.redact import redact, unmasked
 
 if TYPE_CHECKING:
     from orchestrator.results.tracking import SweepTracker
@@ -251,8 +252,8 @@ def _run(
         _print_plan(plan, verbose)
     tracker = SweepTracker(ctx.tracking_uri, ctx.experiment, spec.name, sweep_id=sweep_id)
     ctx.parent_run_id = tracker.start_parent(spec.to_dict())
-    if resume:
-        _resend_tracking(tracker, sweep_dir)
+    if resume:  # the trials' tracking writes that could not be sent before
+        resend_pending(tracker, sweep_dir)
     status = "FAILED"
     try:
         actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
@@ -271,26 +272,10 @@ def _run(
         close_running_children(tracker, "the sweep was stopped by a signal; --resume continues it")
         raise
     finally:
-        _end_parent(tracker, status)
+        end_parent(tracker, status)  # a store that is down: a warning
     result.mlflow_parent_run_id, result.tracking_uri = ctx.parent_run_id, ctx.tracking_uri
     result.plan_text, result.wall_s, result.spec = plan, time.perf_counter() - t0, spec
     return result
-
-
-def _resend_tracking(tracker: SweepTracker, sweep_dir: Path) -> None:
-    """``--resume``: the trials' tracking writes that could not be sent before go to MLflow now."""
-    from orchestrator.results.tracking_journal import resend_pending
-
-    sent, left = resend_pending(tracker, sweep_dir)
-    if sent or left:
-        log.warning("resume: recorded MLflow writes sent for %d trial(s), %d still waiting", sent, left)
-
-
-def _end_parent(tracker: SweepTracker, status: str) -> None:
-    try:
-        tracker.end_parent(status)
-    except Exception as err:  # noqa: BLE001 - the store is down: the run stays open until --resume
-        log.warning("MLflow: the sweep's parent run could not be ended (%s)", redact_text(str(err)))
 
 
 def _trial_context(spec: SweepSpec, sweep_dir: Path, storage_uri: str, progress: bool) -> TrialContext:

@@ -209,4 +209,14 @@ def resend_pending(tracker: Any, sweep_dir: str | Path) -> tuple[int, int]:
             f.unlink(missing_ok=True)
         log_event(tdir, "tracking re-sent", writes=len(rows))
         sent += 1
+    if sent or left:
+        log.warning("resume: recorded MLflow writes sent for %d trial(s), %d still waiting", sent, left)
     return sent, left
+
+
+def end_parent(tracker: Any, status: str) -> None:
+    """End the sweep's parent run; a store that cannot be reached is a warning (``--resume`` ends it)."""
+    try:
+        tracker.end_parent(status)
+    except Exception as err:  # noqa: BLE001 - tracking never fails a sweep
+        log.warning("MLflow: the sweep's parent run could not be ended (%s)", redact_text(str(err)))
