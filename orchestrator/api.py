@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.results.best import Goal, best_trial
+from orchestrator.results.tracking_journal import end_parent, resend_pending
 from orchestrator.results.tracking_store import check_tracking_store, tracking_origin
 from orchestrator.results.types import SweepResult, TrialResult
 from orchestrator.run.interrupt import StopOnSignal, SweepInterrupted, close_running_children
@@ -251,6 +252,8 @@ def _run(
         _print_plan(plan, verbose)
     tracker = SweepTracker(ctx.tracking_uri, ctx.experiment, spec.name, sweep_id=sweep_id)
     ctx.parent_run_id = tracker.start_parent(spec.to_dict())
+    if resume:  # the trials' tracking writes that could not be sent before
+        resend_pending(tracker, sweep_dir)
     status = "FAILED"
     try:
         actors = start_sweep_actors(spec, ctx, cluster, sweep_id)  # noqa: F841 - they live while we hold them
@@ -269,7 +272,7 @@ def _run(
         close_running_children(tracker, "the sweep was stopped by a signal; --resume continues it")
         raise
     finally:
-        tracker.end_parent(status)
+        end_parent(tracker, status)  # a store that is down: a warning
     result.mlflow_parent_run_id, result.tracking_uri = ctx.parent_run_id, ctx.tracking_uri
     result.plan_text, result.wall_s, result.spec = plan, time.perf_counter() - t0, spec
     return result
@@ -370,7 +373,7 @@ def _summarise(
 ) -> SweepResult:
     """The results table, the best trial (``best.best_trial`` by the objective, as the files, the
     MLflow tags and the parent's description have it), printed and logged on the parent run."""
-    from orchestrator.results import mlflow_ui, report
+    from orchestrator.results import highlights, report
     from orchestrator.results.console import searched_text
 
     goals = objective_goals(spec)
@@ -379,18 +382,14 @@ def _summarise(
     best_row = best_trial(rows, goals)
     fit_row = report.best_within(rows, budget, goals) if budget is not None else None
     best, fit = (_trial_of(trials, row) for row in (best_row, fit_row))
-    table = report.format_table(rows)
+    table = highlights.console_table(rows, goals, str(sweep_dir / "results.csv"))  # the top rows, the front
     best_searched = searched_text(_row_input(best)["searched"]) if best else ""
     summary = report.summary_lines(rows, best_row, goals, budget, fit_row, best_searched)
-    description = mlflow_ui.sweep_description(spec.name, table, summary)
-    paths = tracker.log_summary(rows, sweep_dir, goals, memory_budget_gb=budget, description=description)
+    paths, compare, note = highlights.publish(tracker, rows, sweep_dir, goals, budget, spec.name, summary)
     if progress:
         print(table, flush=True)
     if progress and not quiet:
         print(summary, flush=True)
-    compare = mlflow_ui.compare_url(
-        mlflow_ui.ui_base(tracker.tracking_uri), tracker.child_run_ids(), tracker.experiment_id
-    )
     return SweepResult(
         name=spec.name,
         sweep_dir=str(sweep_dir),
@@ -398,6 +397,7 @@ def _summarise(
         best=best,
         best_within_budget=fit,
         mlflow_compare_url=compare,
+        mlflow_compare_note=note,
         results_csv=str(paths["csv"]),
         table_text=table,
     )

@@ -12,6 +12,7 @@ Test modules import helpers from here, never from each other (``tests/test_layou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -343,6 +344,52 @@ def mlflow_store(mlflow_tables, tmp_path_factory) -> tuple[str, Path]:
     root = tmp_path_factory.mktemp("mlflow")
     shutil.copyfile(mlflow_tables, root / "mlflow.db")
     return f"sqlite:///{root / 'mlflow.db'}", root
+
+
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, tables: Path):
+    """An ``mlflow server`` (one worker, its store copied from ``tables``, artifacts under ``root``) on a
+    free port of 127.0.0.1; yields its URL; stopped (its process group) on exit."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    shutil.copyfile(tables, root / "mlflow.db")
+    port = free_port()
+    exe = Path(sys.executable).parent / "mlflow"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
+    cmd += ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += [
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "art"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with (root / "server.log").open("w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # ~25 s on an idle machine
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers (a session of its own)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 # ---- the `ray` marker, enforced ------------------------------------------------------------------------

@@ -55,6 +55,13 @@ def serve_hint(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1"
 
 
-def sweep_description(name: str, table: str, best_line: str) -> str:
-    """The parent run's description (markdown): the best trial, then the results table."""
-    return f"**Sweep `{name}`**\n\n{best_line or 'no trial has a score'}\n\n```\n{table}\n```\n"
+def artifact_link(experiment_id: str, run_id: str, path: str) -> str:
+    """A markdown link, for a run's description, to an artifact of ``run_id`` (the UI's run page)."""
+    return f"[{path}](#/experiments/{experiment_id}/runs/{run_id}/artifactPath/{urllib.parse.quote(path)})"
+
+
+def sweep_description(name: str, table: str, best_line: str, more: str = "") -> str:
+    """The parent run's description (markdown): the best trial, the results table (fenced), and ``more``
+    (what the table leaves out and where the full one is)."""
+    tail = f"{more}\n" if more else ""
+    return f"**Sweep `{name}`**\n\n{best_line or 'no trial has a score'}\n\n```\n{table}\n```\n{tail}"

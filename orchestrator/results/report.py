@@ -264,7 +264,7 @@ def pareto_plot(
     memory_key: str | None = None,
     title: str | None = None,
 ) -> Path:
-    """Scatter of score vs measured memory, every point labelled with its config, the front highlighted.
+    """Scatter of score vs measured memory, the front highlighted and labelled with its configs.
 
     ``memory_key`` defaults to ``memory_axis(rows)``; the x label says which memory it is (MiB when
     every value is below 1 GB).
@@ -313,7 +313,7 @@ def pareto_plot(
             c="tab:red",
             alpha=0.5,
         )
-        for r in points:
+        for r in front:  # only the front: at hundreds of trials labels on every point are unreadable
             ax.annotate(
                 searched_label(r, method_names),
                 (number(r[memory_key]) * mib, number(r[score_key])),

@@ -53,9 +53,12 @@ def sweep_summary(result: SweepResult, quiet: bool = False) -> tuple[list[str], 
         lines.append(f"sweep {result.name}: {', '.join(parts)} -> {result.sweep_dir}")
         if result.results_csv:
             lines.append(f"results: {result.results_csv} and pareto.png beside it")
-        if result.tracking_uri:
-            lines.append(f"MLflow: {serve_hint(result.tracking_uri)}, then compare the trials at")
+        if result.tracking_uri and result.mlflow_compare_url:  # the compare view says which trials it lists
+            what = result.mlflow_compare_note or "the trials"
+            lines.append(f"MLflow: {serve_hint(result.tracking_uri)}, then compare {what} at")
             lines.append(f"  {result.mlflow_compare_url}")
+        elif result.tracking_uri:  # the store was down at the sweep's end
+            lines.append(f"MLflow: {serve_hint(result.tracking_uri)} (the summary is logged by --resume)")
     if code != ALL_DONE:
         lines.append(_failure_line(result, code))
     return lines, code

@@ -214,7 +214,9 @@ class SweepTracker:
         runs = self._matches(filter_string)
         return runs[0] if runs else None
 
-    def _get_or_create(self, filter_string: str, tags: dict[str, str], run_name: str) -> Any:
+    def _get_or_create(
+        self, filter_string: str, tags: dict[str, str], run_name: str, reopen: bool = True
+    ) -> Any:
         """The oldest run matching the filter, else a new one with ``tags``.
 
         Two processes may both find nothing and create a run (e.g. the driver's live callback and the
@@ -222,7 +224,8 @@ class SweepTracker:
         """
         run = self._find(filter_string)
         if run is not None:
-            self._reopen(run)
+            if reopen:
+                self._reopen(run)
             return run
         created = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         oldest = self._find(filter_string)
@@ -258,9 +261,13 @@ class SweepTracker:
         return self.parent_run_id
 
     def trial_run(
-        self, trial_id: str, params: Mapping[str, Any] | None = None, run_name: str | None = None
+        self,
+        trial_id: str,
+        params: Mapping[str, Any] | None = None,
+        run_name: str | None = None,
+        reopen: bool = True,
     ) -> str:
-        """Get-or-create the child run of ``trial_id`` under the parent; log its flattened config."""
+        """Get-or-create ``trial_id``'s child run (config as params); found ended, reopened if ``reopen``."""
         if self.parent_run_id is None:
             self.start_parent()
         tid = _quote(str(trial_id))
@@ -273,6 +280,7 @@ class SweepTracker:
                 TAG_TRIAL: str(trial_id),
             },
             run_name or str(trial_id),
+            reopen,
         )
         if params:
             self._log_params(run.info.run_id, params)

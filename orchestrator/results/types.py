@@ -37,6 +37,7 @@ class SweepResult:
     results_csv: str | None = None
     mlflow_parent_run_id: str | None = None
     mlflow_compare_url: str | None = None  # the compare view of the trials (``mlflow ui`` or the server)
+    mlflow_compare_note: str = ""  # which trials it lists: "the Pareto front (5 of 800 trials)"
     tracking_uri: str | None = None
     plan_text: str = ""  # the dry run's plan (also set for real runs)
     table_text: str = ""  # the results table as printed

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 #: Environment variables the driver hands to every Ray worker (offline hub, DeepSpeed's accelerator
 #: and compiled-op cache, the import path of a checkout that is not pip-installed, test-only fault
-#: injection).
+#: injection, MLflow's telemetry off: :data:`TELEMETRY_OFF`).
 PROPAGATED_ENV = (
     "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE",
@@ -39,7 +39,10 @@ PROPAGATED_ENV = (
     "TORCH_EXTENSIONS_DIR",
     "PYTHONPATH",
     FAULT_ENV,
+    "MLFLOW_DISABLE_TELEMETRY",
 )
+#: set in the driver (when unset) before Ray starts, so every process of the sweep has it
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true"}
 #: How often Ray Train's controller polls its workers. A worker's ``ray.train.report`` waits until the
 #: controller has taken its previous report (a queue of one), so at Ray's default (2 s) every report
 #: after the first stalls training up to 2 s: a 40-step run of the tiny default reporting every 4
@@ -129,6 +132,8 @@ def init_ray(
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
     keep_credentials_out_of_runtime_envs()
     if ray.is_initialized():
         return dict(ray.cluster_resources())

@@ -35,8 +35,8 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from orchestrator.results.tracking_journal import MISSING, TrialTracking
 from orchestrator.results.trial_status import (
-    STATUS_FILE,
     log_event,
     phase_durations,
     read_status,
@@ -105,42 +105,48 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tdir = trial_dir(ctx.sweep_dir, trial_id)
     tdir.mkdir(parents=True, exist_ok=True)
 
-    tracker = _tracker(ctx, spec)
     log_event(tdir, "trial started", trial_id=trial_id)
     done = _finished_before(ctx, tdir, trial_id)
     if done is not None:
         log_event(tdir, "skipped (finished before)")
-        close_open_run(tracker, tdir, done)
+        close_open_run(_tracker(ctx, spec), tdir, done)
         ray.tune.report({**done["metrics"], FINAL_FLAG: 1})
         return
 
-    run_id = None
+    tracking = TrialTracking(_tracker(ctx, spec), tdir, trial_id)  # never fails the trial (retried/recorded)
     t0 = time.perf_counter()
     try:
         cfg = spec.trial_config(searched)
         cfg.train.output_dir = str(tdir)
-        run_id = tracker.trial_run(trial_id, _params(cfg.to_dict(), searched))
-        tracker.set_tags(run_id, {"tokentune.trial_dir": str(tdir), "tokentune.status": "running"})
+        tracking.start(_params(cfg.to_dict(), searched))
+        tracking.tags({"tokentune.trial_dir": str(tdir), "tokentune.status": "running"})
         metrics = _train_and_evaluate(spec, cfg, trial_id, tdir, ctx)
         metrics["trial_wall_s"] = time.perf_counter() - t0
         metrics.update(phase_summary(tdir))  # informative: never fails a trial that trained
     except BaseException as err:
         if _stop_requested():  # Tune stops this trial (ASHA, time limit, sweep shutdown): not a failure
             log_event(tdir, "stopped by Tune")
-            if run_id is not None:
-                tracker.set_tags(run_id, {"tokentune.status": "stopped"})
-                tracker.end_trial(run_id, "KILLED", "stopped by Ray Tune (early stopping or time limit)")
+            if tracking.started:
+                tracking.tags({"tokentune.status": "stopped"})
+                tracking.end("KILLED", "stopped by Ray Tune (early stopping or time limit)")
             raise
-        msg = _record_failure(err, ctx, tracker, run_id, tdir, trial_id, searched)
+        msg = _record_failure(err, ctx, tracking, tdir, trial_id, searched)
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         raise TrialFailed(msg) from None  # the original may quote a secret; Tune stores what is raised
 
     write_status(
-        tdir, "finished", trial_id=trial_id, metrics=metrics, searched=_jsonable(searched), run_id=run_id
+        tdir,
+        "finished",
+        trial_id=trial_id,
+        metrics=metrics,
+        searched=_jsonable(searched),
+        run_id=tracking.run_id,
     )
     _upload(ctx, tdir, trial_id)
-    _close_finished_run(tracker, run_id, tdir, metrics, cfg.train.max_steps)
+    _close_finished_run(tracking, metrics, cfg.train.max_steps)
+    if tracking.offline:  # its recorded writes go with the folder (a resume on the driver sends them)
+        _upload(ctx, tdir, trial_id)
     log_event(tdir, "logged")
     ray.tune.report({**metrics, FINAL_FLAG: 1})
 
@@ -171,8 +177,7 @@ def _finished_before(ctx: TrialContext, tdir: Path, trial_id: str) -> dict[str, 
 def _record_failure(
     err: BaseException,
     ctx: TrialContext,
-    tracker,
-    run_id: str | None,
+    tracking: TrialTracking,
     tdir: Path,
     trial_id: str,
     searched: dict[str, Any],
@@ -183,11 +188,11 @@ def _record_failure(
     log_event(tdir, "failed", error=msg)
     detail = redact_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))[-20000:]
     write_status(tdir, "failed", trial_id=trial_id, error=msg, traceback=detail, searched=_jsonable(searched))
-    _upload(ctx, tdir, trial_id)
-    if run_id is not None:
-        _artifacts(tracker, run_id, tdir)
-        tracker.set_tags(run_id, {"tokentune.status": "failed"})
-        tracker.end_trial(run_id, "FAILED", msg)
+    if tracking.started:  # else it failed before its run was made
+        tracking.artifacts()
+        tracking.tags({"tokentune.status": "failed"})
+        tracking.end("FAILED", msg)
+    _upload(ctx, tdir, trial_id)  # with what tracking recorded, if the store is down
     return msg
 
 
@@ -201,38 +206,30 @@ def _upload(ctx: TrialContext, tdir: Path, trial_id: str) -> None:
 
 def close_open_run(tracker, tdir: Path, done: dict[str, Any]) -> bool:
     """status.json is a trial's commit point; a crash right after writing it can leave the trial's MLflow
-    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed. A run
-    the tracking store does not hold (resumed with a new ``tracking.uri``) is made there, closed likewise."""
+    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed (or, the
+    store being down, recorded to be closed on the next resume). A run the tracking store does not hold
+    (resumed with a new ``tracking.uri``) is made there, closed likewise."""
     run_id = done.get("run_id")
     if not run_id:
         return False
-    status = _run_status(tracker, run_id)
-    if status is None:  # not in this store (--resume with a new tracking.uri): the trial is recorded there
+    tracking = TrialTracking(tracker, tdir, done.get("trial_id") or tdir.name)
+    status = tracking.run_status(run_id)
+    if status == MISSING:  # not in this store (--resume with a new tracking.uri): the trial is recorded there
         searched = {str(k).replace(".", "/"): v for k, v in (done.get("searched") or {}).items()}
-        run_id = tracker.trial_run(done.get("trial_id") or tdir.name, {"search": searched})
-        info = {k: v for k, v in done.items() if k not in ("status", "time", "run_id")}
-        write_status(tdir, "finished", **info, run_id=run_id)  # the next resume finds it there
+        if tracking.start({"search": searched}) is not None:
+            info = {k: v for k, v in done.items() if k not in ("status", "time", "run_id")}
+            write_status(tdir, "finished", **info, run_id=tracking.run_id)  # the next resume finds it there
     elif status == "FINISHED":
         return False
-    _close_finished_run(tracker, run_id, tdir, done["metrics"], done["metrics"].get("step"))
+    _close_finished_run(tracking, done["metrics"], done["metrics"].get("step"))
     return True
 
 
-def _run_status(tracker, run_id: str) -> str | None:
-    """The MLflow run's status, or None when this tracking store has no such run."""
-    try:
-        return tracker.client.get_run(run_id).info.status
-    except Exception as err:
-        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-
-
-def _close_finished_run(tracker, run_id: str, tdir: Path, metrics: dict[str, Any], step: Any) -> None:
-    tracker.log_metrics(run_id, metrics, step=int(step) if is_number(step) else None)
-    _artifacts(tracker, run_id, tdir)
-    tracker.set_tags(run_id, {"tokentune.status": "finished"})
-    tracker.end_trial(run_id, "FINISHED")
+def _close_finished_run(tracking: TrialTracking, metrics: dict[str, Any], step: Any) -> None:
+    tracking.metrics(metrics, int(step) if is_number(step) else None)
+    tracking.artifacts()
+    tracking.tags({"tokentune.status": "finished"})
+    tracking.end("FINISHED")
 
 
 def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: TrialContext) -> dict[str, Any]:
@@ -348,16 +345,6 @@ def _params(full_config: dict[str, Any], searched: dict[str, Any]) -> dict[str, 
     params = dict(full_config)
     params["search"] = {str(k).replace(".", "/"): v for k, v in searched.items()}
     return params
-
-
-def _artifacts(tracker, run_id: str, tdir: Path) -> None:
-    for name in (STATUS_FILE, "eval.json", "run_config.json", "result.json"):
-        p = tdir / name
-        if p.is_file():
-            try:
-                tracker.log_artifact(run_id, p)
-            except Exception:  # noqa: BLE001 - artifacts are a convenience; the run's status matters
-                pass
 
 
 def _stop_requested() -> bool:

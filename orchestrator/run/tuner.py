@@ -168,11 +168,20 @@ def restore_tuner(spec: SweepSpec, ctx: TrialContext) -> Any:
 
 
 # ---- live tracking of trial results ------------------------------------------------------------------------
+FLUSH_TIMEOUT_S = 60.0  # at the sweep's end, how long the tracking queue may take to send what waits
+
+
 class TrialTrackingCallback(Callback):
     """Logs every intermediate Tune result (loss curves, tokens/s, memory) to the trial's MLflow run,
     and closes runs of trials that ended without a ``status.json`` (stopped early by ASHA or by the
     time limit: KILLED; crashed driver: FAILED). With a URI storage a trial that ran on another node
-    has its ``status.json`` there, not in the local sweep folder."""
+    has its ``status.json`` there, not in the local sweep folder.
+
+    Nothing here waits on MLflow: each write goes to a bounded background queue
+    (``orchestrator.results.tracking_queue``: batched across steps, retried with backoff), so a slow
+    store never stalls Tune's event loop and with it every trial's reports. At the sweep's end the
+    queue is flushed (at most ``FLUSH_TIMEOUT_S``); what could not be sent is recorded in the trial
+    folders, one warning says so, and ``--resume`` sends it (``tracking_journal.resend_pending``)."""
 
     def __init__(
         self,
@@ -186,39 +195,33 @@ class TrialTrackingCallback(Callback):
         self.args = (tracking_uri, experiment, sweep, parent_run_id)
         self.sweep_dir = sweep_dir
         self.storage_uri = storage_uri
-        self._tracker = None
-        self._runs: dict[str, str] = {}
+        self._queue: Any = None
+        self._seen: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune stores its callbacks: the queue's thread stays here
+        return {**self.__dict__, "_queue": None, "_seen": set()}
 
     @property
-    def tracker(self):
-        if self._tracker is None:
+    def queue(self) -> Any:
+        if self._queue is None:
             from orchestrator.results.tracking import SweepTracker
+            from orchestrator.results.tracking_journal import DriverSender
+            from orchestrator.results.tracking_queue import TrackingQueue
 
             uri, exp, sweep, parent = self.args
-            self._tracker = SweepTracker(uri, exp, sweep, parent_run_id=parent)
-        return self._tracker
-
-    def _run_id(self, trial) -> str | None:
-        if trial.trial_id not in self._runs:
-            try:
-                self._runs[trial.trial_id] = self.tracker.trial_run(trial.trial_id)
-            except Exception as err:  # noqa: BLE001 - tracking must never stop a sweep
-                log.warning("MLflow run of trial %s not available: %s", trial.trial_id, err)
-                return None
-        return self._runs[trial.trial_id]
+            sender = DriverSender(SweepTracker(uri, exp, sweep, parent_run_id=parent), self.sweep_dir)
+            self._queue = TrackingQueue(sender, sender.record)
+        return self._queue
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get(FINAL_FLAG):
             return  # the trial logs its final metrics itself
-        run_id = self._run_id(trial)
-        if run_id is None:
-            return
+        from orchestrator.results.tracking_queue import Write, metrics_row
+
         metrics = {k: v for k, v in result.items() if _loggable(k, v)}
         step = int(result.get("step") or result.get("training_iteration") or 0)
-        try:
-            self.tracker.log_metrics(run_id, metrics, step=step)
-        except Exception as err:  # noqa: BLE001
-            log.warning("logging metrics of trial %s failed: %s", trial.trial_id, err)
+        self._seen.add(trial.trial_id)
+        self.queue.put(Write(trial.trial_id, metrics_row(metrics, step)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close_if_unfinished(
@@ -228,7 +231,23 @@ class TrialTrackingCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._close_if_unfinished(trial, "FAILED", "the trial's driver process failed")
 
+    def on_experiment_end(self, trials, **info):
+        if self._queue is None:
+            return
+        queue, self._queue = self._queue, None
+        left = queue.close(FLUSH_TIMEOUT_S)
+        if left:
+            log.warning(
+                "MLflow: %d of %d tracking write(s) not sent (%s); recorded in the trial folders "
+                "(tracking_pending.jsonl): --resume sends them",
+                left,
+                left + queue.sent,
+                redact_text(queue.last_error or "unknown error"),
+            )
+
     def _close_if_unfinished(self, trial, status: str, why: str) -> None:
+        if trial.trial_id not in self._seen:
+            return  # no run of ours: the trial never reported
         if read_status(trial_dir(self.sweep_dir, trial.trial_id)) is not None:
             return  # the trial recorded its own end
         if self.storage_uri:
@@ -236,14 +255,11 @@ class TrialTrackingCallback(Callback):
 
             if fetch_status(self.storage_uri, trial.trial_id) is not None:
                 return  # ... on another node
-        run_id = self._runs.get(trial.trial_id)
-        if run_id is None:
-            return
-        try:
-            self.tracker.set_tags(run_id, {"tokentune.status": "stopped" if status == "KILLED" else "failed"})
-            self.tracker.end_trial(run_id, status, why)
-        except Exception as err:  # noqa: BLE001
-            log.warning("closing the MLflow run of trial %s failed: %s", trial.trial_id, err)
+        from orchestrator.results.tracking_queue import Write
+
+        state = "stopped" if status == "KILLED" else "failed"
+        self.queue.put(Write(trial.trial_id, {"op": "tags", "tags": {"tokentune.status": state}}))
+        self.queue.put(Write(trial.trial_id, {"op": "end", "status": status, "error": why}))
 
 
 _SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "done", "step"}
