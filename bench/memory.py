@@ -194,34 +194,11 @@ def table(results: list[dict[str, Any]], device: str) -> str:
 BF16_SETTINGS = {"bf16 weights": ("bfloat16", "true"), "autocast, fp32 weights": ("float32", "true")}
 
 
-def allowed_combinations() -> list[list[str]]:
-    """Every method list the registry allows: a trainer, optionally a quantizer, any modifiers."""
-    import itertools
-
-    from tokentune.errors import ConfigError
-    from tokentune.methods import REGISTRY, validate_methods
-
-    def kind(k: str) -> list[str]:
-        return sorted(n for n, c in REGISTRY.items() if c.kind == k and not n.startswith("_"))
-
-    combos = []
-    for trainer, quant in itertools.product(kind("trainer"), [None, *kind("quantizer")]):
-        mods = kind("modifier")
-        for picked in itertools.chain.from_iterable(
-            itertools.combinations(mods, k) for k in range(len(mods) + 1)
-        ):
-            names = [x for x in (quant, trainer, *picked) if x]
-            try:
-                validate_methods(names)
-            except ConfigError:
-                continue
-            combos.append(names)
-    return combos
-
-
 def run_combinations(args: argparse.Namespace, argv: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Per setting, every allowed combination in a process of its own (``run_rows``)."""
     settings = BF16_SETTINGS if args.dtype == "bfloat16" else {args.dtype: (args.dtype, args.train_bf16)}
+    from tokentune.methods import allowed_combinations
+
     names = ["+".join(c) for c in allowed_combinations()]
     out = {}
     for label, (dtype, bf16) in settings.items():

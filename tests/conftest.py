@@ -191,27 +191,10 @@ def tiny_workspace(tmp_path_factory):
 
 # ---- method combinations, long rows and the memory estimate's check ---------------------------------------
 def allowed_combinations() -> list[list[str]]:
-    """Every method list the registry allows (test-only methods, named ``_...``, left out)."""
-    import itertools
+    """Every method list the registry allows (the contract set): ``tokentune.methods.allowed_combinations``."""
+    from tokentune.methods import allowed_combinations as registry_combinations
 
-    from tokentune.config import ConfigError
-    from tokentune.methods import REGISTRY, validate_methods
-
-    trainers = sorted(n for n, c in REGISTRY.items() if c.kind == "trainer")
-    quantizers = sorted(n for n, c in REGISTRY.items() if c.kind == "quantizer")
-    modifiers = sorted(n for n, c in REGISTRY.items() if c.kind == "modifier" and not n.startswith("_"))
-    combos = []
-    for t in trainers:
-        for q in [None, *quantizers]:
-            for k in range(len(modifiers) + 1):
-                for mods in itertools.combinations(modifiers, k):
-                    names = [x for x in (q, t, *mods) if x]
-                    try:
-                        validate_methods(names)
-                    except ConfigError:
-                        continue
-                    combos.append(names)
-    return combos
+    return registry_combinations()
 
 
 LONG_WORDS = (
@@ -460,3 +443,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- a spec the loader refuses -----------------------------------------------------------------------------
+def refused(d: dict, key: str, *fragments: str, overrides=None) -> str:
+    """``load_spec(d, overrides)`` raises a SpecError naming ``key`` whose text holds every fragment."""
+    from orchestrator.spec.sweep import SpecError, load_spec
+
+    with pytest.raises(SpecError) as info:
+        load_spec(d, overrides)
+    err = str(info.value)
+    assert info.value.key == key, err
+    for frag in fragments:
+        assert frag in err, f"{frag!r} not in: {err}"
+    return err

@@ -139,13 +139,10 @@ def test_memory_bench_rows_probe_with_the_training_batch_and_combinations_cover_
     IST's peak), and ``--combinations`` runs the method contract's list in both bf16 settings."""
     import memory as bench
 
-    from tests.conftest import allowed_combinations
-
     tiny = [*TINY[:-4], "--vocab", "1700", *TINY[-2:]]  # the shipped tokenizer's ids must fit
     args = bench.parse_args([*tiny, "--batch", "3", "--cache-dir", str(tmp_path)])
     args.model = "unused"  # run_config only: no checkpoint is built
     assert bench.run_config(args, ["lora", "ist"], str(tmp_path))["ist"]["probe_batch_size"] == 3
-    assert bench.allowed_combinations() == allowed_combinations()
     combos = bench.parse_args(["--combinations", "--dtype", "bfloat16"])
     assert (combos.seq, combos.batch) == (128, 2) and Path(combos.model, "config.json").exists()
     assert {v for v in bench.BF16_SETTINGS.values()} == {("bfloat16", "true"), ("float32", "true")}

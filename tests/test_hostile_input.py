@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec.sweep import SpecError, load_spec
+from orchestrator.spec.sweep import load_spec
+from tests.conftest import refused
 from tokentune.assets import default_tasks_dir
 from tokentune.data import DataError, load_template
 from tokentune.errors import MAX_EXPANDED_SIZE, expanded_size
@@ -25,16 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def spec(**base) -> dict:
     return {"name": "hostile", "base": {"train": {"max_steps": 2}, **base}}
-
-
-def refused(d, key: str, *fragments: str, overrides=None) -> str:
-    with pytest.raises(SpecError) as info:
-        load_spec(d, overrides)
-    err = str(info.value)
-    assert info.value.key == key, err
-    for frag in fragments:
-        assert frag in err, f"{frag!r} not in: {err}"
-    return err
 
 
 @contextlib.contextmanager

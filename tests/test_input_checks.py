@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from orchestrator.spec.sweep import SpecError, load_spec
+from tests.conftest import refused
 from tokentune.assets import default_model_path
 from tokentune.config import ConfigError, DataConfig, RunConfig
 from tokentune.data import DataError, load_template, read_rows, tokenize_rows
@@ -25,16 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 def spec(**base) -> dict:
     """A small spec on the shipped defaults; ``base`` sections replace the base's."""
     return {"name": "inputs", "base": {"train": {"max_steps": 2}, **base}}
-
-
-def refused(d: dict, key: str, *fragments: str, overrides=None) -> str:
-    with pytest.raises(SpecError) as info:
-        load_spec(d, overrides)
-    err = str(info.value)
-    assert info.value.key == key, err
-    for frag in fragments:
-        assert frag in err, f"{frag!r} not in: {err}"
-    return err
 
 
 def fake_hub_cache(root: Path, repo: str) -> Path:

@@ -30,9 +30,35 @@ def skip_unused_packages(method_lists: list[list[str]]) -> list[str]:
     return skipped
 
 
+def allowed_combinations() -> list[list[str]]:
+    """Every method list the registry allows, in a stable order (test-only methods, named ``_...``, left
+    out): each trainer alone and with each quantizer, with every subset of the modifiers."""
+    import itertools
+
+    from tokentune.errors import ConfigError
+
+    def kind(k: str) -> list[str]:
+        return sorted(n for n, c in REGISTRY.items() if c.kind == k and not n.startswith("_"))
+
+    combos = []
+    for trainer, quant in itertools.product(kind("trainer"), [None, *kind("quantizer")]):
+        mods = kind("modifier")
+        for picked in itertools.chain.from_iterable(
+            itertools.combinations(mods, k) for k in range(len(mods) + 1)
+        ):
+            names = [x for x in (quant, trainer, *picked) if x]
+            try:
+                validate_methods(names)
+            except ConfigError:
+                continue
+            combos.append(names)
+    return combos
+
+
 __all__ = [
     "REGISTRY",
     "Method",
+    "allowed_combinations",
     "MethodStack",
     "NoConfig",
     "StepContext",
