@@ -537,11 +537,10 @@ def test_memory_estimate_of_a_7b_model():
     q, q_tt = est[("qlora", "lora")], est[("qlora", "lora", "tokentune")]
     assert 12 < lora.weights_gb < 14  # 6.7B parameters in bf16
     assert q.weights_gb < lora.weights_gb / 3  # 4-bit linear layers
-    assert q_tt.total_gb < q.total_gb and lora_tt.total_gb < lora.total_gb
-    # peft's prepare_model_for_kbit_training upcasts embeddings, norms and head to fp32, so QLoRA's residual
-    # stream and MLP products are fp32 under autocast: at 2048 tokens its activations exceed LoRA's (the
-    # bf16 estimate is checked against CPU measurements in tests/test_memory.py); its weights do not
-    assert q.activations_gb > lora.activations_gb and q.weights_gb + q.grads_gb < lora.weights_gb / 3
+    assert q_tt.total_gb < q.total_gb < lora.total_gb and lora_tt.total_gb < lora.total_gb
+    # the paper's spec trains under ZeRO-2 with bf16: DeepSpeed casts QLoRA's upcast norms back to bf16,
+    # so its stream is bf16 like LoRA's (without DeepSpeed it is fp32: tests/test_memory.py)
+    assert q.activations_gb == pytest.approx(lora.activations_gb)
     assert lora.trainable_params == 32 * 3 * 8 * (4096 + 11008)  # r (in + out) on 3 MLP modules x 32 layers
 
 

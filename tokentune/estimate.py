@@ -272,6 +272,10 @@ def deepspeed_terms(t: MemoryTerms) -> None:
     if t.linear_weight_bytes >= 2:  # a floating linear weight (QLoRA's 4-bit ones are not cast)
         t.linear_weight_bytes = 2
     t.trainable_bytes = 2
+    # what the methods counted because some weights stayed wider than bf16 is gone once DeepSpeed casts
+    # them all: QLoRA's upcast norms no longer make the stream and the 4-bit linears' outputs fp32, and
+    # neither an fp32 adapter nor autocast copies a module's input (the modules share their group's)
+    t.linear_out_bytes = t.input_bytes = t.input_elems = None
 
 
 def deepspeed_buffer_bytes(cfg: RunConfig, trainable: int) -> float:
