@@ -49,7 +49,7 @@ from orchestrator.spec.sections import AfterTrial, Objective
 from orchestrator.spec.sweep import SweepSpec
 from tokentune.config import EvalConfig
 from tokentune.errors import is_number
-from tokentune.estimate import MemoryEstimate, estimate_measured, estimate_memory
+from tokentune.estimate import estimate_memory, measured_estimate_metrics
 from tokentune.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
         if isinstance(value, float) and not math.isfinite(value):
             raise TrialFailed(f"training diverged: {name} = {value}")
     metrics = _train_metrics(res.metrics)
-    metrics.update(estimate_vs_measured(estimate_measured(cfg, metrics), metrics))
+    metrics.update(measured_estimate_metrics(cfg, metrics))
     post = PostTrialPlan(ctx.post_trial_worker, ctx.post_trial_gpus, cfg.model.dtype, spec.objective)
     metrics.update(after_training(spec.after_trial, res.final_dir, tdir, cfg.eval, post))
     return metrics
@@ -326,11 +326,6 @@ def _train_metrics(m: dict[str, Any]) -> dict[str, Any]:
     out = {k: float(m[k]) for k in keep if is_number(m.get(k))}
     out.update({k: float(v) for k, v in m.items() if "/" in k and is_number(v)})  # memory/*, <method>/*
     return out
-
-
-def estimate_vs_measured(est: MemoryEstimate | None, metrics: dict[str, Any]) -> dict[str, float]:
-    """``memory/estimate_*`` of the trial's config and ``memory/estimate_ratio`` (estimate / measured)."""
-    return est.vs_measured(metrics) if est is not None else {}
 
 
 # ---- tracking helpers --------------------------------------------------------------------------------------
