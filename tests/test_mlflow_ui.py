@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -25,7 +21,7 @@ import pytest
 
 from orchestrator.results.mlflow_ui import compare_url, experiment_url, runs_url
 from orchestrator.results.tracking import SweepTracker
-from tests.conftest import free_port
+from tests.conftest import running_mlflow_server
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -49,53 +45,10 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory, mlflow_tables):
-    root = tmp_path_factory.mktemp("mlflow_server")
-    shutil.copyfile(mlflow_tables, root / "mlflow.db")  # the server starts on tables made already
-    port = free_port()
-    exe = Path(sys.executable).parent / "mlflow"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
-    cmd += [
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",  # the default 4 uvicorn workers start slowly on 2 cores
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # ~25 s on an idle machine
-    while not _healthy(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGTERM)
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(1)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn workers (our own session)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), mlflow_tables) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
