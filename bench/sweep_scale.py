@@ -98,6 +98,11 @@ class LocalCluster:
                 args += [f"--ray-client-server-port={_free_port()}"]
             else:
                 args += [f"--address={self.address}"]
+            self._start_node(i, args)
+
+    def _start_node(self, i: int, args: list[str], attempts: int = 3) -> None:
+        """``ray start`` of node ``i``; retried on a loaded machine (a raylet has 30 s to register)."""
+        for attempt in range(1, attempts + 1):
             proc = subprocess.run(
                 [str(BIN / "ray"), "start", *args],
                 env=self._env(i),
@@ -107,10 +112,14 @@ class LocalCluster:
                 timeout=300,
                 start_new_session=True,
             )
-            if proc.returncode != 0:
+            if proc.returncode == 0:
+                return
+            self.stop(node=self.ips[i])
+            if attempt == attempts:
                 raise RuntimeError(
-                    f"ray start of node {i} ({ip}) failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+                    f"ray start of node {i} ({self.ips[i]}) failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
                 )
+            print(f"ray start of node {i} failed (attempt {attempt}); retrying", flush=True)
 
     def pids(self) -> dict[int, str]:
         """Our processes: pid -> the address of the node it runs on."""
@@ -126,15 +135,20 @@ class LocalCluster:
                     out[int(d.name)] = next((e[len(node) :].decode() for e in env if e.startswith(node)), "?")
         return out
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 15.0, node: str | None = None) -> None:
+        """SIGTERM, then SIGKILL, our processes (of ``node``, an address, when given)."""
+
+        def ours() -> list[int]:
+            return [pid for pid, ip in self.pids().items() if node in (None, ip)]
+
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            for pid in self.pids():
+            for pid in ours():
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.time() + wait
-            while time.time() < deadline and self.pids():
+            while time.time() < deadline and ours():
                 time.sleep(0.5)
 
 
@@ -218,6 +232,7 @@ class StallClock:
 # ---- one sweep -----------------------------------------------------------------------------------------------
 def spec_dict(args: argparse.Namespace, trials: int, storage: str) -> dict:
     after = {"action": args.after, "keep_merged": "none", "cpus": 0}
+    driver = {"driver_memory_gb": args.driver_memory_gb} if args.driver_memory_gb else {}
     return {
         "include": [str(ROOT / "search_spaces" / "_base.yaml")],
         "name": f"scale_{trials}",
@@ -228,7 +243,7 @@ def spec_dict(args: argparse.Namespace, trials: int, storage: str) -> dict:
             "eval": {"limit": args.eval_limit, "batch_size": 8},
         },
         "search": {"lora.rank": {"choice": [2, 4, 8]}, "train.lr": {"loguniform": [1e-4, 1e-2]}},
-        "tune": {"algorithm": "random", "num_samples": trials, "seed": 0},
+        "tune": {"algorithm": "random", "num_samples": trials, "seed": 0, **driver},
         "after_trial": after,
         "storage": storage,
     }
@@ -415,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-limit", type=int, default=4, help="eval.limit (examples per task) with merge+eval")
     p.add_argument("--cpus-per-node", type=int, default=1)
     p.add_argument("--memory-per-node-gb", type=float, default=2.0, help="each node's Ray memory resource")
+    p.add_argument(
+        "--driver-memory-gb", type=float, help="tune.driver_memory_gb (default: its default); 0.25: before"
+    )
     p.add_argument("--keep", action="store_true", help="keep the bench's folder (sweeps, Ray's logs)")
     p.add_argument("--json", help="also write the raw figures (per-trial rows included) to this file")
     p.add_argument("--from-json", help="print the tables of a run's --json file (no cluster started)")
