@@ -373,6 +373,7 @@ def flatness(usage: list[dict], key: str, window: int = WINDOW) -> tuple[float, 
 def report(r: dict, nodes: int) -> tuple[str, bool]:
     """The table of one N and whether it passes (all finished, drivers on every node, flat usage)."""
     usage, n = r["usage"], r["trials"]
+    per = max(1, r["finished"]) if r["interrupted"] else n  # per trial: of those that ran
     placement = Counter(u["node"] for u in usage)
     lines = [
         f"--- {n} trials on {nodes} nodes{' (INTERRUPTED: the trials finished so far)' if r['interrupted'] else ''} ---"
@@ -399,10 +400,10 @@ def report(r: dict, nodes: int) -> tuple[str, bool]:
     )
     row(
         "GCS CPU / peak RSS",
-        f"{r['gcs_cpu_s']:.1f} s ({r['gcs_cpu_s'] / n:.3f} s/trial) / {peak.get('gcs', 0):.0f} MB",
+        f"{r['gcs_cpu_s']:.1f} s ({r['gcs_cpu_s'] / per:.3f} s/trial) / {peak.get('gcs', 0):.0f} MB",
     )
-    row("Tune state", f"{r['tune_mb']:.1f} MB ({r['tune_mb'] * 1024 / n:.0f} KB/trial)")
-    row("MLflow store", f"{r['mlflow_mb']:.1f} MB ({r['mlflow_mb'] * 1024 / n:.0f} KB/trial)")
+    row("Tune state", f"{r['tune_mb']:.1f} MB ({r['tune_mb'] * 1024 / per:.0f} KB/trial)")
+    row("MLflow store", f"{r['mlflow_mb']:.1f} MB ({r['mlflow_mb'] * 1024 / per:.0f} KB/trial)")
     row("merge queue wait", _stats(r["queued"]) if r["queued"] else "n/a (phase/post_queued_s not recorded)")
     row("event-loop stall (report->handled)", f"{_stats(r['stalls'])} over {len(r['stalls'])} results")
     for where, same in (("same node", True), ("across nodes", False)):
@@ -414,7 +415,7 @@ def report(r: dict, nodes: int) -> tuple[str, bool]:
         row(f"Train worker shutdown, {where}", f"{_stats(exits)} ({len(exits)} trials)")
     row("trial drivers per node", ", ".join(f"{k}: {v}" for k, v in sorted(placement.items())))
     row("resume (finished sweep)", f"{r['resume_s']:.1f} s, {r['resumed_finished']}/{n} finished")
-    row("wall", f"{r['wall_s']:.1f} s ({r['wall_s'] / n:.2f} s/trial)")
+    row("wall", f"{r['wall_s']:.1f} s ({r['wall_s'] / per:.2f} s/trial)")
     for err in r["errors"]:
         row("error", err)
     lines.append(f"{'PASS' if ok else 'FAIL'}: all finished, drivers on every node, driver CPU/RSS flat")
