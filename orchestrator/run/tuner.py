@@ -260,16 +260,8 @@ class TrialTrackingCallback(Callback):
         self.queue.put(Write(trial.trial_id, {"op": "end", "status": status, "error": why}))
 
 
-_SKIP = {
-    "training_iteration",
-    "time_this_iter_s",
-    "time_total_s",
-    "timestamp",
-    "pid",
-    "done",
-    "step",
-    REPORTED_AT,
-}
+_SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "done", "step"}
+_SKIP |= {REPORTED_AT}  # when the trial sent the report (bench/sweep_scale.py's event-loop stall)
 
 
 def _loggable(key: str, value: Any) -> bool:
