@@ -146,3 +146,58 @@ def test_memory_bench_rows_probe_with_the_training_batch_and_combinations_cover_
     combos = bench.parse_args(["--combinations", "--dtype", "bfloat16"])
     assert (combos.seq, combos.batch) == (128, 2) and Path(combos.model, "config.json").exists()
     assert {v for v in bench.BF16_SETTINGS.values()} == {("bfloat16", "true"), ("float32", "true")}
+
+
+def _scale_result(n: int, nodes: int, rss_growth: float = 0.0) -> dict:
+    """What ``sweep_scale.run_one`` returns, made up: ``n`` trials over ``nodes`` driver processes (one
+    per node); each process's first trial pays its imports (cold), RSS grows by ``rss_growth`` overall."""
+    usage = []
+    for i in range(n):
+        usage.append(
+            {"time": float(i), "pid": 100 + i % nodes, "node": f"127.0.0.{2 + i % nodes}", "cold": i < nodes,
+             "driver_cpu_s": 4.0 if i < nodes else 0.6 + 0.01 * (i % 3),
+             "driver_rss_mb": 560.0 * (1 + rss_growth * i / n), "worker_node": f"127.0.0.{2 + (i + 1) % nodes}",
+             "train_exit": 1.0}
+        )  # fmt: skip
+    return {
+        "trials": n, "interrupted": False, "finished": n, "failed": 0, "failed_tracking_or_queue": 0,
+        "errors": [], "resumed_finished": n, "usage": usage, "peak_mb": {"driver": 562, "controller": 470},
+        "gcs_cpu_s": 30.0, "tune_mb": 20.0, "mlflow_mb": 70.0, "queued": [], "stalls": [0.05, 0.1],
+        "wall_s": 1000.0, "resume_s": 2.0,
+    }  # fmt: skip
+
+
+def test_scale_bench_table_checks_flat_driver_usage_and_placement_on_every_node(tmp_path):
+    """The scale bench's verdict (bench/sweep_scale.py), without a cluster: cold starts kept apart, the
+    last 50 trials against the first 50, and a trial driver on every node."""
+    import sweep_scale as bench
+
+    text, ok = bench.report(_scale_result(200, 4), nodes=4)
+    assert ok, text
+    assert "driver processes (cold start CPU)" in text and "4 (" in text  # one cold start per process
+    assert "127.0.0.5: 50" in text and "flat within 25%" in text and "NOT flat" not in text
+    leaking, ok = bench.report(_scale_result(200, 4, rss_growth=0.6), nodes=4)
+    assert not ok and "NOT flat" in leaking
+    _, ok = bench.report(_scale_result(200, 4), nodes=5)  # no driver on the fifth node
+    assert not ok
+    # the rows come from the trial folders: node of the driver, its process's first trial, the worker's node
+    for i, (pid, worker) in enumerate([(7, 70), (7, 71), (8, 72)]):
+        d = tmp_path / f"t{i}"
+        d.mkdir()
+        events = [
+            {"event": "trial started", "time": 10.0 * i, "pid": pid, "node": f"127.0.0.{2 + i}"},
+            {"event": "workers_ready", "time": 10.0 * i + 1, "pid": worker},
+            {
+                "event": "logged",
+                "time": 10.0 * i + 5,
+                "pid": pid,
+                "driver_cpu_s": 1.0,
+                "driver_rss_mb": 500.0,
+            },
+        ]
+        (d / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    trials = [{"dir": str(tmp_path / f"t{i}"), "metrics": {"phase/train_exit_s": 0.9}} for i in range(3)]
+    rows = bench.trial_usage(trials, {70: "127.0.0.2", 71: "127.0.0.9"})
+    assert [(r["node"], r["worker_node"], r["cold"]) for r in rows] == [
+        ("127.0.0.2", "127.0.0.2", True), ("127.0.0.3", "127.0.0.9", False), ("127.0.0.4", "?", True),
+    ]  # fmt: skip

@@ -72,6 +72,9 @@ EXCLUDES = [
     "__pycache__",
 ]
 JOB_TIMEOUT_S = 1500  # the machine may be shared and loaded: generous
+#: each node's Ray memory: 3 trial drivers (tune.driver_memory_gb, 1 GB). Ray packs drivers on a node until
+#: half its memory is reserved, so with two trials at once the second driver must go to the other node
+NODE_MEMORY = 3 * 1024**3
 AFTER_KILL_TIMEOUT_S = 900  # the rest of the two-node sweep: ~40 s alone, ~4 min on a loaded machine
 
 
@@ -576,6 +579,7 @@ class LocalRayCluster:
                 f"--ray-client-server-port={free_port()}",
                 f"--num-cpus={num_cpus}",
                 "--num-gpus=0",
+                f"--memory={NODE_MEMORY}",
                 "--object-store-memory=300000000",
             ],
         )
@@ -589,6 +593,7 @@ class LocalRayCluster:
                 f"--node-ip-address={ip}",
                 f"--num-cpus={num_cpus}",
                 "--num-gpus=0",
+                f"--memory={NODE_MEMORY}",
                 f"--resources={json.dumps({node: 1})}",
                 "--object-store-memory=300000000",
             ],
@@ -899,6 +904,8 @@ def test_job_submit_runs_a_two_node_sweep_that_survives_losing_a_node(cluster):
     _, children_before = _mlflow_runs(sweep_dir)
     runs_before = {r.data.tags["tokentune.trial_id"]: r.info.run_id for r in children_before}
     assert seen["RayTrainWorker"] >= {head_id, node2_id}, f"Train workers only on {seen} (head {head_id})"
+    # trial drivers reserve what they and their Train controllers use (tune.driver_memory_gb): spread too
+    assert seen["ImplicitFunc"] >= {head_id, node2_id}, f"trial drivers only on {seen} (head {head_id})"
     t_kill = time.time()
     victims = cluster.pids("node2")
     cluster.kill("node2", grace_s=0)  # SIGKILL every process of node 2: the machine is gone

@@ -136,6 +136,27 @@ def test_concurrency_from_cluster_resources():
         max_concurrent_trials(two, {"CPU": 1})
 
 
+def test_trial_drivers_reserve_the_memory_they_and_their_train_controller_use():
+    """A trial driver's bundle holds what it and its Train controller (pinned to its node) use, so Ray
+    places the next driver on another node once a node's memory is taken; ``tune.driver_memory_gb``
+    overrides the measured default, ``tune.driver_cpus`` adds CPUs."""
+    from orchestrator.run.space import driver_resources
+    from orchestrator.spec.sections import DRIVER_MEMORY_GB
+
+    gb = 1024**3
+    quick = load_spec(QUICKSTART)
+    assert driver_resources(quick) == {"memory": int(DRIVER_MEMORY_GB * gb)}  # no CPU key: 0 CPUs
+    assert (
+        DRIVER_MEMORY_GB >= 0.5
+    )  # measured ~0.8-1.1 GB; the old fixed 256 MB packed every driver on one node
+    assert driver_resources(load_spec(QUICKSTART, ["tune.driver_memory_gb=2.5"]))["memory"] == 2.5 * gb
+    both = driver_resources(load_spec(QUICKSTART, ["tune.driver_cpus=0.5", "tune.driver_memory_gb=0.25"]))
+    assert both == {"CPU": 0.5, "memory": 0.25 * gb}
+    for bad in ("0", "-1", "lots"):
+        with pytest.raises(SpecError, match="tune.driver_memory_gb"):
+            load_spec(QUICKSTART, [f"tune.driver_memory_gb={bad}"])
+
+
 # ---- real sweeps ---------------------------------------------------------------------------------------------
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)

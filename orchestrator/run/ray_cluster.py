@@ -113,6 +113,16 @@ def set_train_poll_interval() -> str:
     return os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
 
 
+def on_this_node() -> Any:
+    """Ray scheduling strategy that keeps an actor on this process's node, never elsewhere. The sweep's
+    helper actors (training slots) use it: the sweep's driver runs on the head (``ray job submit``), and
+    a 0-CPU actor would otherwise go wherever Ray's spread policy puts it, beside the trials' work."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,

@@ -14,8 +14,8 @@ Slots are leases: the holder renews its lease every few seconds (a daemon thread
 renewed for ``hold_ttl_s`` (the holder's process died: a lost node, an OOM kill) goes back to the
 pool. A waiting trial polls; one that stops polling for ``wait_ttl_s`` leaves the queue. Waiters are
 served first come, first served. The same key acquiring again (a trial restarted by Tune) gets its
-own lease back. Nothing deadlocks on Ray resources: a waiting trial holds none (its driver reserves
-only ``tune.driver_cpus``), and the merge + eval task asks Ray for its own (``after_trial.cpus/gpus``).
+own lease back. Nothing deadlocks on Ray resources: a waiting trial holds no CPU or GPU (its driver
+reserves only ``tune.driver_cpus`` and its memory), and the merge + eval task asks Ray for its own (``after_trial.cpus/gpus``).
 """
 
 from __future__ import annotations
@@ -95,12 +95,17 @@ def slot_actor_name(sweep_id: str) -> str:
 
 
 def start_slot_actor(slots: int, sweep_id: str) -> tuple[str, Any]:
-    """The sweep's slot actor (0 CPUs, owned by this process); returns its name and handle."""
+    """The sweep's slot actor (0 CPUs, owned by this process, on its node: the head); returns its name
+    and handle."""
     import ray
+
+    from orchestrator.run.ray_cluster import on_this_node
 
     name = slot_actor_name(sweep_id)
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(SlotTable)
-    handle = actor_cls.options(name=name, get_if_exists=True).remote(slots)
+    handle = actor_cls.options(name=name, get_if_exists=True, scheduling_strategy=on_this_node()).remote(
+        slots
+    )
     ray.get(handle.state.remote())  # started (and ready) before the first trial asks
     return name, handle
 

@@ -190,5 +190,12 @@ def max_concurrent_trials(spec: SweepSpec, cluster: dict[str, float]) -> int:
 
 
 def driver_resources(spec: SweepSpec) -> dict[str, float]:
-    """The trial driver's own reservation (``tune.with_resources``); Train workers reserve theirs."""
-    return {"CPU": float(spec.tune.driver_cpus)}
+    """The trial driver's own reservation (``tune.with_resources``): ``tune.driver_cpus`` CPUs (left out
+    when 0) and ``tune.driver_memory_gb`` of memory, in bytes, for the driver and its Ray Train
+    controller (Ray starts the controller on the driver's node with no reservation of its own). Ray
+    places trial drivers by this, so with what they really use a node that holds as many drivers as it
+    can is passed over for the next (the Train workers reserve their own CPUs/GPUs, anywhere)."""
+    out = {"memory": float(int(spec.tune.driver_memory_gb * 1024**3))}
+    if spec.tune.driver_cpus:
+        out["CPU"] = float(spec.tune.driver_cpus)
+    return out

@@ -82,6 +82,9 @@ class TrialContext:
 #: Keys Ray Tune reserves in a result: a Train report carrying ``done`` would end the Tune trial
 #: before merge + evaluation run. Renamed ``train_<key>`` on the way to Tune.
 TUNE_RESERVED = ("done", "training_iteration", "trial_id", "time_total_s", "timestamp", "config")
+#: the wall-clock time a report left the trial (``time.time()``): the sweep's driver takes the time it
+#: is processed minus this as its event-loop stall (bench/sweep_scale.py); never logged as a metric
+REPORTED_AT = "reported_at"
 
 
 class TrialReportCallback(TuneReportCallback):
@@ -89,7 +92,11 @@ class TrialReportCallback(TuneReportCallback):
     Train job reports ``done``). Made inside the trial: its base needs a Tune session."""
 
     def after_report(self, run_context, metrics, checkpoint):
-        metrics = [{(f"train_{k}" if k in TUNE_RESERVED else k): v for k, v in m.items()} for m in metrics]
+        now = time.time()
+        metrics = [
+            {**{(f"train_{k}" if k in TUNE_RESERVED else k): v for k, v in m.items()}, REPORTED_AT: now}
+            for m in metrics
+        ]
         super().after_report(run_context, metrics, checkpoint)
 
 
@@ -105,7 +112,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tdir = trial_dir(ctx.sweep_dir, trial_id)
     tdir.mkdir(parents=True, exist_ok=True)
 
-    log_event(tdir, "trial started", trial_id=trial_id)
+    log_event(tdir, "trial started", trial_id=trial_id, node=_node_ip())
+    cpu0 = time.process_time()
     done = _finished_before(ctx, tdir, trial_id)
     if done is not None:
         log_event(tdir, "skipped (finished before)")
@@ -147,8 +155,25 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     _close_finished_run(tracking, metrics, cfg.train.max_steps)
     if tracking.offline:  # its recorded writes go with the folder (a resume on the driver sends them)
         _upload(ctx, tdir, trial_id)
-    log_event(tdir, "logged")
+    log_event(tdir, "logged", **driver_usage(cpu0))
     ray.tune.report({**metrics, FINAL_FLAG: 1})
+
+
+def driver_usage(cpu0: float) -> dict[str, float]:
+    """What this trial's driver process used: CPU seconds since ``cpu0`` (``time.process_time()`` at the
+    trial's start; the process serves trial after trial) and its RSS now, in MB."""
+    import psutil
+
+    return {
+        "driver_cpu_s": round(time.process_time() - cpu0, 4),
+        "driver_rss_mb": round(psutil.Process().memory_info().rss / 1024**2, 1),
+    }
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def phase_summary(tdir: Path) -> dict[str, float]:

@@ -6,8 +6,9 @@
     trials = collect_trials(grid, spec, sweep_dir)
 
 The trainable is ``orchestrator.run.trial.run_trial`` (a plain driver function that starts a Ray Train
-job). It reserves only a little memory for itself (``tune.driver_cpus`` CPUs, 0 by default; Tune
-needs a non-empty bundle): the Train workers reserve their CPUs/GPUs through the Train
+job). It reserves what it and its Train controller use (``tune.driver_memory_gb``, measured, and
+``tune.driver_cpus`` CPUs, 0 by default: ``space.driver_resources``), so Ray spreads drivers across
+nodes: the Train workers reserve their CPUs/GPUs through the Train
 ``ScalingConfig`` in their own placement group, and the number of trials in flight is bounded from
 the cluster's resources (``space.max_concurrent_trials``), so a trial never starts only to wait for
 workers. The limit lives in the search algorithm (Tune ignores ``TuneConfig.max_concurrent_trials``
@@ -30,14 +31,13 @@ from ray.tune import Callback
 
 from orchestrator.results.trial_status import read_status, trial_dir
 from orchestrator.results.types import TrialResult
-from orchestrator.run.trial import FINAL_FLAG, TrialContext, run_trial
+from orchestrator.run.trial import FINAL_FLAG, REPORTED_AT, TrialContext, run_trial
 from orchestrator.spec.sweep import SweepSpec
 from tokentune.redact import redact_text
 
 log = logging.getLogger(__name__)
 
 TUNE_NAME = "tune"
-DRIVER_MEMORY_BYTES = 256 * 1024**2  # the driver's reservation: a Python process waiting on Ray Train
 
 
 # ---- trainable and tuner -----------------------------------------------------------------------------------
@@ -46,9 +46,7 @@ def make_trainable(spec: SweepSpec, ctx: TrialContext) -> Any:
 
     from orchestrator.run.space import driver_resources
 
-    resources: dict[str, Any] = {k: v for k, v in driver_resources(spec).items() if v}
-    resources["memory"] = DRIVER_MEMORY_BYTES  # a bundle must hold something; CPUs are 0 by default
-    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    return tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), driver_resources(spec))
 
 
 def start_sweep_actors(spec: SweepSpec, ctx: TrialContext, cluster: dict[str, float], sweep_id: str) -> list:
@@ -263,6 +261,7 @@ class TrialTrackingCallback(Callback):
 
 
 _SKIP = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "done", "step"}
+_SKIP |= {REPORTED_AT}  # when the trial sent the report (bench/sweep_scale.py's event-loop stall)
 
 
 def _loggable(key: str, value: Any) -> bool:

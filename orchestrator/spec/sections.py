@@ -23,6 +23,11 @@ ALGORITHMS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 TIME_ATTRS = ("training_iteration", "step")
 KEEP_MERGED = ("best", "all", "none")
+#: ``tune.driver_memory_gb``'s default: what one trial driver and its Ray Train controller hold. Measured
+#: with bench/sweep_scale.py (peak RSS, sampled every second, CPU trials of the tiny default): a trial
+#: driver process ~560 MB (Ray, Tune, Train, MLflow, torch imported; flat over the trials it serves), its
+#: Train controller ~470 MB; the controller reserves nothing itself and Ray starts it on the driver's node
+DRIVER_MEMORY_GB = 1.0
 #: what happens after a trial trains (``after_trial.action``)
 ACTIONS = ("none", "merge", "merge+eval")
 #: Metrics every trial reports (besides ``eval/<task>/<metric>`` and ``eval/score`` after evaluation).
@@ -165,6 +170,11 @@ class TuneSettings:
     driver_cpus: float = setting(
         0.0, "CPUs each trial's driver reserves (the Train workers reserve their own)"
     )
+    driver_memory_gb: float = setting(
+        DRIVER_MEMORY_GB,
+        "GB each trial's driver reserves for itself and its Ray Train controller (pinned to its node); "
+        "Ray spreads trial drivers across nodes by it. Default: their measured RSS (bench/sweep_scale.py)",
+    )
     max_memory_gb: float | None = setting(
         None,
         "GB per worker: a trial whose memory estimate of what must fit (memory/estimate_fit_gb, sequences "
@@ -196,6 +206,8 @@ class TuneSettings:
         st = self.startup_trials
         check(st is None or _int_at_least(st, 1), f"{s}.startup_trials", st, "null or an integer >= 1")
         check(_number_at_least(self.driver_cpus, 0), f"{s}.driver_cpus", self.driver_cpus, "a number >= 0")
+        gb = self.driver_memory_gb
+        check(_positive_or_null(gb) and gb is not None, f"{s}.driver_memory_gb", gb, "a number of GB > 0")
         check(
             _positive_or_null(self.max_memory_gb),
             f"{s}.max_memory_gb",
