@@ -19,8 +19,9 @@ A resumed run reports the time of the call that finished it: the steps before th
 counted.
 
 The step-cost estimate counts multiply-accumulates per token from the same ``MemoryTerms`` the memory
-estimate composes (``tokentune.estimate.memory_terms``): the forward of every layer and the head over
-all tokens; the backward's input gradients for the share of tokens whose activations are saved
+estimate composes (``tokentune.estimate.memory_terms``): the forward of every layer over all tokens
+and of the head over the share whose logits are kept (``token_share``, as the memory estimate's
+logits term: TokenTune's split forward takes the loss on its selected tokens); the backward's input gradients for the share of tokens whose activations are saved
 (``token_share``: TokenTune) through the layers above the lowest trained one (IST/RST: its expected
 depth when ``active_layers`` of ``L`` layers are drawn uniformly), and its weight gradients where the
 base trains (full fine-tuning; adapters' are negligible); ``recompute_share`` of the layers' forward
@@ -100,7 +101,7 @@ def step_macs(t: MemoryTerms) -> float:
     # per token: the linears, and causal attention's scores and weighted sum over seq / 2 keys on average
     layer = t.linear_params_per_layer + seq * s.heads * s.head_dim
     head = s.vocab * s.hidden
-    forward = L * layer + head
+    forward = L * layer + t.token_share * head  # the head runs on the tokens whose loss is taken
     depth = expected_depth(L, t.active_layers) if t.active_layers < L else L
     backward_input = depth * layer + head
     backward_weight = (min(L, t.active_layers) * t.linear_params_per_layer + head) if t.base_trains else 0.0
