@@ -37,6 +37,9 @@ Figures (each row runs in a fresh subprocess unless ``--no-isolate``):
   batch the size of the training batch): ``step_s`` is the median training step plus the round's
   time spread over the 10 steps, ``probe_share`` that spread part over ``step_s`` (``step_cpu_s``
   leaves probing out). ``bench/ist_bench.py`` measures the same at the IST paper's batch sizes.
+- ``step_cost_est`` (column ``est x``): the step-cost estimate of the row's methods over its mode's
+  stock step (``tokentune.timing.relative_step_cost``: multiply-accumulates per token), to compare with
+  the measured ``x stock`` of ``step s`` and ``cpu s``.
 """
 
 from __future__ import annotations
@@ -297,6 +300,19 @@ class PeakMemory:
         return peak - self.base, peak
 
 
+def estimated_step_cost(args: argparse.Namespace, names: list[str], configs: dict[str, Any]) -> float:
+    """``tokentune.timing.relative_step_cost`` of a row: its step over its mode's stock step, estimated."""
+    from tokentune.config import RunConfig
+    from tokentune.shape import ModelShape
+    from tokentune.timing import relative_step_cost
+
+    cfg = RunConfig.from_dict(
+        {"methods": names, **configs, "data": {"max_length": args.seq}, "train": {"batch_size": args.batch}}
+    )
+    shape = ModelShape(args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab)
+    return relative_step_cost(cfg, shape)
+
+
 def make_batch(args: argparse.Namespace, size: int | None = None, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, args.vocab, (size or args.batch, args.seq), generator=g)
@@ -351,6 +367,7 @@ def measure(args: argparse.Namespace, mode: str, variant: Variant, ratio: float 
         "step_s": step_s,
         "probe_share": (sum(probe) / len(probe)) / step_s,
         "step_cpu_s": statistics.median(cpu_times[args.warmup :]),
+        "step_cost_est": estimated_step_cost(args, names, configs),
         "threads": torch.get_num_threads(),
         "loss": losses[-1],
     }
@@ -383,7 +400,7 @@ def table(results: list[dict[str, Any]]) -> str:
     mb = 2**20
     head = (
         f"{'mode':<6} {'method':<10} {'ratio':>5} | {'saved act MB':>12} {'x stock':>7} | "
-        f"{'saved all MB':>12} {'x stock':>7} | {'peak MB':>8} {'x stock':>7} | {'step s':>7} {'x stock':>7} | {'cpu s':>7} {'x stock':>7} | probe"
+        f"{'saved all MB':>12} {'x stock':>7} | {'peak MB':>8} {'x stock':>7} | {'step s':>7} {'x stock':>7} | {'cpu s':>7} {'x stock':>7} {'est x':>6} | probe"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -396,7 +413,8 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['mode']:<6} {r['method']:<10} {ratio:>5} | {r['saved_act_bytes'] / mb:12.1f} {rel('saved_act_bytes')} | "
             f"{r['saved_bytes'] / mb:12.1f} {rel('saved_bytes')} | {r['peak_bytes'] / mb:8.1f} {rel('peak_bytes')} | "
-            f"{r['step_s']:7.3f} {rel('step_s')} | {r['step_cpu_s']:7.3f} {rel('step_cpu_s')} | "
+            f"{r['step_s']:7.3f} {rel('step_s')} | {r['step_cpu_s']:7.3f} {rel('step_cpu_s')} "
+            f"{r.get('step_cost_est', float('nan')):6.2f} | "
             f"{100 * r.get('probe_share', 0.0):4.1f}%"
         )
     return "\n".join(lines)

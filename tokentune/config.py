@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from tokentune.compute import ComputeConfig
 from tokentune.errors import ConfigError, check, check_expanded_size, is_int, is_number
 from tokentune.methods import REGISTRY, validate_methods
+from tokentune.optimizers import OPTIMIZERS, check_optimizer
 from tokentune.settings import build_section, setting
 
 __all__ = ["ConfigError", "RunConfig", "build_section", "load_config"]
@@ -149,6 +151,11 @@ class TrainConfig:
     batch_size: int = setting(16, "micro-batch per worker")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     max_grad_norm: float | None = setting(1.0, "gradient clipping norm; null = off")
+    optimizer: str = setting(
+        "adamw",
+        "adamw (fp32 states), adamw_8bit (bitsandbytes: uint8 states, CPU or GPU) or paged_adamw_8bit "
+        "(bitsandbytes, GPU only); 8-bit: not with compute.zero_stage",
+    )
     bf16: str = setting("auto", "bf16 autocast of the forward: auto (CUDA with bf16 support), true or false")
     seed: int = setting(
         0, "seeds torch (model init, dropout) and the data order; methods have their own seeds"
@@ -171,6 +178,9 @@ class TrainConfig:
             "a number >= 0",
         )
         check(self.schedule in SCHEDULES, "train.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+        check(
+            self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}"
+        )
         if self.epochs is not None and self.max_steps is not None:
             raise ConfigError(
                 f"train.epochs={self.epochs!r} and train.max_steps={self.max_steps!r} are both set: set exactly "
@@ -211,39 +221,6 @@ class TrainConfig:
             return int(self.max_steps)
         per_epoch = max(1, n_rows // (self.batch_size * world_size))
         return max(1, math.ceil(self.epochs * per_epoch / self.grad_accum))
-
-
-@dataclass
-class ComputeConfig:
-    """Resources of one run (section ``compute``; a Ray Train job when workers > 1 or under a sweep)."""
-
-    workers: int = setting(1, "training workers (> 1: a Ray Train job)")
-    use_gpu: bool | str = setting("auto", "auto (when a GPU is available), true or false")
-    cpus_per_worker: float = setting(1, "CPUs per worker")
-    gpus_per_worker: float = setting(1, "GPUs per worker (when GPUs are used)")
-    zero_stage: int | None = setting(None, "DeepSpeed ZeRO stage 0-3; null = no DeepSpeed")
-    backend: str = setting("auto", "process group: auto (nccl on GPU, gloo on CPU), gloo or nccl")
-
-    def __post_init__(self) -> None:
-        check(is_int(self.workers) and self.workers >= 1, "compute.workers", self.workers, ">= 1")
-        if self.zero_stage is not None:
-            check(
-                self.zero_stage in (0, 1, 2, 3), "compute.zero_stage", self.zero_stage, "0, 1, 2, 3 or null"
-            )
-        check(self.backend in ("auto", "gloo", "nccl"), "compute.backend", self.backend, "auto, gloo or nccl")
-        positive = is_number(self.cpus_per_worker) and self.cpus_per_worker > 0
-        check(positive, "compute.cpus_per_worker", self.cpus_per_worker, "a number > 0")
-        want = self.use_gpu.lower() if isinstance(self.use_gpu, str) else self.use_gpu
-        want = {"true": True, "false": False}.get(want, want) if isinstance(want, str) else want
-        check(want in (True, False, "auto"), "compute.use_gpu", self.use_gpu, "true, false or auto")
-        self.use_gpu = want
-        gpu_gloo = want is True and self.backend == "gloo"  # gloo cannot run DeepSpeed's collectives on GPUs
-        check(not gpu_gloo, "compute.backend", self.backend, "nccl or auto when compute.use_gpu=true")
-
-    def wants_gpu(self, gpu_available: bool) -> bool:
-        """``compute.use_gpu`` decided: true/false as given; auto = when a GPU is available (CUDA on this
-        machine for a local run, a GPU in the Ray cluster for a job). The one place it is interpreted."""
-        return gpu_available if self.use_gpu == "auto" else bool(self.use_gpu)
 
 
 @dataclass
@@ -290,6 +267,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.method_configs = validate_methods(self.methods, self.method_configs)
+        # across sections: DeepSpeed with an 8-bit optimizer, bitsandbytes missing, paged on a CPU run
+        check_optimizer(self, gpu=False if self.compute.use_gpu is False else None)
 
     def __getattr__(self, name: str) -> Any:
         """``cfg.lora``, ``cfg.tokentune``, ...: a registered method's settings section.

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tokentune.optimizers import offload_config
+
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size) of the process group, or (0, 1) when none is initialised."""
@@ -123,8 +125,10 @@ def deepspeed_config(
     bf16: bool,
     trainable: int = DS_BUCKET_DEFAULT,
     largest: int = 0,
+    offload: str = "none",
 ) -> dict:
-    """DeepSpeed's config for one rank; buckets sized for ``trainable`` parameters (:func:`zero_sizes`)."""
+    """DeepSpeed's config for one rank; buckets sized for ``trainable`` parameters (:func:`zero_sizes`),
+    ZeRO-Offload as ``compute.offload`` says (``tokentune.optimizers.offload_config``)."""
     world = dist_info()[1]
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -135,6 +139,7 @@ def deepspeed_config(
             "stage": stage,
             "stage3_gather_16bit_weights_on_model_save": stage == 3,
             **zero_sizes(stage, trainable, largest),
+            **offload_config(offload),
         },
         "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},
@@ -148,7 +153,16 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO 0-3 around a client optimizer/scheduler (the process group already exists)."""
 
     def __init__(
-        self, model, optimizer, scheduler, grad_accum, max_grad_norm, stage: int, micro_batch: int, bf16: bool
+        self,
+        model,
+        optimizer,
+        scheduler,
+        grad_accum,
+        max_grad_norm,
+        stage: int,
+        micro_batch: int,
+        bf16: bool,
+        offload: str = "none",
     ):
         import deepspeed
 
@@ -156,7 +170,9 @@ class DeepSpeedEngine:
         self.rank, self.world = dist_info()
         trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         largest = max((p.numel() for p in model.parameters()), default=0)
-        cfg = deepspeed_config(stage, micro_batch, grad_accum, max_grad_norm, bf16, trainable, largest)
+        cfg = deepspeed_config(
+            stage, micro_batch, grad_accum, max_grad_norm, bf16, trainable, largest, offload
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg
         )

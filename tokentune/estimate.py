@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from tokentune.engine import ZERO3_PERSISTENCE_THRESHOLD, zero_bucket_elements
 from tokentune.methods import MethodStack
+from tokentune.optimizers import optimizer_state_bytes
 from tokentune.shape import ModelShape, model_shape
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class MemoryTerms:
     # gate/up/SiLU outputs (None: ``compute_bytes``)
     extra_bytes_per_token: float = 0  # per trained layer and token, bytes a method saves (its own dtypes)
     extra_bytes_per_layer: float = 0  # per trained layer, bytes independent of the tokens
+    recompute_share: float = 0.0  # share of the layers' forward run again in backward (step cost only:
+    # ``tokentune.timing.step_macs``; gradient checkpointing sets it)
 
     @property
     def compute_bytes(self) -> float:
@@ -101,12 +104,13 @@ class MemoryEstimate:
 
     weights_gb: float
     grads_gb: float
-    optimizer_gb: float  # AdamW states (+ ZeRO's fp32 copy of the weights)
+    optimizer_gb: float  # optimizer states (train.optimizer; + ZeRO's fp32 copy of the weights)
     activations_gb: float  # saved for backward, one micro-batch of max_length tokens, logits included
     trainable_params: int
     buffers_gb: float = 0.0  # DeepSpeed's gradient bucket (not in MemoryMeter's breakdown)
     transient_gb: float = 0.0  # at the peak, beyond the four (logits' gradients; AdamW's foreach copy)
     device_gb: float = 0.0  # what the device holds beyond tensors (``device_bytes``; zero on CPU)
+    host_gb: float = 0.0  # of the four, what ZeRO-Offload keeps in host memory (``compute.offload``)
 
     @property
     def breakdown_gb(self) -> float:
@@ -120,9 +124,9 @@ class MemoryEstimate:
 
     @property
     def fit_gb(self) -> float:
-        """What must fit on the device: the four, DeepSpeed's buffers, the peak's transients and the
-        device term (``tune.max_memory_gb`` gates on this)."""
-        return self.total_gb + self.transient_gb + self.device_gb
+        """What must fit on the device: the four less what ZeRO-Offload keeps on the host, DeepSpeed's
+        buffers, the peak's transients and the device term (``tune.max_memory_gb`` gates on this)."""
+        return self.total_gb - self.host_gb + self.transient_gb + self.device_gb
 
     def short(self) -> str:
         parts = (self.weights_gb, self.grads_gb + self.optimizer_gb, self.activations_gb)
@@ -138,6 +142,8 @@ class MemoryEstimate:
         out["memory/estimate_transient_gb"] = self.transient_gb
         out["memory/estimate_device_gb"] = self.device_gb
         out["memory/estimate_fit_gb"] = self.fit_gb
+        if self.host_gb:
+            out["memory/estimate_host_gb"] = self.host_gb
         return out
 
     def vs_measured(self, memory: dict[str, float]) -> dict[str, float]:
@@ -191,13 +197,15 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape | None = None) -> MemoryEs
     weights = _weights_bytes(t, shards if zero == 3 else 1)
     stepped = active * t.trainable_per_layer + t.trainable_outside  # get a gradient in a step
     # optimizer states exist for every trainable parameter once each has had a gradient (IST: a few steps)
-    if zero is None:  # plain AdamW: gradients, two states per parameter
+    if zero is None:  # the client optimizer: gradients, its states (train.optimizer: AdamW's two, 8-bit)
         grads = stepped * t.trainable_bytes
-        optimizer = 2 * trainable * t.trainable_bytes
+        optimizer = optimizer_state_bytes(cfg.train.optimizer, trainable_sizes(t), t.trainable_bytes)
     else:  # DeepSpeed: fp32 partitions of each parameter group: gradient, master copy, 2 states
         grads = stepped * 4 / (shards if zero >= 2 else 1)
         optimizer = 3 * trainable * 4 / (shards if zero >= 1 else 1)
     activations = _activation_bytes(t, active)
+    offload = cfg.compute.offload  # ZeRO-Offload: the fp32 partitions (and ZeRO-3's weights) on the host
+    host = (grads + optimizer if offload != "none" else 0) + (weights if offload == "optimizer+params" else 0)
     cuda = cfg.compute.use_gpu is True
     step_copy = (trainable * t.trainable_bytes if zero is None else optimizer / 3) if cuda else 0
     return MemoryEstimate(
@@ -209,6 +217,7 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape | None = None) -> MemoryEs
         buffers_gb=deepspeed_buffer_bytes(cfg, trainable) / GB,
         transient_gb=max(_logits_grad_bytes(t), step_copy - activations) / GB,
         device_gb=device_bytes(workers, cuda) / GB,
+        host_gb=host / GB,
     )
 
 
@@ -287,6 +296,21 @@ def deepspeed_buffer_bytes(cfg: RunConfig, trainable: int) -> float:
         return 0.0
     nbytes = 2 if deepspeed_bf16(cfg) else DTYPE_BYTES.get(cfg.model.dtype, 4)
     return zero_bucket_elements(trainable) * nbytes
+
+
+def trainable_sizes(t: MemoryTerms) -> list[int]:
+    """Elements of each trainable tensor (an 8-bit optimizer keeps small ones in fp32): the base's
+    linears, norms and embeddings when it trains, else the tensors the methods add; one tensor of the
+    trainable count when the methods' terms do not add up to it."""
+    s = t.shape
+    if t.base_trains:
+        per_layer = [i * o for i, o in s.linear_dims().values()] + [s.hidden] * 2
+        outside = [s.vocab * s.hidden] * (1 if s.tied else 2) + [s.hidden]
+    else:
+        per_layer, outside = list(t.added_tensors_per_layer), []
+    sizes = per_layer * s.layers + outside
+    total = s.layers * t.trainable_per_layer + t.trainable_outside
+    return sizes if sum(sizes) == total else [total]
 
 
 def _weights_bytes(t: MemoryTerms, shards: int) -> float:

@@ -21,7 +21,12 @@ The breakdown, per worker, in GB (2**30 bytes), each tensor counted once by its 
   drifted with the allocator's history: 15.0 -> 14.0 -> 12.4 MB for the same DoRA+TokenTune run in
   one process). The price: on a sampled step those temporaries stay alive to the forward's end, so
   they count here and can raise ``cuda_peak_gb`` by as much;
-- ``train``: their sum, what an accelerator needs besides the framework's runtime and buffers.
+- ``train``: their sum, what an accelerator needs besides the framework's runtime and buffers;
+- ``host``: of the four, the bytes in host memory, under ZeRO-Offload (``compute.offload``) or when
+  a CUDA run holds any on the CPU. On CUDA: the counted tensors whose device is the CPU. On a CPU run
+  device and host are the same RAM, so it is the tensors ZeRO-Offload places on the host by their
+  role: the optimizer's states and fp32 master partitions and their gradients (``optimizer``), and
+  ZeRO-3's parameter partitions (``optimizer+params``); ``train_gb`` still counts them.
 
 Values are the peak over the sampled steps so far (IST/RST's saved depth changes from step to step).
 On CUDA ``cuda_peak_gb`` is the allocator's peak since ``reset_peak`` (``max_memory_allocated``:
@@ -103,10 +108,15 @@ class MemoryMeter:
     """Measures one worker's memory breakdown on the steps it is told to sample (see the module doc)."""
 
     def __init__(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        offload: str = "none",
     ) -> None:
-        self.model, self.optimizer, self.device = model, optimizer, device
+        self.model, self.optimizer, self.device, self.offload = model, optimizer, device, offload
         self.peak = dict.fromkeys(COMPONENTS, 0)
+        self.host = dict.fromkeys(COMPONENTS, 0)  # of each component, the bytes on the host (see host_gb)
         self.sampled_steps = 0
         self._sampling = False
         self._activations = 0
@@ -126,6 +136,8 @@ class MemoryMeter:
             weights = held_weights(self.model)
             self._param_ptrs = {_storage_key(w)[0] for w in weights}
             self._record("weights", distinct_bytes(weights))
+            partitions = [getattr(p, "ds_tensor", None) for p in self.model.parameters()]
+            self._record_host("weights", partitions, self.offload == "optimizer+params")
 
     def end_step(self) -> None:
         if self._sampling:
@@ -179,6 +191,7 @@ class MemoryMeter:
         grads = [p.grad for p in self._optimizer_params()]
         grads += [p.grad for p in self.model.parameters()]
         self._record("grads", distinct_bytes(grads))
+        self._record_host("grads", [p.grad for p in self._optimizer_params()], self.offload != "none")
 
     def _after_optimizer_step(self, *_: Any) -> None:
         if not self._sampling:
@@ -187,9 +200,19 @@ class MemoryMeter:
         # the optimizer's own copies of the weights (ZeRO's fp32 partitions), not the model's tensors
         masters = [p for p in self._optimizer_params() if _storage_key(p)[0] not in self._param_ptrs]
         self._record("optimizer", distinct_bytes(states + masters))
+        self._record_host("optimizer", states + masters, self.offload != "none")
 
     def _record(self, key: str, nbytes: int) -> None:
         self.peak[key] = max(self.peak[key], int(nbytes))
+
+    def _record_host(self, key: str, tensors: list, offloaded: bool) -> None:
+        """The bytes of ``tensors`` in host memory: on CUDA those on the CPU; on a CPU run (one memory)
+        those ZeRO-Offload places on the host (``offloaded``: this component is offloaded)."""
+        if self.device.type == "cuda":
+            tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+        elif not offloaded:
+            return
+        self.host[key] = max(self.host[key], distinct_bytes(tensors))
 
     # ---- results ---------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -198,6 +221,8 @@ class MemoryMeter:
         if self.sampled_steps:
             out = {f"memory/{k}_gb": v / GB for k, v in self.peak.items()}
             out["memory/train_gb"] = sum(self.peak.values()) / GB
+            if self.offload != "none" or any(self.host.values()):
+                out["memory/host_gb"] = sum(self.host.values()) / GB
             if self.peak_shape is not None:  # the estimate at this shape is comparable (tokentune.estimate)
                 out["memory/peak_batch"], out["memory/peak_seq_len"] = map(float, self.peak_shape)
         if self.device.type == "cuda":

@@ -41,6 +41,8 @@ from tokentune.memory import MemoryMeter, Throughput, reset_peak
 from tokentune.methods import MethodStack, StepContext
 from tokentune.methods.base import IGNORE_INDEX
 from tokentune.models import load_model, load_tokenizer
+from tokentune.optimizers import build_optimizer
+from tokentune.timing import StepClock
 
 Report = Callable[..., None]
 
@@ -56,6 +58,7 @@ class TrainResult:
     wall_s: float = 0.0
     memory: dict[str, float] = field(default_factory=dict)  # ``memory/*`` of this rank (tokentune.memory)
     tokens_per_s: float = 0.0
+    time: dict[str, float] = field(default_factory=dict)  # ``time/*`` of this call (tokentune.timing)
     trainable_digest: str = ""  # hash of this rank's (gathered) trainable weights: equal on every rank
 
 
@@ -172,7 +175,7 @@ def train(
     groups = methods.param_groups(model)
     if not any(len(g["params"]) for g in groups):
         raise RuntimeError(f"methods={cfg.methods}: no parameter is trainable")
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=tc.betas)
+    optimizer = build_optimizer(cfg, groups, device)  # train.optimizer; DeepSpeedCPUAdam under offload
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, total))
     autocast = autocast_factory(cfg, device)
     zero = cfg.compute.zero_stage
@@ -186,6 +189,7 @@ def train(
             zero,
             tc.batch_size,
             autocast is not contextlib.nullcontext,
+            cfg.compute.offload,
         )
     else:
         engine = PlainEngine(model, optimizer, scheduler, tc.grad_accum, tc.max_grad_norm)
@@ -199,12 +203,16 @@ def train(
     # ---- the loop ------------------------------------------------------------------------------
     history: list[dict[str, Any]] = []
     speed = Throughput()
-    meter = MemoryMeter(model, optimizer, device)  # hooks the client optimizer (DeepSpeed steps it too)
+    # hooks the client optimizer (DeepSpeed steps it too); compute.offload: what it counts as host memory
+    meter = MemoryMeter(model, optimizer, device, cfg.compute.offload)
+    clock = StepClock(world, cfg.compute.gpus_per_worker if device.type == "cuda" else 0)
     reset_peak(device)
     losses: list[float] = []
 
     def seen_micro_batch(batch: dict[str, torch.Tensor], _loss: torch.Tensor) -> None:
-        speed.add(int(batch["attention_mask"].sum()))
+        n = int(batch["attention_mask"].sum())
+        speed.add(n)
+        clock.add_tokens(n)
         meter.note_batch(batch["input_ids"])  # the shape of the activation peak (estimate at that shape)
 
     val_loss: float | None = None
@@ -213,6 +221,7 @@ def train(
         done = step + 1
         # the breakdown is measured on the first step after the first (allocations settled), then at each log
         meter.start_step(sampled=done % max(tc.log_every, 1) == 0 or done == min(start_step + 2, total))
+        clock.start_step()
         ctx = StepContext(
             step=step, model=model, optimizer=engine.optimizer, probe_batch=probe_batch, device=device,
             autocast=autocast, world_size=world, rank=rank,
@@ -225,6 +234,7 @@ def train(
             forward_context=lambda: _both(autocast(), meter.saved_tensors()),
             on_micro_batch=seen_micro_batch,
         )
+        clock.end_step()
         meter.end_step()
         if step == start_step:
             phase("first_step")
@@ -249,6 +259,7 @@ def train(
             }
             losses = []
             metrics.update(meter.metrics())
+            metrics.update(clock.metrics())
             metrics.update(methods.metrics())
         if val_loss is not None and (tc.eval_every and done % tc.eval_every == 0 or is_last):
             metrics = metrics or {"step": done}
@@ -284,6 +295,7 @@ def train(
         wall_s=wall,
         memory=meter.metrics(),
         tokens_per_s=sum(tokens) / len(tokens) if tokens else 0.0,
+        time=clock.metrics(),
         trainable_digest=digest,
     )
     if rank == 0:

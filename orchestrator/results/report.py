@@ -33,6 +33,7 @@ from typing import Any
 from orchestrator.results.best import Goal, best_trial, best_trials, front, number
 from tokentune.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from tokentune.redact import redact_rows
+from tokentune.timing import TIME_METRICS
 
 #: the run config's method list: the first searched column when present
 METHODS_KEY = "methods"
@@ -47,9 +48,10 @@ MEMORY_KEYS = [
     "memory/estimate_ratio",
     CUDA_PEAK,
     "memory/process_rss_gb",
+    "memory/host_gb",  # ZeRO-Offload's share of train_gb
 ]
-COST_KEYS = [*MEMORY_KEYS, "tokens_per_s", "wall_s", "val_loss"]
-OPTIONAL_KEYS = (CUDA_PEAK, "memory/process_rss_gb")
+COST_KEYS = [*MEMORY_KEYS, "tokens_per_s", "wall_s", *TIME_METRICS, "val_loss"]
+OPTIONAL_KEYS = (CUDA_PEAK, "memory/process_rss_gb", "memory/host_gb", *TIME_METRICS)
 SCORE_KEY = "eval/score"
 PARETO_KEY = "pareto"
 BEST_KEY = "best"  # "*" on the rows ``best.best_trials`` picks by the objective

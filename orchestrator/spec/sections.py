@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from orchestrator.spec.parts import SpecError, lookup_dotted
 from tokentune.errors import is_int, is_number
 from tokentune.settings import SettingDoc, UnknownKeyError, build_section, describe, setting
+from tokentune.timing import TIME_METRICS
 
 ALGORITHMS = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -31,7 +32,7 @@ DRIVER_MEMORY_GB = 1.0
 #: what happens after a trial trains (``after_trial.action``)
 ACTIONS = ("none", "merge", "merge+eval")
 #: Metrics every trial reports (besides ``eval/<task>/<metric>`` and ``eval/score`` after evaluation).
-TRIAL_METRICS = ("val_loss", "loss", "tokens_per_s", "wall_s", "trial_wall_s")
+TRIAL_METRICS = ("val_loss", "loss", "tokens_per_s", "wall_s", "trial_wall_s", *TIME_METRICS)
 #: Measured memory a trial reports while training (``tokentune.memory``), per worker, in GB.
 MEMORY_METRICS = (
     "memory/train_gb",
@@ -41,6 +42,7 @@ MEMORY_METRICS = (
     "memory/activations_gb",
     "memory/cuda_peak_gb",
     "memory/process_rss_gb",
+    "memory/host_gb",
 )
 
 
