@@ -169,7 +169,9 @@ def _input_values(spec: SweepSpec, key: str):
     dims = [
         d
         for d in spec.search.values()
-        if key == d.key or key.startswith(d.key + ".") or any(key == k or key.startswith(k + ".") for k in setup_keys(d))
+        if key == d.key
+        or key.startswith(d.key + ".")
+        or any(key == k or key.startswith(k + ".") for k in setup_keys(d))
     ]
     if not dims:
         yield f"base.{key}", lookup_dotted(spec.base, key)[1]
