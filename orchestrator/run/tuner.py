@@ -327,7 +327,7 @@ def _tune_error(trial: Any) -> str:
 def decode_searched(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     """A Tune trial's ``config`` -> its searched values (decoded: lists stay lists). A key of a method's
     section whose method the trial does not use (``tokentune.ratio`` of a ``[lora]`` trial) is None."""
-    from orchestrator.spec.parts import lookup_dotted
+    from orchestrator.spec.parts import SETUP_KEY, lookup_dotted, value_label
     from tokentune.config import RunConfig
     from tokentune.methods import REGISTRY
 
@@ -335,7 +335,10 @@ def decode_searched(spec: SweepSpec, config: dict[str, Any]) -> dict[str, Any]:
     for key, dim in spec.search.items():
         found, value = lookup_dotted(config or {}, key)
         out[key] = dim.coerce(value) if found else (dim.values[0] if dim.verb == "fixed" else None)
-    methods = out.get("methods") or spec.base.get("methods") or RunConfig().methods
+    setup = out.get(SETUP_KEY) or {}
+    methods = out.get("methods") or setup.get("methods") or spec.base.get("methods") or RunConfig().methods
+    if SETUP_KEY in out:  # a setup is shown by its name (its keys are in sweep.yaml)
+        out[SETUP_KEY] = value_label(setup)
     for key in out:
         section = key.split(".", 1)[0]
         if section in REGISTRY and section not in methods:

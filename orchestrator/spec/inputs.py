@@ -29,8 +29,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.spec.parts import SpecError, lookup_dotted
-from tokentune.config import ConfigError, set_dotted
+from orchestrator.spec.parts import SpecError, apply_searched, lookup_dotted, setup_keys
+from tokentune.config import ConfigError
 from tokentune.task_files import TASK_SUFFIXES
 
 if TYPE_CHECKING:
@@ -166,13 +166,19 @@ def check_data_rows(spec: SweepSpec) -> None:
 
 def _input_values(spec: SweepSpec, key: str):
     """(where, value) of ``key`` in ``base`` (unless searched) and in each searched candidate."""
-    dims = [d for d in spec.search.values() if key == d.key or key.startswith(d.key + ".")]
+    dims = [
+        d
+        for d in spec.search.values()
+        if key == d.key
+        or key.startswith(d.key + ".")
+        or any(key == k or key.startswith(k + ".") for k in setup_keys(d))
+    ]
     if not dims:
         yield f"base.{key}", lookup_dotted(spec.base, key)[1]
     for dim in dims:
         for value in dim.candidates():
-            d: dict[str, Any] = {}
-            set_dotted(d, dim.key, copy.deepcopy(value))
+            d: dict[str, Any] = copy.deepcopy(spec.base) if setup_keys(dim) else {}
+            apply_searched(d, dim.key, copy.deepcopy(value))
             yield f"search.{dim.key}", lookup_dotted(d, key)[1]
 
 

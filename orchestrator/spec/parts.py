@@ -2,7 +2,10 @@
 
 - ``SpecError``: every user-facing spec error, naming the offending key (``search.lora.rank``);
 - ``SearchDim``: one searched config key and its verb (``{grid: [4, 8]}``, ``{loguniform: [1e-4, 1e-2]}``);
-- small helpers: ``value_label``, ``lookup_dotted``.
+- ``setup``: the one searched key that is not a config key: each value is a named mapping of dotted config
+  keys set together (``{name: lora+offload, methods: [lora], compute.offload: optimizer}``), so a grid
+  compares whole setups side by side instead of the product of their parts;
+- small helpers: ``value_label``, ``lookup_dotted``, ``apply_searched``.
 
 The settings sections (``objective``, ``tune``, ``after_trial``, ``tracking``) are in
 ``orchestrator.spec.sections``; ``orchestrator.spec.sweep`` assembles the parts into a ``SweepSpec``;
@@ -24,6 +27,8 @@ from tokentune.config import ConfigError
 from tokentune.errors import is_int, is_number
 
 VERBS = ("grid", "choice", "uniform", "quniform", "loguniform", "randint", "fixed")
+#: the searched key whose values are named bundles of config keys (see ``apply_searched``)
+SETUP_KEY = "setup"
 
 
 class SpecError(ConfigError):
@@ -102,11 +107,20 @@ class SearchDim:
         return {self.verb: args}
 
     def describe(self) -> str:
+        if self.key == SETUP_KEY:  # the setups by name (each one's keys are in the spec file)
+            return f"{self.verb} over setups: {', '.join(value_label(v) for v in self.values)}"
         return json.dumps(self.to_yaml(), default=str)
 
 
 def parse_dim(key: str, value: Any) -> SearchDim:
     """``search.<key>``'s YAML value -> a ``SearchDim`` (a plain value means ``{fixed: value}``)."""
+    dim = _parse_dim(key, value)
+    if key == SETUP_KEY:
+        check_setups(dim)
+    return dim
+
+
+def _parse_dim(key: str, value: Any) -> SearchDim:
     where = f"search.{key}"
     accepted = f"one of {{{', '.join(VERBS)}}} or a plain value, e.g. {{choice: [4, 8]}}"
     if isinstance(value, list):
@@ -155,9 +169,64 @@ def parse_dim(key: str, value: Any) -> SearchDim:
     return SearchDim(key, verb, low=low, high=high, q=q)
 
 
+# ---- setups: named bundles of config keys ---------------------------------------------------------------
+def check_setups(dim: SearchDim) -> None:
+    """``search.setup``: grid, choice or fixed over mappings, each with a unique ``name`` and at least one
+    dotted config key besides it."""
+    where = f"search.{SETUP_KEY}"
+    example = (
+        "e.g. {grid: [{name: lora, methods: [lora]}, {name: lora+ckpt, methods: [lora, checkpointing]}]}"
+    )
+    if dim.verb not in ("grid", "choice", "fixed"):
+        raise SpecError(
+            where, f"{dim.verb} is not accepted here: expected grid, choice or fixed over setups, {example}"
+        )
+    names: set[str] = set()
+    for v in dim.values:
+        if (
+            not isinstance(v, dict)
+            or not isinstance(v.get("name"), str)
+            or not v["name"].strip()
+            or len(v) < 2
+        ):
+            raise SpecError(
+                where,
+                f"{v!r} is invalid: expected a mapping with a name and the config keys it sets, {example}",
+            )
+        if v["name"] in names:
+            raise SpecError(where, f"the name {v['name']!r} is used twice: each setup needs its own name")
+        names.add(v["name"])
+        bad = [k for k in v if not isinstance(k, str) or not k or k == SETUP_KEY]
+        if bad:
+            raise SpecError(
+                where, f"{v['name']}: {bad[0]!r} is not a config key (e.g. methods, compute.offload)"
+            )
+
+
+def setup_keys(dim: SearchDim) -> set[str]:
+    """The config keys a ``setup`` dimension sets (empty for any other key)."""
+    if dim.key != SETUP_KEY:
+        return set()
+    return {k for v in dim.values for k in v if k != "name"}
+
+
+def apply_searched(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set a searched key's value in the config mapping ``d``: a ``setup`` sets each of its keys."""
+    from tokentune.config import set_dotted
+
+    if key != SETUP_KEY:
+        set_dotted(d, key, value)
+        return
+    for k, v in value.items():
+        if k != "name":
+            set_dotted(d, k, copy.deepcopy(v))
+
+
 # ---- small helpers -------------------------------------------------------------------------------------
 def value_label(v: Any) -> str:
-    """A compact, readable label: ``[lora, tokentune]``, ``0.0003``, ``8``."""
+    """A compact, readable label: ``[lora, tokentune]``, ``0.0003``, ``8``; a setup's name."""
+    if isinstance(v, dict) and isinstance(v.get("name"), str):
+        return v["name"]
     if isinstance(v, (list, dict)):
         return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip()
     if isinstance(v, float):

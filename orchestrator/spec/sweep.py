@@ -49,7 +49,15 @@ import yaml
 
 from orchestrator.spec import plan
 from orchestrator.spec.inputs import absolute_local_paths
-from orchestrator.spec.parts import SearchDim, SpecError, lookup_dotted, parse_dim
+from orchestrator.spec.parts import (
+    SETUP_KEY,
+    SearchDim,
+    SpecError,
+    apply_searched,
+    lookup_dotted,
+    parse_dim,
+    setup_keys,
+)
 from orchestrator.spec.sections import (
     AfterTrial,
     Objective,
@@ -132,7 +140,7 @@ class SweepSpec:
                 raise SpecError(
                     f"search.{key}", f"the trial's searched values have none for it: {searched!r}"
                 )
-            set_dotted(d, key, dim.coerce(value) if found else copy.deepcopy(dim.values[0]))
+            apply_searched(d, key, dim.coerce(value) if found else copy.deepcopy(dim.values[0]))
         return RunConfig.from_dict(d)
 
     def planned_config(self, searched: dict[str, Any]) -> RunConfig:
@@ -366,7 +374,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", source: str | N
     if not isinstance(search_raw, dict):
         raise SpecError("search", f"expected a mapping of config key -> {{verb: ...}}, got {search_raw!r}")
     search = {str(k): parse_dim(str(k), v) for k, v in search_raw.items()}
-    _check_nested_keys(list(search))
+    _check_nested_keys(list(search), search)
     after = parse_section("after_trial", raw.get("after_trial"), AfterTrial)
     obj_raw = raw.get("objective")
     if obj_raw is None:  # eval/score (max) when each trial is evaluated, else val_loss (min)
@@ -388,7 +396,14 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", source: str | N
     )
 
 
-def _check_nested_keys(keys: list[str]) -> None:
+def _check_nested_keys(keys: list[str], search: dict[str, SearchDim]) -> None:
+    inner = setup_keys(search[SETUP_KEY]) if SETUP_KEY in search else set()
+    for a in keys:
+        for b in inner:
+            if a == b or b.startswith(a + ".") or a.startswith(b + "."):
+                raise SpecError(
+                    f"search.{a}", f"overlaps search.{SETUP_KEY}, whose setups set {b}: set it in one place"
+                )
     for a in keys:
         for b in keys:
             if a != b and b.startswith(a + "."):

@@ -26,8 +26,8 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.spec import inputs
-from orchestrator.spec.parts import SearchDim, SpecError
-from tokentune.config import ConfigError, RunConfig, set_dotted
+from orchestrator.spec.parts import SearchDim, SpecError, apply_searched
+from tokentune.config import ConfigError, RunConfig
 from tokentune.methods import MethodStack
 from tokentune.redact import redact_text, secret_in_uri
 from tokentune.shape import model_shape
@@ -84,7 +84,7 @@ def _with_value(spec: SweepSpec, dim: SearchDim, value: Any, whole: bool) -> Run
     if whole:
         return spec.planned_config({dim.key: value})
     d = copy.deepcopy(spec.base)
-    set_dotted(d, dim.key, value)
+    apply_searched(d, dim.key, value)
     return RunConfig.from_dict(d)
 
 
