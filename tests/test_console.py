@@ -64,6 +64,23 @@ def test_heartbeat_repeats_only_while_trials_run(tmp_path):
     assert len(out.getvalue().splitlines()) == n + 1
 
 
+def test_heartbeat_counts_trials_waiting_in_the_merge_queue(tmp_path):
+    """A running trial whose last event is ``post-trial queued`` waits for the merge + eval pool."""
+    from orchestrator.results.trial_status import log_event
+
+    out = io.StringIO()
+    p = SweepProgress(total=3, sweep_dir=str(tmp_path), objective="val_loss", every_s=0.0, out=out)
+    for tid in ("t_a", "t_b"):
+        p.on_trial_start(0, [], _trial(tid))
+        trial_dir(tmp_path, tid).mkdir(parents=True)
+        log_event(trial_dir(tmp_path, tid), "post-trial queued", queue=0)
+    log_event(trial_dir(tmp_path, "t_b"), "post-trial dispatched")
+    p.on_step_end(0, [])
+    assert re.sub(r"^\[.*?\] ", "", out.getvalue().splitlines()[-1]).startswith(
+        "0/3 trials done, 2 running (1 waiting for merge + eval), 1 queued |"
+    )
+
+
 def test_sweep_command_ends_with_where_to_look_or_with_the_table_when_quiet(monkeypatch, capsys):
     from orchestrator import api, cli
     from orchestrator.results.types import SweepResult, TrialResult

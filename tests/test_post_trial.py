@@ -4,7 +4,6 @@ record errors; the same as a real Ray task; pruning merged checkpoints; the ``to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -183,22 +182,23 @@ def test_run_post_trial_as_a_ray_task(adapter, tmp_path, ray_local):
 
 
 @pytest.mark.ray
-def test_the_post_trial_worker_serves_trials_in_one_warm_process(adapter, tmp_path, ray_local):
-    """Merges through the sweep's PostTrialWorker run in one process that stays up, each call holding
-    after_trial.cpus in a placement group that is released afterwards."""
-    from orchestrator.run.post_trial import start_post_trial_worker
+def test_the_pool_serves_trials_in_one_warm_process(adapter, tmp_path, ray_local):
+    """Merges through the sweep's merge + eval pool (one warm worker here) run in one process that stays
+    up, each call holding after_trial.cpus in a placement group that is released afterwards."""
+    from orchestrator.run.post_pool import run_on_pool, start_pool
+    from orchestrator.spec.sections import AfterTrial
 
     ray = ray_local
-    name, _handle = start_post_trial_worker("test-warm")
+    name, _handle = start_pool("test-warm", AfterTrial(workers=1), ray.cluster_resources(), in_flight=1)
     pids = []
     for i in range(2):
         tdir = tmp_path / f"t{i}"
-        out = run_post_trial(
-            adapter, tdir, EVAL, evaluate=False, resources={"num_cpus": 1}, worker=name, timeout_s=300
-        )
+        out = run_on_pool(name, adapter, tdir, EVAL, evaluate=False, resources={"num_cpus": 1}, timeout_s=300)
         assert out["error"] is None and Path(out["merged_dir"], "config.json").is_file(), out
         events = [json.loads(line) for line in (tdir / "events.jsonl").read_text().splitlines()]
         pids.append({e["pid"] for e in events if e["event"] == "merge_started"})
+        queued = [e for e in events if e["event"] == "post-trial queued"]
+        assert queued and queued[0]["workers"] == 1 and queued[0]["queue"] == 0  # nothing ahead of it
     assert pids[0] == pids[1] and len(pids[0]) == 1  # the same warm process
     assert not (pids[0] & {os.getpid()})  # not this one
     deadline = time.monotonic() + 30  # the reserved CPU comes back
@@ -207,39 +207,26 @@ def test_the_post_trial_worker_serves_trials_in_one_warm_process(adapter, tmp_pa
     assert ray.available_resources().get("CPU") == 2
 
 
-def test_a_timed_out_call_restarts_the_warm_worker(tmp_path, monkeypatch):
+def test_a_timed_out_task_is_cancelled(tmp_path, monkeypatch):
+    """A merge + eval task (GPU, or URI storage) still running timeout_s after it started is cancelled;
+    the pool's timeouts: tests/test_post_pool.py."""
     ray = pytest.importorskip("ray")
     from orchestrator.run import post_trial
 
     calls: dict = {}
 
-    class Actor:
-        class run:  # noqa: N801 - mimics an actor method called with options(num_returns="streaming")
-            @staticmethod
-            def options(**opts):
-                return Actor.run
+    class Task:
+        @staticmethod
+        def remote(*args, **kwargs):
+            return iter(["started-ref"])
 
-            @staticmethod
-            def remote(*args, **kwargs):
-                return iter(["started-ref"])
-
-    monkeypatch.setattr(ray, "get_actor", lambda name: Actor)
-    monkeypatch.setattr(post_trial, "as_ray_task", lambda *a, **k: Actor.run)
+    monkeypatch.setattr(post_trial, "as_ray_task", lambda *a, **k: Task)
     monkeypatch.setattr(ray, "cancel", lambda ref, force=False: calls.update(cancel=force))
     monkeypatch.setattr(ray, "get", lambda ref, timeout=None: post_trial.STARTED)
     monkeypatch.setattr(ray, "wait", lambda refs, timeout=None: ([], refs))
-    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: calls.update(kill=(actor, no_restart)))
-    monkeypatch.setattr(post_trial, "_reserved", lambda res: contextlib.nullcontext(calls.update(res=res)))
-    out = post_trial.run_post_trial(
-        tmp_path / "f", tmp_path / "t", resources={"num_cpus": 2}, timeout_s=5, worker="w"
-    )
-    assert out["error"] == "merge+eval timed out after 5 s (after_trial.timeout_s)"
-    assert calls == {"res": {"num_cpus": 2}, "kill": (Actor, False)}  # killed, and restarted by Ray
-    gpu = post_trial.run_post_trial(
-        tmp_path / "f", tmp_path / "t", resources={"num_gpus": 1}, timeout_s=5, worker="w"
-    )
-    assert calls["res"] is None and calls["cancel"] is True  # a GPU call is a task: cancelled
-    assert "timed out" in gpu["error"]
+    gpu = post_trial.run_post_trial(tmp_path / "f", tmp_path / "t", resources={"num_gpus": 1}, timeout_s=5)
+    assert calls["cancel"] is True
+    assert gpu["error"] == "merge+eval timed out after 5 s (after_trial.timeout_s)"
 
 
 def test_post_trial_options():

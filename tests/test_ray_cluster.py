@@ -6,6 +6,7 @@ The sweeper against a real cluster (an actor's group outliving the actor) is in 
 
 from __future__ import annotations
 
+import os
 import threading
 import types
 
@@ -22,6 +23,30 @@ def test_worker_env_makes_the_project_importable_and_carries_the_fault_injection
     assert env["HF_HUB_OFFLINE"] == "1" and FAULT_ENV not in env
     monkeypatch.setenv(FAULT_ENV, "1:2:/tmp/marker")
     assert worker_env()[FAULT_ENV] == "1:2:/tmp/marker"
+
+
+def test_a_down_tracking_server_holds_a_trial_process_seconds_not_minutes(monkeypatch):
+    """MLflow's HTTP client with the environment trial processes get (worker_env): a write to a tracking
+    server that is down (a closed port: connection refused) gives up after a few seconds, where MLflow's
+    own defaults retry for minutes. A value set in the driver's environment is kept."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(key, raising=False)
+    env = {**os.environ, **worker_env()}
+    code = (
+        "import time, mlflow; t0 = time.monotonic()\n"
+        f"try: mlflow.MlflowClient(tracking_uri='http://127.0.0.1:{free_port()}').search_experiments()\n"
+        "except Exception as e: print(type(e).__name__, round(time.monotonic() - t0, 1))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    name, took = out.stdout.split()
+    assert name == "MlflowException" and float(took) < 30, out.stdout + out.stderr[-2000:]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    assert worker_env()["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
 
 
 def _record(id: str, **changes) -> PlacementGroupRecord:

@@ -229,6 +229,7 @@ def test_quickstart_sweep_end_to_end(tmp_path):
         assert _events(t.trial_dir).count("train started") == 1
         assert_phases(t.trial_dir, "logged")  # every phase, once, in order
         assert t.metrics["phase/overhead_s"] > 0 and t.metrics["phase/train_s"] > 0
+        assert t.metrics["phase/post_queued_s"] >= 0  # the wait for the merge + eval pool
         status = json.loads((Path(t.trial_dir) / "status.json").read_text())
         assert status["status"] == "finished"
         assert (Path(t.trial_dir) / "final").is_dir() and (Path(t.trial_dir) / "eval.json").is_file()
@@ -271,6 +272,7 @@ def test_quickstart_sweep_end_to_end(tmp_path):
     for c in children:
         assert c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == res.mlflow_parent_run_id
         assert "eval/score" in c.data.metrics and "loss" in c.data.metrics
+        assert "phase/post_queued_s" in c.data.metrics
     from mlflow import MlflowClient
 
     history = MlflowClient(res.tracking_uri).get_metric_history(children[0].info.run_id, "loss")

@@ -3,6 +3,7 @@
     callback = SweepProgress(total=4, sweep_dir=...)     # a Ray Tune callback, in tune.RunConfig
     [12:03:04] trial 8995b_00001 finished (41 s): eval/score=0.61 | lora.rank=4 methods=lora
     [12:03:04] 2/4 trials done (2 finished), 2 running, 0 queued | elapsed 1m05s, ETA ~1m05s
+    [12:03:34] 2/4 trials done (2 finished), 2 running (1 waiting for merge + eval), 0 queued | ...
 
 A trial that Tune stopped early (ASHA, the time limit) is ``stopped``, not ``failed``: it has no
 ``status.json`` of its own (``orchestrator.results.trial_status``). The heartbeat repeats every
@@ -18,7 +19,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from orchestrator.results.trial_status import read_status, trial_dir
+from orchestrator.results.trial_status import last_event, read_status, trial_dir
 from tokentune.redact import redact_text
 
 
@@ -97,14 +98,21 @@ class SweepProgress(Callback):
         done = len(self.ended)
         running = len(self.started) - done
         queued = max(0, self.total - len(self.started))
+        merging = self._waiting_for_merge()
         states = [s for s in ("finished", "stopped", "failed") if s in self.ended.values()]
         kinds = ", ".join(f"{sum(v == s for v in self.ended.values())} {s}" for s in states)
         elapsed = time.monotonic() - self.t0
         eta = f", ETA ~{duration(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""
         self._say(
-            f"{done}/{self.total} trials done{f' ({kinds})' if kinds else ''}, {running} running, "
-            f"{queued} queued | elapsed {duration(elapsed)}{eta}"
+            f"{done}/{self.total} trials done{f' ({kinds})' if kinds else ''}, {running} running"
+            f"{f' ({merging} waiting for merge + eval)' if merging else ''}, {queued} queued | "
+            f"elapsed {duration(elapsed)}{eta}"
         )
+
+    def _waiting_for_merge(self) -> int:
+        """Running trials whose last event is ``post-trial queued`` (the merge + eval pool's queue)."""
+        running = [t for t in self.started if t not in self.ended]
+        return sum(last_event(trial_dir(self.sweep_dir, t)) == "post-trial queued" for t in running)
 
     def _say(self, text: str) -> None:
         self.last_line = time.monotonic()

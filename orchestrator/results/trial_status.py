@@ -7,7 +7,8 @@ storage sync read them too).
 The events time a trial's phases (``PHASES``, in order; ``phase_durations`` turns the last attempt's
 events into seconds per phase): the trial driver writes ``trial started``, ``train queued``,
 ``waiting for a train slot`` (only when it had to), ``train started``,
-``train finished``, ``post-trial started``/``finished``, ``logged`` (or ``failed``); rank 0 of the
+``train finished``, ``post-trial started``, ``post-trial queued`` (``queue``: merges waiting ahead,
+``orchestrator.run.post_pool``), ``post-trial dispatched``, ``post-trial finished``, ``logged`` (or ``failed``); rank 0 of the
 Train workers ``workers_ready``, ``model_loaded``, ``first_step``, ``last_step``, ``final_saved``,
 ``checkpoint_reported``; the merge + eval task ``merge_started``/``finished``, ``eval_started``/``finished``.
 
@@ -57,10 +58,21 @@ def log_event(path: Path, event: str, **info: Any) -> None:
     append_jsonl(Path(path) / EVENTS_FILE, redact(row))
 
 
+def last_event(path: str | Path) -> str | None:
+    """The name of the trial's last event (``events.jsonl``'s last line), or None."""
+    try:
+        with open(Path(path) / EVENTS_FILE, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            return json.loads(f.read().splitlines()[-1]).get("event")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 #: the events of one trial attempt, in the order they happen (post-trial ones only with after_trial)
 PHASES = (
     "trial started", "train queued", "train started", "workers_ready", "model_loaded", "first_step", "last_step",
-    "final_saved", "checkpoint_reported", "train finished", "post-trial started", "merge_started",
+    "final_saved", "checkpoint_reported", "train finished", "post-trial started", "post-trial queued",
+    "post-trial dispatched", "merge_started",
     "merge_finished", "eval_started", "eval_finished", "post-trial finished", "logged",
 )  # fmt: skip
 #: seconds between two events: ``phase/<name>_s``
@@ -72,7 +84,8 @@ SPANS = {
     "train": ("first_step", "last_step"),  # the training steps after the first
     "save": ("last_step", "checkpoint_reported"),  # final adapter, report to Ray storage
     "train_exit": ("checkpoint_reported", "train finished"),  # worker group shutdown
-    "post_start": ("post-trial started", "merge_started"),  # the merge + eval task's start
+    "post_queued": ("post-trial started", "post-trial dispatched"),  # waiting for resources / a warm worker
+    "post_start": ("post-trial started", "merge_started"),  # the merge + eval task's start (queue included)
     "merge": ("merge_started", "merge_finished"),
     "eval": ("eval_started", "eval_finished"),
     "post_exit": ("eval_finished", "post-trial finished"),

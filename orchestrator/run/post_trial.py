@@ -18,11 +18,11 @@ tracebacks and ``eval.json`` pass through ``tokentune.redact`` (no token or key 
 ``run_post_trial(..., timeout_s=N)`` (``after_trial.timeout_s``) waits for the task to start (queued for
 a GPU or CPUs: not timed), N seconds for merge + eval (``started_then``), then cancels it and returns
 the error ``merge+eval timed out after N s (after_trial.timeout_s)``: that trial fails, the sweep goes on.
+A sweep's CPU merges and evaluations run on its warm workers instead (``orchestrator.run.post_pool``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -243,51 +243,16 @@ def as_ray_task(
 STARTED = "started"  # the first item of a post-trial stream: merge + eval has its resources and runs
 
 
-def started_then(fn: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+def started_then(
+    fn: Any, *args: Any, dispatched: Mapping[str, Any] | None = None, **kwargs: Any
+) -> Iterator[Any]:
     """Yield :data:`STARTED`, then ``fn(*args, **kwargs)``: the caller's timeout starts at the first item,
-    so time queued for a GPU, CPUs or the warm worker does not count against ``after_trial.timeout_s``."""
+    so time queued for a GPU, CPUs or a warm worker does not count against ``after_trial.timeout_s``.
+    First the trial folder (``args[1]``, :func:`merge_and_evaluate`'s ``trial_dir``) gets the event
+    ``post-trial dispatched`` with ``dispatched`` (here, before ``merge_started``)."""
+    log_event(Path(args[1]), "post-trial dispatched", **(dispatched or {}))
     yield STARTED
     yield fn(*args, **kwargs)
-
-
-class PostTrialWorker:
-    """:func:`merge_and_evaluate` in a process that stays up for the whole sweep (CPU post-trial work):
-    torch, transformers, peft and lm-eval are imported once, in the background as the sweep starts,
-    instead of in a fresh worker process per trial. It reserves nothing itself (0 CPUs): each call
-    reserves ``after_trial.cpus`` in a placement group first (:func:`run_post_trial`)."""
-
-    def __init__(self) -> None:
-        import threading
-
-        threading.Thread(target=_warm_imports, name="post-trial-imports", daemon=True).start()
-
-    def run(self, final_dir: str, trial_dir: str, eval_cfg: EvalConfig, **kw: Any) -> Iterator[Any]:
-        """:func:`merge_and_evaluate` as :func:`started_then`'s stream (``num_returns="streaming"``)."""
-        yield from started_then(merge_and_evaluate, final_dir, trial_dir, eval_cfg, **kw)
-
-
-def _warm_imports() -> None:
-    try:
-        import lm_eval.evaluator  # noqa: F401
-        import peft  # noqa: F401
-
-        import tokentune.evaluate  # noqa: F401
-        import tokentune.merge  # noqa: F401
-    except Exception:  # noqa: BLE001 - only a head start: the call imports (and reports) what failed
-        pass
-
-
-def post_trial_worker_name(sweep_id: str) -> str:
-    return f"tokentune-post-trial-{sweep_id}"
-
-
-def start_post_trial_worker(sweep_id: str) -> tuple[str, Any]:
-    """The sweep's :class:`PostTrialWorker` (owned by this process, restarted if it dies); name, handle."""
-    import ray
-
-    name = post_trial_worker_name(sweep_id)
-    cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(PostTrialWorker)
-    return name, cls.options(name=name, get_if_exists=True).remote()
 
 
 def run_post_trial(
@@ -302,45 +267,46 @@ def run_post_trial(
     dtype: str = "float32",
     timeout_s: float | None = None,
     escape_placement_group: bool = True,
-    worker: str | None = None,
 ) -> dict[str, Any]:
     """Run :func:`merge_and_evaluate` as its own Ray task and wait for it (``evaluate=False``: merge only).
 
     ``resources``: ``{"num_cpus": 1, "num_gpus": 0}`` by default (plus ``memory`` or custom
-    resources). ``device`` defaults to "cuda" when a GPU is requested, else "cpu". With ``worker`` (the
-    name of a :class:`PostTrialWorker`) and no GPU asked for, the sweep's warm worker runs it, with
-    ``resources`` reserved in a placement group for the call. A task that dies (worker crash, out of
-    memory) comes back as a result with ``error`` set; one still running ``timeout_s`` seconds after
-    merge + eval started (None: no limit; time waiting for its resources is not counted) is cancelled
-    and comes back with ``merge+eval timed out``. ``dtype``: the base's dtype for the merge.
+    resources). ``device`` defaults to "cuda" when a GPU is requested, else "cpu". (The sweep's warm CPU
+    workers: ``orchestrator.run.post_pool``.) A task that dies (worker crash, out of memory) comes back
+    as a result with ``error`` set; one still running ``timeout_s`` seconds after merge + eval started
+    (None: no limit; time waiting for its resources is not counted) is cancelled and comes back with
+    ``merge+eval timed out``. ``dtype``: the base's dtype for the merge.
     """
     import ray
 
     gpus = float((resources or {}).get("num_gpus") or 0)
     if device is None:
         device = "cuda" if gpus > 0 else "cpu"
-    # the EvalConfig crosses to the task or the worker as the typed object, built and checked here
+    # the EvalConfig crosses to the task as the typed object, built and checked here
     args = (str(Path(final_dir).resolve()), str(Path(trial_dir).resolve()), as_eval_config(eval_cfg))
     kwargs = {"evaluate": evaluate, "keep_merged": keep_merged, "device": device, "dtype": dtype}
-    use_worker = worker is not None and gpus == 0
+    log_event(Path(args[1]), "post-trial queued")  # for its resources, in Ray's queue
     try:
-        actor = ray.get_actor(worker) if use_worker else None
-        with _reserved(resources if use_worker else None):
-            if actor is not None:
-                stream = actor.run.options(num_returns="streaming").remote(*args, **kwargs)
-            else:
-                task = as_ray_task(started_then, resources, escape_placement_group, streaming=True)
-                stream = task.remote(merge_and_evaluate, *args, **kwargs)
-            try:
-                return result_after_start(stream, timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                if actor is not None:
-                    ray.kill(actor, no_restart=False)  # it restarts, warm again for the next trial
-                else:
-                    ray.cancel(stream, force=True)
-                raise
-    except Exception as err:  # RayTaskError, ActorDiedError, GetTimeoutError, OutOfMemoryError ...
-        msg = _failure(err, timeout_s)
+        task = as_ray_task(started_then, resources, escape_placement_group, streaming=True)
+        stream = task.remote(merge_and_evaluate, *args, **kwargs)
+        try:
+            return result_after_start(stream, timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(stream, force=True)
+            raise
+    except Exception as err:  # RayTaskError, GetTimeoutError, OutOfMemoryError ...
+        msg = failure_text(err, timeout_s)
+    return failed_result(final_dir, trial_dir, eval_cfg, evaluate, msg)
+
+
+def failed_result(
+    final_dir: str | Path,
+    trial_dir: str | Path,
+    eval_cfg: EvalConfig | Mapping[str, Any] | None,
+    evaluate: bool,
+    msg: str,
+) -> dict[str, Any]:
+    """The result of a call that failed with ``msg`` outside :func:`merge_and_evaluate` (logged)."""
     log.error("post-trial of %s: %s", trial_dir, msg)
     eval_json = Path(trial_dir).resolve() / "eval.json" if evaluate else None
     return {**_result_keys(_new_result(Path(final_dir), eval_json, as_eval_config(eval_cfg))), "error": msg}
@@ -363,33 +329,13 @@ def _result_keys(out: Mapping[str, Any]) -> dict[str, Any]:
     return {k: out.get(k) for k in _RESULT_KEYS}
 
 
-def _failure(err: BaseException, timeout_s: float | None) -> str:
+def failure_text(err: BaseException, timeout_s: float | None = None) -> str:
+    """The one-line error of a post-trial call that raised ``err`` (redacted)."""
     import ray
 
     if isinstance(err, ray.exceptions.GetTimeoutError):
         return f"merge+eval timed out after {timeout_s:g} s (after_trial.timeout_s)"
     return redact_text(f"post-trial task failed: {type(err).__name__}: {err}")
-
-
-@contextlib.contextmanager
-def _reserved(resources: Mapping[str, Any] | None) -> Iterator[None]:
-    """Hold ``resources`` (``num_cpus``, ``memory``) in a placement group inside the block: the warm
-    worker's call is accounted like a task of that size (it waits for them, as a task would, untimed)."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    res = dict(resources) if resources is not None else {"num_cpus": 0}  # None: nothing to hold
-    bundle = {"CPU": float(res.get("num_cpus", 1) or 0), "memory": res.get("memory")}
-    bundle = {k: v for k, v in bundle.items() if v}
-    if not bundle:
-        yield
-        return
-    pg = placement_group([bundle])
-    try:
-        ray.get(pg.ready())
-        yield
-    finally:
-        remove_placement_group(pg)
 
 
 # ---------------------------------------------------------------------------------- pruning

@@ -30,6 +30,7 @@ import math
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ class TrialContext:
     progress: bool = True
     storage_uri: str | None = None  # the sweep's URI storage (<uri>/<name>): trial folders sync there
     train_slots: str | None = None  # the slot actor's name (orchestrator.run.slots): None, no gate
-    post_trial_worker: str | None = None  # the warm merge + eval actor's name (CPU post-trial work)
+    post_trial_pool: str | None = None  # the warm merge + eval pool's name (CPU post-trial work: post_pool)
     post_trial_gpus: float = 0.0  # GPUs per merge + eval (after_trial.gpus with auto decided)
 
 
@@ -290,17 +291,18 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
             raise TrialFailed(f"training diverged: {name} = {value}")
     metrics = _train_metrics(res.metrics)
     metrics.update(measured_estimate_metrics(cfg, metrics))
-    post = PostTrialPlan(ctx.post_trial_worker, ctx.post_trial_gpus, cfg.model.dtype, spec.objective)
+    post = PostTrialPlan(ctx.post_trial_pool, ctx.post_trial_gpus, cfg.model.dtype, spec.objective)
     metrics.update(after_training(spec.after_trial, res.final_dir, tdir, cfg.eval, post))
     return metrics
 
 
 @dataclass(frozen=True)
 class PostTrialPlan:
-    """How a sweep runs merge + eval: its warm CPU worker (None: a task), GPUs per task (``auto`` decided),
+    """How a sweep runs merge + eval: its pool of warm CPU workers (None: a task each), GPUs per task
+    (``auto`` decided),
     the trials' ``model.dtype`` (the merge loads the base in it) and the objective (``keep_merged: best``)."""
 
-    worker: str | None = None
+    pool: str | None = None
     gpus: float = 0.0
     dtype: str = "float32"
     objective: Objective | None = None
@@ -310,17 +312,19 @@ def after_training(
     after: AfterTrial, final_dir: str, tdir: Path, eval_cfg: EvalConfig, plan: PostTrialPlan | None = None
 ) -> dict[str, Any]:
     """``after_trial.action`` for a trained trial: ``none`` does nothing, ``merge`` merges its adapter into
-    the base, ``merge+eval`` also runs lm-eval on it (a Ray task, or the sweep's warm worker); returns
+    the base, ``merge+eval`` also runs lm-eval on it (a Ray task, or a warm worker of the sweep's pool); returns
     the metrics it adds. A failed merge or evaluation fails the trial (``TrialFailed``). With
     ``keep_merged: best`` and an evaluated objective, merged checkpoints beaten so far are deleted."""
     if not after.merges:
         return {}
     from orchestrator.run.keep_merged import prune_beaten
+    from orchestrator.run.post_pool import run_on_pool
     from orchestrator.run.post_trial import run_post_trial
 
     plan = plan or PostTrialPlan()
     log_event(tdir, "post-trial started")
-    post = run_post_trial(
+    on_pool = plan.pool is not None and not plan.gpus  # GPU calls: a task each (max_calls=1 frees the GPU)
+    post = (partial(run_on_pool, plan.pool) if on_pool else run_post_trial)(
         final_dir,
         tdir,
         eval_cfg,
@@ -328,8 +332,7 @@ def after_training(
         keep_merged=True,  # pruned below while the sweep runs, and per after_trial.keep_merged at its end
         resources={"num_cpus": after.cpus, "num_gpus": plan.gpus},
         dtype=plan.dtype,
-        timeout_s=after.timeout_s,  # counted from its start; then cancelled and this trial fails
-        worker=plan.worker,
+        timeout_s=after.timeout_s,  # counted from its start (never its wait); then that call fails alone
     )
     log_event(tdir, "post-trial finished")
     if post.get("error"):

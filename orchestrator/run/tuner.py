@@ -54,12 +54,13 @@ def start_sweep_actors(spec: SweepSpec, ctx: TrialContext, cluster: dict[str, fl
     sweep runs: this process owns them). With a merge or an evaluation after each trial:
 
     - on CPU (``after_trial.gpus`` 0, or ``auto`` with trials on CPUs) with a local (or shared) storage
-      folder, the warm merge + eval worker (``post_trial.PostTrialWorker``); with a URI storage a
-      trial's adapter is on the disk of its node, so each trial's merge + eval stays a Ray task of its own;
+      folder, the pool of warm merge + eval workers (``post_pool``: ``after_trial.workers``, or sized to
+      the trials in flight and the cluster's CPUs); with a URI storage a trial's adapter is on the disk
+      of its node, so each trial's merge + eval stays a Ray task of its own;
     - with ``after_trial.overlap`` (``auto``: when trials train on GPUs), the training slots
       (``orchestrator.run.slots``): ``max_concurrent`` trials train while as many more merge and evaluate.
     """
-    from orchestrator.run.post_trial import start_post_trial_worker
+    from orchestrator.run.post_pool import start_pool
     from orchestrator.run.slots import start_slot_actor
     from orchestrator.run.space import max_concurrent_trials, post_trial_gpus, trial_demand
 
@@ -68,11 +69,13 @@ def start_sweep_actors(spec: SweepSpec, ctx: TrialContext, cluster: dict[str, fl
         return []
     handles = []
     ctx.post_trial_gpus = post_trial_gpus(spec, cluster)
-    if not ctx.post_trial_gpus and not ctx.storage_uri:
-        ctx.post_trial_worker, handle = start_post_trial_worker(sweep_id)
-        handles.append(handle)
+    concurrent = max_concurrent_trials(spec, cluster)
     if trial_demand(spec, cluster)["GPU"] > 0 if a.overlap == "auto" else a.overlap:
-        ctx.train_slots, handle = start_slot_actor(max_concurrent_trials(spec, cluster), sweep_id)
+        ctx.train_slots, handle = start_slot_actor(concurrent, sweep_id)
+        handles.append(handle)
+    if not ctx.post_trial_gpus and not ctx.storage_uri:
+        flight = 2 * concurrent if ctx.train_slots else concurrent  # as build_tuner
+        ctx.post_trial_pool, handle = start_pool(sweep_id, a, cluster, flight)
         handles.append(handle)
     return handles
 

@@ -250,6 +250,11 @@ class AfterTrial:
         1800,
         "seconds for merge + eval of one trial, then it is cancelled and that trial fails; null = no limit",
     )
+    workers: int | None = setting(
+        None,
+        "warm merge + eval workers (on CPU, storage a folder); null: the trials in flight, at most the "
+        "calls of after_trial.cpus the cluster holds at once. Time queued for one is not timed",
+    )
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -273,6 +278,12 @@ class AfterTrial:
             f"{s}.timeout_s",
             self.timeout_s,
             "null (no limit) or seconds > 0",
+        )
+        check(
+            self.workers is None or (_number_at_least(self.workers, 1) and self.workers == int(self.workers)),
+            f"{s}.workers",
+            self.workers,
+            "null (sized to the cluster) or a whole number >= 1",
         )
 
     def gpus_for(self, trials_use_gpus: bool) -> float:
