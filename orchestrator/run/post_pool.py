@@ -241,11 +241,15 @@ def start_pool(
     ``work`` replaces :func:`merge_and_evaluate` (a stand-in in tests)."""
     import ray
 
+    from orchestrator.run.ray_cluster import on_this_node
+
     size = pool_size(after, cluster, in_flight)
     per_node = plan_workers(size, node_capacity(ray.nodes(), after.cpus))
     name = pool_name(sweep_id)
     cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(PostTrialPool)
-    handle = cls.options(name=name, get_if_exists=True).remote(per_node, work)
+    handle = cls.options(name=name, get_if_exists=True, scheduling_strategy=on_this_node()).remote(
+        per_node, work
+    )
     ray.get(handle.state.remote())
     return name, handle
 
