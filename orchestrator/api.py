@@ -358,8 +358,9 @@ def _fit(
 
 
 def objective_goals(spec: SweepSpec) -> list[Goal]:
-    """The sweep's objective as ``best``'s goals: ``[(objective.metric, objective.mode)]``."""
-    return [(spec.objective.metric, spec.objective.mode)]
+    """The sweep's objective as ``best``'s goals: ``[(objective.metric, objective.mode)]``, or every
+    listed objective (the first first: the best trial is the front's best by it)."""
+    return spec.goals
 
 
 def _summarise(
@@ -385,6 +386,7 @@ def _summarise(
     table = highlights.console_table(rows, goals, str(sweep_dir / "results.csv"))  # the top rows, the front
     best_searched = searched_text(_row_input(best)["searched"]) if best else ""
     summary = report.summary_lines(rows, best_row, goals, budget, fit_row, best_searched)
+    summary += highlights.front_line(rows, goals)  # a list objective: the front of every objective
     paths, compare, note = highlights.publish(tracker, rows, sweep_dir, goals, budget, spec.name, summary)
     if progress:
         print(table, flush=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -477,3 +479,40 @@ def refused(d: dict, key: str, *fragments: str, overrides=None) -> str:
     for frag in fragments:
         assert frag in err, f"{frag!r} not in: {err}"
     return err
+
+
+# ---- killing and reading a sweep run as a subprocess (tests/test_sweep.py, tests/test_multiobjective.py)
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with ``start_new_session`` and every descendant (a killed sweep driver)."""
+    pids = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in pids:  # Ray's own daemons may have left the process group
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
+def mlflow_sweep_runs(tracking_uri: str, sweep: str):
+    """(parent runs, child runs) of the MLflow experiment ``sweep``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(sweep)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("tokentune.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("tokentune.role") == "trial"]
+    return parents, children

@@ -12,7 +12,7 @@ import urllib.parse
 
 import pytest
 
-from orchestrator.results import highlights, report
+from orchestrator.results import highlights, plot, report
 from orchestrator.results.tracking import SweepTracker
 
 GOALS = [("eval/score", "max")]
@@ -163,7 +163,7 @@ def test_pareto_plot_labels_only_the_front(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Axes, "annotate", counted)
     rows = report.results_table(synthetic_trials(300), goals=GOALS)
-    report.pareto_plot(rows, tmp_path / "p.png")
+    plot.pareto_plot(rows, tmp_path / "p.png")
     front = [r for r in rows if r["pareto"] == "*"]
     assert 0 < len(front) < 20 and len(labels) == len(front)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

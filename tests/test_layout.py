@@ -29,7 +29,7 @@ MAX_FUNCTION_LINES = 60
 #: (module, function) -> why it may be longer
 LONG_FUNCTIONS = {
     ("tokentune/train.py", "train"): "the training loop, read top to bottom like nanoGPT's",
-    ("orchestrator/results/report.py", "pareto_plot"): "plotting: one matplotlib figure, call by call",
+    ("orchestrator/results/plot.py", "pareto_plot"): "plotting: one matplotlib figure, call by call",
 }
 #: the modules at the top of orchestrator/: the package and its two entry points
 ORCHESTRATOR_ENTRY_POINTS = {"orchestrator", "orchestrator.api", "orchestrator.cli"}

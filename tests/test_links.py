@@ -100,7 +100,7 @@ def test_open_in_place_refuses_what_is_not_a_file_of_its_own(sweep_dir):
 def test_the_sweeps_own_files_refuse_planted_links(sweep_dir, victim, monkeypatch):
     """Each writer of a sweep-folder file, as the sweep calls it."""
     from orchestrator.api import SPEC_FILE, _stored_file, _write_spec
-    from orchestrator.results import report
+    from orchestrator.results import plot, report
     from orchestrator.results.tracking import default_tracking_uri
     from orchestrator.results.trial_status import EVENTS_FILE, STATUS_FILE, log_event, write_status
     from orchestrator.spec.sweep import load_spec
@@ -113,7 +113,7 @@ def test_the_sweeps_own_files_refuse_planted_links(sweep_dir, victim, monkeypatc
         trial / EVENTS_FILE: lambda: log_event(trial, "finished"),
         sweep_dir / "results.csv": lambda: report.write_csv(rows, sweep_dir / "results.csv"),
         sweep_dir / "results.json": lambda: report.write_json(rows, sweep_dir / "results.json"),
-        sweep_dir / "pareto.png": lambda: report.pareto_plot(rows, sweep_dir / "pareto.png"),
+        sweep_dir / "pareto.png": lambda: plot.pareto_plot(rows, sweep_dir / "pareto.png"),
         sweep_dir / SPEC_FILE: lambda: _write_spec(
             load_spec({"name": "s"}, check_inputs=False), sweep_dir, None, False
         ),

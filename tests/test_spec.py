@@ -552,7 +552,7 @@ def test_memory_limit_marks_trials(tmp_path):
     spec = load_spec(d)
     over = {tuple(p.config.methods): p.over_limit for p in spec.dry_run_trials()}
     assert over == {("lora",): True, ("lora", "tokentune"): False}
-    assert "REFUSED: > tune.max_memory_gb=0.05" in spec.plan_text()
+    assert "> budget 0.05 GB (tune.max_memory_gb)" in spec.plan_text()
     expect_error({**d, "tune": {"max_memory_gb": -1}}, "tune.max_memory_gb", "GB > 0")
     # it moved out of the run config: the old key names the new one
     old = {**d, "tune": {}, "base": {**d["base"], "compute": {"max_memory_gb": 0.05}}}

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import pytest
 import yaml
 
 from orchestrator.spec.sweep import SpecError, load_spec
+from tests.conftest import kill_tree as _kill_tree
+from tests.conftest import mlflow_sweep_runs as _mlflow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -190,17 +191,6 @@ POST_PHASES = ("post-trial started", "merge_started", "merge_finished", "eval_st
 def _csv_rows(path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _mlflow_runs(tracking_uri: str, sweep: str):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(sweep)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("tokentune.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("tokentune.role") == "trial"]
-    return parents, children
 
 
 @pytest.mark.slow
@@ -373,29 +363,6 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     # an existing sweep is not silently restarted
     with pytest.raises(SpecError, match="already exists"):
         run_sweep(spec, progress=False)
-
-
-def _descendants(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    pids = _descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for pid in pids:  # Ray's own daemons may have left the process group
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=60)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.results import best, report
+from orchestrator.results import best, plot, report
 from orchestrator.results.tracking import (
     TAG_ERROR,
     TAG_PARENT,
@@ -452,7 +452,7 @@ def test_summary_tags_the_trial_the_objective_picks(store, tmp_path):
 
 
 def test_pareto_plot_without_points(tmp_path):
-    path = report.pareto_plot([{"trial_id": "x", "eval/score": None}], tmp_path / "p.png")
+    path = plot.pareto_plot([{"trial_id": "x", "eval/score": None}], tmp_path / "p.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 

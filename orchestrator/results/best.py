@@ -1,9 +1,10 @@
 """Which trials are best: the one rule the console, the results files, the MLflow tags, the parent run's
 description and ``run_sweep``'s return value all use.
 
-A *goal* is ``(metric, mode)``, mode ``max`` or ``min``. A sweep's objective is one goal today
-(``objective.metric``, ``objective.mode``); a list of goals (a Pareto front over several metrics) goes
-through the same functions::
+A *goal* is ``(metric, mode)``, mode ``max`` or ``min``. A sweep's objective is one goal
+(``objective.metric``, ``objective.mode``) or, listed, several (``SweepSpec.goals``: a Pareto front over
+them); both go through the same functions, and with several the best trial is the front's best by the
+first listed goal::
 
     best_trial(rows, [("eval/score", "max")])                              # a finished row, or None
     best_trials(rows, [("eval/score", "max"), ("memory/train_gb", "min")])  # the front, best first

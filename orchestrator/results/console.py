@@ -55,13 +55,18 @@ class SweepProgress(Callback):
     """A Ray Tune callback that prints the sweep's progress (see the module docstring)."""
 
     def __init__(
-        self, total: int, sweep_dir: str, objective: str, every_s: float = 30.0, out: TextIO | None = None
+        self,
+        total: int,
+        sweep_dir: str,
+        objective: str | list[str],
+        every_s: float = 30.0,
+        out: TextIO | None = None,
     ) -> None:
         self.total, self.sweep_dir, self.objective, self.every_s = total, sweep_dir, objective, every_s
         self.out = out or sys.stdout
         self.t0 = time.monotonic()
         self.started: dict[str, float] = {}
-        self.ended: dict[str, str] = {}  # trial id -> finished | failed | stopped
+        self.ended: dict[str, str] = {}  # trial id -> finished | skipped | failed | stopped
         self.last_line = 0.0
 
     # ---- Tune hooks ----------------------------------------------------------------------------------
@@ -72,8 +77,9 @@ class SweepProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status = read_status(trial_dir(self.sweep_dir, trial.trial_id)) or {}
-        state = "finished" if status.get("status") == "finished" else "stopped"
-        self._end(trial, state, status.get("metrics") or {})
+        state = status.get("status") if status.get("status") in ("finished", "skipped") else "stopped"
+        error = str(status.get("error") or "")[:120] if state == "skipped" else ""
+        self._end(trial, state, {} if state == "skipped" else status.get("metrics") or {}, error)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         status = read_status(trial_dir(self.sweep_dir, trial.trial_id)) or {}
@@ -89,8 +95,9 @@ class SweepProgress(Callback):
             return
         self.ended[trial.trial_id] = state
         took = time.monotonic() - self.started.get(trial.trial_id, self.t0)
-        score = metrics.get(self.objective)
-        what = f"{self.objective}={score:.4g}" if isinstance(score, (int, float)) else error
+        names = [self.objective] if isinstance(self.objective, str) else list(self.objective)  # a list: each
+        scores = [(n, metrics.get(n)) for n in names if isinstance(metrics.get(n), (int, float))]
+        what = ", ".join(f"{n}={v:.4g}" for n, v in scores) or error
         self._say(f"trial {trial.trial_id} {state} ({duration(took)})" + (f": {what}" if what else ""))
         self._counts()
 
@@ -99,7 +106,7 @@ class SweepProgress(Callback):
         running = len(self.started) - done
         queued = max(0, self.total - len(self.started))
         merging = self._waiting_for_merge()
-        states = [s for s in ("finished", "stopped", "failed") if s in self.ended.values()]
+        states = [s for s in ("finished", "skipped", "stopped", "failed") if s in self.ended.values()]
         kinds = ", ".join(f"{sum(v == s for v in self.ended.values())} {s}" for s in states)
         elapsed = time.monotonic() - self.t0
         eta = f", ETA ~{duration(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.results import report
 from orchestrator.results.best import Goal, number
 from orchestrator.results.mlflow_ui import sweep_description
 from orchestrator.results.report import PARETO_KEY, format_table
@@ -53,6 +52,17 @@ def shown_rows(rows: Sequence[Row], goals: Sequence[Goal], top: int = TOP_ROWS) 
     order = ranked(rows, goals)
     keep = {id(r) for r in order[:top]} | {id(r) for r in rows if r.get(PARETO_KEY) == "*"}
     return [r for r in order if id(r) in keep]
+
+
+def front_line(rows: Sequence[Row], goals: Sequence[Goal], shown: int = TOP_ROWS) -> str:
+    """For a list objective, ``\nPareto front over eval/score max, memory/train_gb min: 3 of 8 trials
+    (t1, t4, t6)`` (the best trial above is the front's best by the first listed objective); else ''."""
+    if len(goals) < 2:
+        return ""
+    ids = [str(r.get("trial_id")) for r in ranked(rows, goals) if r.get(PARETO_KEY) == "*"]
+    listed = ", ".join(f"{m} {d}" for m, d in goals)
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f"\nPareto front over {listed}: {len(ids)} of {len(rows)} trials ({', '.join(ids[:shown])}{more})"
 
 
 def rest_line(shown: int, total: int, where: str = "results.csv") -> str:
@@ -129,6 +139,7 @@ def publish(
     the compare view's URL: (paths, URL, what it lists). The files are written whatever happens; a
     tracking store that is down is one warning, never a failed sweep (``--resume`` logs the summary)."""
     from orchestrator.results.mlflow_ui import artifact_link, compare_url, ui_base
+    from orchestrator.results.plot import write_summary_files
 
     out_dir = Path(out_dir)
     try:
@@ -137,6 +148,8 @@ def publish(
         paths = tracker.log_summary(rows, out_dir, goals, memory_budget_gb=budget_gb, description=text)
         ids, note = compare_selection(rows, goals)
         runs = trial_run_ids(tracker)
+        if len(goals) > 1:
+            tag_front(tracker, rows, runs)
         url = compare_url(
             ui_base(tracker.tracking_uri), [runs[t] for t in ids if t in runs], tracker.experiment_id
         )
@@ -145,13 +158,20 @@ def publish(
         log.warning(
             "MLflow: the sweep's summary was not logged (%s); --resume logs it", redact_text(str(err))
         )
-    out_dir.mkdir(parents=True, exist_ok=True)  # written again: the store may have failed before them
-    paths = {
-        "csv": report.write_csv(rows, out_dir / "results.csv"),
-        "json": report.write_json(rows, out_dir / "results.json"),
-        "pareto": report.pareto_plot(rows, out_dir / "pareto.png"),
-    }
-    return paths, None, ""
+    return write_summary_files(rows, out_dir, goals), None, ""  # again: the store may have failed before
+
+
+FRONT_TAG = "tokentune.pareto"  # on each child run of a list objective's sweep: "true" on the front
+
+
+def tag_front(tracker: Any, rows: Sequence[Row], runs: dict[str, str]) -> None:
+    """A list objective: each trial's child run says whether it is on the front of every listed objective
+    (``tokentune.pareto`` ``true``/``false``, set again by ``--resume``: a front can change), so the
+    MLflow UI can filter ``tags.`tokentune.pareto` = 'true'``."""
+    for row in rows:
+        run_id = runs.get(str(row.get("trial_id")))
+        if run_id:
+            tracker.set_tags(run_id, {FRONT_TAG: "true" if row.get(PARETO_KEY) == "*" else "false"})
 
 
 def trial_run_ids(tracker: Any) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The sweep summary: a results table, CSV/JSON files, the accuracy-vs-memory Pareto front and plot.
+"""The sweep summary: a results table, CSV/JSON files, the Pareto front (the plots: ``results.plot``).
 
 A *trial* (the input) is a dict as the sweep collects it::
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.results.best import Goal, best_trial, best_trials, front, number
-from tokentune.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from tokentune.files import write_json_atomic, write_text_atomic
 from tokentune.redact import redact_rows
 from tokentune.timing import TIME_METRICS
 
@@ -55,6 +55,7 @@ OPTIONAL_KEYS = (CUDA_PEAK, "memory/process_rss_gb", "memory/host_gb", *TIME_MET
 SCORE_KEY = "eval/score"
 PARETO_KEY = "pareto"
 BEST_KEY = "best"  # "*" on the rows ``best.best_trials`` picks by the objective
+SKIPPED = "skipped"  # a trial's status when its estimate was over tune.max_memory_gb (never launched)
 MEMORY_LABELS = {
     TRAIN_MEMORY: "measured training memory per worker, GB (weights + grads + optimizer + activations)",
     CUDA_PEAK: "measured CUDA peak allocated per worker, GB",
@@ -106,13 +107,13 @@ def _searched_keys(searched: list[dict[str, Any]], search_keys: list[str] | None
         values = {json.dumps(c.get(key), sort_keys=True, default=str) for c in searched}
         if len(values) > 1:
             varying.append(key)
-    order = list(dict.fromkeys(m for c in searched for m in _methods_of(c)))
+    order = list(dict.fromkeys(m for c in searched for m in methods_of(c)))
     rank = {name: i for i, name in enumerate(order)}
     varying.sort(key=lambda k: rank.get(k.split(".", 1)[0], len(order)))  # stable: sorted within a method
     return ([METHODS_KEY] if METHODS_KEY in present else []) + varying
 
 
-def _methods_of(config: Mapping[str, Any]) -> list[str]:
+def methods_of(config: Mapping[str, Any]) -> list[str]:
     """The method names of a flat config or row (a list, or the comma-joined text of a row)."""
     value = config.get(METHODS_KEY)
     if isinstance(value, str):
@@ -131,7 +132,7 @@ def results_table(
     plus every searched key whose value differs between trials. Eval columns: ``eval/score`` (mean task
     accuracy), every ``eval/<task>/acc`` and the metric of each of ``goals`` (the objective) that is
     no other column. Marks: ``best`` (the rows ``best.best_trials`` picks by ``goals``) and ``pareto``
-    (the front of ``eval/score`` vs measured memory).
+    (``front_of``). A trial skipped for its memory estimate is a row (status ``skipped``, why in ``error``).
     """
     searched = [flatten(t.get("searched") or {}) for t in trials]
     keys = _searched_keys(searched, search_keys)
@@ -155,11 +156,18 @@ def results_table(
         row["error"] = str(trial.get("error") or "") or None
         rows.append(row)
     rows = redact_rows(rows)  # searched values, errors: every cell of every output comes from here
-    front = {id(r) for r in pareto_front(rows, SCORE_KEY, memory_axis(rows))}
+    front = {id(r) for r in front_of(rows, goals)}
     best = {id(r) for r in best_trials(rows, goals)}
     for row in rows:
         row[BEST_KEY], row[PARETO_KEY] = ("*" if id(row) in best else ""), ("*" if id(row) in front else "")
     return rows
+
+
+def front_of(rows: list[dict[str, Any]], goals: Sequence[Goal]) -> list[dict[str, Any]]:
+    """The rows ``pareto`` marks, never a skipped trial: the front of every goal when there are several
+    (row order), else of accuracy (``eval/score``) vs measured memory (``pareto_front``)."""
+    rows = [r for r in rows if r.get("status") != SKIPPED]
+    return front(rows, goals) if len(goals) > 1 else pareto_front(rows, SCORE_KEY, memory_axis(rows))
 
 
 def memory_axis(rows: list[dict[str, Any]]) -> str:
@@ -241,7 +249,7 @@ def searched_label(row: Mapping[str, Any], method_names: set[str] | frozenset[st
     sweep) that is not in this row's method list is left out: it did not apply to this trial.
     """
     skip = {"trial_id", "status", "error", BEST_KEY, PARETO_KEY, METHODS_KEY, *COST_KEYS}
-    active = set(_methods_of(row))
+    active = set(methods_of(row))
     columns = list(row)
     keys = [
         k
@@ -257,90 +265,6 @@ def searched_label(row: Mapping[str, Any], method_names: set[str] | frozenset[st
     for key, leaf in zip(keys, leaves):
         parts.append(f"{leaf if leaves.count(leaf) == 1 else key}={_fmt(row[key])}")
     return " ".join(parts) or str(row.get("trial_id"))
-
-
-def pareto_plot(
-    rows: list[dict[str, Any]],
-    path: str | Path,
-    score_key: str = SCORE_KEY,
-    memory_key: str | None = None,
-    title: str | None = None,
-) -> Path:
-    """Scatter of score vs measured memory, the front highlighted and labelled with its configs.
-
-    ``memory_key`` defaults to ``memory_axis(rows)``; the x label says which memory it is (MiB when
-    every value is below 1 GB).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path, rows = Path(path), redact_rows(rows)  # the labels show searched values
-    memory_key = memory_key or memory_axis(rows)
-    points = [
-        r for r in rows if number(r.get(score_key)) is not None and number(r.get(memory_key)) is not None
-    ]
-    front = pareto_front(points, score_key, memory_key)
-    front_ids = {id(r) for r in front}
-    method_names = {m for r in rows for m in _methods_of(r)}
-    label = MEMORY_LABELS.get(memory_key, memory_key)
-    small = memory_key.endswith("_gb") and all(number(r[memory_key]) < 1 for r in points)
-    mib = 1024.0 if small else 1.0
-    xlabel = label.replace(", GB", ", MiB") if small else label
-
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    if points:
-        other = [r for r in points if id(r) not in front_ids]
-        ax.scatter(
-            [number(r[memory_key]) * mib for r in other],
-            [number(r[score_key]) for r in other],
-            c="tab:gray",
-            s=36,
-            label="trial",
-        )
-        ax.scatter(
-            [number(r[memory_key]) * mib for r in front],
-            [number(r[score_key]) for r in front],
-            c="tab:red",
-            s=60,
-            marker="D",
-            label="Pareto front",
-            zorder=3,
-        )
-        ax.step(
-            [number(r[memory_key]) * mib for r in front],
-            [number(r[score_key]) for r in front],
-            where="post",
-            c="tab:red",
-            alpha=0.5,
-        )
-        for r in front:  # only the front: at hundreds of trials labels on every point are unreadable
-            ax.annotate(
-                searched_label(r, method_names),
-                (number(r[memory_key]) * mib, number(r[score_key])),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-            )
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(
-            0.5, 0.5, "no trial has both a score and a memory value yet", ha="center", transform=ax.transAxes
-        )
-    missing = len(rows) - len(points)
-    ax.set_xlabel(xlabel + " (lower is better)")
-    ax.set_ylabel(score_key + " (higher is better)")
-    ax.set_title(
-        (title or "Accuracy vs memory")
-        + (f" ({missing} trial(s) without values not shown)" if missing else "")
-    )
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    plt.close(fig)
-    return write_bytes_atomic(path, png.getvalue())
 
 
 # ------------------------------------------------------------------------------------ console

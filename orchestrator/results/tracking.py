@@ -371,9 +371,11 @@ class SweepTracker:
         metrics, score and memory as parent metrics ``best/<metric>``, and with ``memory_budget_gb`` the
         best trial within it (``tokentune.best_within_budget``).
         """
+        from orchestrator.results.plot import write_summary_files
+
         rows = redact_rows(rows)  # the one pass: the files, the table, the tags all come from these
         memory_key = memory_key or report.memory_axis(rows)
-        paths = _write_summary(rows, Path(out_dir), memory_key)
+        paths = write_summary_files(rows, Path(out_dir), goals, memory_key)
         if self.parent_run_id is None:
             return paths
         for path in paths.values():
@@ -385,7 +387,11 @@ class SweepTracker:
             except Exception as err:  # pandas missing or an odd column type: fall back to plain JSON
                 log.warning("log_table failed (%s); logging the table as JSON", err)
                 self.client.log_dict(self.parent_run_id, table, "results_table.json")
-        front = report.pareto_front(rows, report.SCORE_KEY, memory_key)
+        front = (  # a list objective: the front of every objective, as the results mark it
+            report.front_of(rows, goals)
+            if len(goals) > 1
+            else report.pareto_front(rows, report.SCORE_KEY, memory_key)
+        )
         best = best_trial(rows, goals)
         tags: dict[str, Any] = {"tokentune.pareto_front": ",".join(str(r.get("trial_id")) for r in front)}
         if best is not None:
@@ -404,16 +410,6 @@ class SweepTracker:
         """The trial runs under the parent, oldest first."""
         runs = self._matches(f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'") if self.parent_run_id else []
         return [r.info.run_id for r in sorted(runs, key=lambda r: r.info.start_time or 0)]
-
-
-def _write_summary(rows: list[dict[str, Any]], out_dir: Path, memory_key: str) -> dict[str, Path]:
-    """results.csv, results.json and pareto.png in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return {
-        "csv": report.write_csv(rows, out_dir / "results.csv"),
-        "json": report.write_json(rows, out_dir / "results.json"),
-        "pareto": report.pareto_plot(rows, out_dir / "pareto.png", memory_key=memory_key),
-    }
 
 
 def _quote(value: str) -> str:

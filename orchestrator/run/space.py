@@ -1,7 +1,8 @@
 """A ``SweepSpec`` -> Ray Tune: search space, search algorithm, scheduler, concurrency.
 
     space = to_tune_space(spec)                       # {"lora.rank": tune.choice([4, 8]), ...}
-    search_alg = make_search_alg(spec)               # BasicVariantGenerator (seeded) or OptunaSearch (TPE)
+    search_alg = make_search_alg(spec)               # BasicVariantGenerator (seeded) or OptunaSearch (TPE;
+                                                     # multi-objective TPE for a list objective)
     scheduler = make_scheduler(spec)                 # FIFOScheduler or ASHAScheduler
     n = max_concurrent_trials(spec, ray.cluster_resources())
 
@@ -17,8 +18,11 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.run.trial import SKIPPED_OVER_GB
 from orchestrator.spec.parts import SearchDim, SpecError, value_label
 from orchestrator.spec.sweep import SweepSpec
+
+BUDGET_CONSTRAINT = "memory_budget_gb"  # the Optuna constraint of a trial over tune.max_memory_gb
 
 
 # ---- the search space -------------------------------------------------------------------------------
@@ -53,7 +57,9 @@ def to_domain(dim: SearchDim, *, labels: bool = False) -> Any:
 
 # ---- search algorithm ----------------------------------------------------------------------------------
 def make_search_alg(spec: SweepSpec, max_concurrent: int | None = None) -> Any:
-    """``BasicVariantGenerator`` (grid/random, seeded) or ``OptunaSearch`` (TPE, seeded).
+    """``BasicVariantGenerator`` (grid/random, seeded) or ``OptunaSearch`` (TPE, seeded; with a list
+    objective, Optuna's multi-objective TPE: ``OptunaSearch(metric=[...], mode=[...])``, a study with one
+    direction per objective).
 
     The variant generator takes the space from ``param_space``; Optuna gets it here (``grid`` is
     rejected by the spec's validation). ``max_concurrent`` bounds the trials in flight: the variant
@@ -77,24 +83,46 @@ def make_search_alg(spec: SweepSpec, max_concurrent: int | None = None) -> Any:
         startup = t.startup_trials or max(2, min(10, math.ceil(t.num_samples / 3)))
         sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=startup)
         space = to_tune_space(spec, labels=True)
-        searcher = FinalMetricOptunaSearch(
-            space=space, metric=spec.objective.metric, mode=spec.objective.mode, sampler=sampler
+        metric, mode = (
+            ([m for m, _ in spec.goals], [d for _, d in spec.goals])
+            if spec.multi_objective
+            else (spec.objective.metric, spec.objective.mode)
         )
+        searcher = FinalMetricOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
         return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
     raise SpecError("tune.algorithm", f"{t.algorithm!r} is invalid: expected grid, random or optuna")
 
 
 class FinalMetricOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` that ignores intermediate results lacking the objective.
+    """``OptunaSearch`` that ignores intermediate results lacking the objective, and is told a trial over
+    the memory budget is infeasible.
 
     A trial reports training metrics (loss, val_loss) while it trains and ``eval/score`` only at the
     end; stock ``OptunaSearch.on_trial_result`` indexes ``result[metric]`` on every result.
+
+    A trial skipped for its memory estimate (``tune.max_memory_gb``; its last result carries
+    ``SKIPPED_OVER_GB``, the GB over the budget) has no objective values. Ray's ``OptunaSearch`` has no
+    constraint of its own, so the constraint goes on the Optuna trial itself
+    (``optuna.Trial.set_constraint("memory_budget_gb", GB over)``: > 0 is infeasible, Optuna's constrained
+    TPE samples away from it) and the trial is told to the study as ``PRUNED`` (no values), never as a
+    bad score.
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, str) and self.metric not in result:
             return
         super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        over = (result or {}).get(SKIPPED_OVER_GB)
+        if over is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        from optuna.trial import TrialState
+
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_constraint(BUDGET_CONSTRAINT, max(float(over), 1e-9))  # > 0: infeasible
+        self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
 
 
 # ---- scheduler ------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from orchestrator.results.trial_status import (
     write_status,
 )
 from orchestrator.run.slots import train_slot
-from orchestrator.spec.plan import over_memory_limit
+from orchestrator.spec.plan import over_memory_limit, skip_reason
 from orchestrator.spec.sections import AfterTrial, Objective
 from orchestrator.spec.sweep import SweepSpec
 from tokentune.config import EvalConfig
@@ -56,10 +56,21 @@ from tokentune.redact import redact_text
 log = logging.getLogger(__name__)
 
 FINAL_FLAG = "trial_final"  # set on the trial's last Tune report (the tracking callback skips it)
+#: on the last report of a trial skipped for its memory estimate (``tune.max_memory_gb``): the value is
+#: how many GB the estimate is over the budget (Optuna's constraint, ``space.FinalMetricOptunaSearch``)
+SKIPPED_OVER_GB = "skipped_over_budget_gb"
 
 
 class TrialFailed(RuntimeError):
     """A trial's training, merge or evaluation failed; the message says which and why."""
+
+
+class TrialSkipped(Exception):
+    """A trial estimated over ``tune.max_memory_gb``: never launched. ``metrics``: its estimate."""
+
+    def __init__(self, reason: str, metrics: dict[str, float]) -> None:
+        super().__init__(reason)
+        self.reason, self.metrics = reason, metrics
 
 
 @dataclass
@@ -132,6 +143,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         metrics = _train_and_evaluate(spec, cfg, trial_id, tdir, ctx)
         metrics["trial_wall_s"] = time.perf_counter() - t0
         metrics.update(phase_summary(tdir))  # informative: never fails a trial that trained
+    except TrialSkipped as skip:  # over the memory budget: a result of the sweep, not a failure
+        _record_skip(skip, ctx, tracking, tdir, trial_id, searched)
+        ray.tune.report({**skip.metrics, FINAL_FLAG: 1})
+        return
     except BaseException as err:
         if _stop_requested():  # Tune stops this trial (ASHA, time limit, sweep shutdown): not a failure
             log_event(tdir, "stopped by Tune")
@@ -222,6 +237,31 @@ def _record_failure(
     return msg
 
 
+def _record_skip(
+    skip: TrialSkipped,
+    ctx: TrialContext,
+    tracking: TrialTracking,
+    tdir: Path,
+    trial_id: str,
+    searched: dict[str, Any],
+) -> None:
+    """A trial over the memory budget: ``skipped`` in events.jsonl, status.json and its MLflow run."""
+    log_event(tdir, "skipped", reason=skip.reason)
+    write_status(
+        tdir,
+        "skipped",
+        trial_id=trial_id,
+        error=skip.reason,
+        metrics=skip.metrics,
+        searched=_jsonable(searched),
+    )
+    if tracking.started:
+        tracking.metrics(skip.metrics, None)
+        tracking.tags({"tokentune.status": "skipped"})
+        tracking.end("KILLED", skip.reason)
+    _upload(ctx, tdir, trial_id)
+
+
 def _upload(ctx: TrialContext, tdir: Path, trial_id: str) -> None:
     """With a URI storage, copy the trial folder there (not ``merged/``); never raises."""
     if ctx.storage_uri:
@@ -264,9 +304,8 @@ def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: Tr
     limit = spec.tune.max_memory_gb
     est = estimate_memory(cfg) if limit else None
     if over_memory_limit(est, limit):
-        raise TrialFailed(
-            f"refused before launch: estimated {est.short()} per worker > tune.max_memory_gb={limit}"
-        )
+        metrics = {**est.metrics(), SKIPPED_OVER_GB: est.fit_gb - limit}
+        raise TrialSkipped(skip_reason(est, limit), metrics)
 
     log_event(tdir, "train queued")
     with train_slot(ctx.train_slots, trial_id, on_wait=lambda: log_event(tdir, "waiting for a train slot")):

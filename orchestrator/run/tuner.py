@@ -118,7 +118,8 @@ def run_config(spec: SweepSpec, ctx: TrialContext, progress: bool, verbose: bool
 
     from orchestrator.results.console import SweepProgress
 
-    progress_cb = [SweepProgress(spec.num_trials(), ctx.sweep_dir, spec.objective.metric)] if progress else []
+    shown = [m for m, _ in spec.goals] if spec.multi_objective else spec.objective.metric
+    progress_cb = [SweepProgress(spec.num_trials(), ctx.sweep_dir, shown)] if progress else []
 
     return tune.RunConfig(
         name=TUNE_NAME,
@@ -278,7 +279,9 @@ def _loggable(key: str, value: Any) -> bool:
 # ---- results ------------------------------------------------------------------------------------------------
 def collect_trials(grid: Any, spec: SweepSpec, sweep_dir: str | Path) -> list[TrialResult]:
     """One ``TrialResult`` per Tune trial: status/metrics from ``status.json`` when the trial wrote
-    one, else from Tune's last result (``stopped``/``failed``/``pending``); errors redacted."""
+    one (``finished``, ``failed``, or ``skipped``: estimated over ``tune.max_memory_gb``, never launched,
+    its error the reason and its metrics the estimate), else from Tune's last result
+    (``stopped``/``failed``/``pending``); errors redacted."""
     out = []
     for t in _tune_trials(grid):
         tdir = trial_dir(sweep_dir, t.trial_id)
@@ -288,6 +291,11 @@ def collect_trials(grid: Any, spec: SweepSpec, sweep_dir: str | Path) -> list[Tr
         if st is not None and st.get("status") == "finished":
             out.append(
                 TrialResult(t.trial_id, searched, st.get("metrics") or last, "finished", None, str(tdir))
+            )
+        elif st is not None and st.get("status") == "skipped":
+            reason = str(st.get("error") or "skipped")
+            out.append(
+                TrialResult(t.trial_id, searched, st.get("metrics") or {}, "skipped", reason, str(tdir))
             )
         elif st is not None and st.get("status") == "failed":
             error = redact_text(str(st.get("error") or "")) or None

@@ -5,7 +5,8 @@
 
 Pure: never imports ray. The memory estimate is ``tokentune.estimate`` (composed from the methods' own
 terms; a model's shape from its config.json, or ``tokentune.shape.KNOWN_SHAPES`` offline); a trial
-estimated above ``tune.max_memory_gb`` is marked REFUSED, as the trial itself refuses to launch. The
+estimated above ``tune.max_memory_gb`` is listed ``skipped: estimate X GB > budget Y GB``, as the trial itself
+is skipped, never launched (``skip_reason``; the dry run counts them). The
 settings lines are the sections' own ``describe()`` keys with the spec's values. The text ends with the
 input checks' notes (what could not be checked here) and passes through ``tokentune.redact``: the console
 never shows a token or a password.
@@ -58,9 +59,15 @@ def dry_run_trials(spec: SweepSpec, n: int | None = None) -> list[PlannedTrial]:
 
 
 def over_memory_limit(estimate: MemoryEstimate | None, limit_gb: float | None) -> bool:
-    """The rule the dry run marks REFUSED and a trial refuses to launch by (``tune.max_memory_gb``): what
-    must fit on the device (``MemoryEstimate.fit_gb``) over the limit."""
+    """The rule the dry run marks skipped and a trial is skipped by, never launched (``tune.max_memory_gb``):
+    what must fit on the device (``MemoryEstimate.fit_gb``) over the limit."""
     return bool(limit_gb and estimate is not None and estimate.fit_gb > limit_gb)
+
+
+def skip_reason(estimate: MemoryEstimate, limit_gb: float) -> str:
+    """``skipped: estimate 0.0612 GB > budget 0.05 GB (tune.max_memory_gb)``: the dry run's, the results'
+    and the trial's words for a trial over the budget."""
+    return f"skipped: estimate {estimate.fit_gb:.3g} GB > budget {limit_gb:g} GB (tune.max_memory_gb)"
 
 
 def trial_resources(cfg: RunConfig, driver_cpus: float = 0.0) -> dict[str, Any]:
@@ -99,6 +106,12 @@ def format_plan(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
     total = spec.num_trials()
     if len(trials) < total:
         lines.append(f"  ... {total - len(trials):,} more ({total:,} trials in all)")
+    if t.max_memory_gb:
+        skipped = sum(p.over_limit for p in trials)
+        lines.append(
+            f"  skipped before launch: {skipped} of the {len(trials)} planned trial(s) shown (estimate > "
+            f"budget tune.max_memory_gb={t.max_memory_gb:g} GB)"
+        )
     if trials:
         cfg = trials[0].config
         tr = cfg.train
@@ -120,6 +133,9 @@ def settings_lines(spec: SweepSpec) -> list[str]:
     spec's values, wrapped at ``PLAN_WIDTH``."""
     out = []
     for name, section in spec.settings().items():
+        if name == "objective" and spec.multi_objective:  # a list: each metric and mode, the first is "best"
+            out.append("  objective: [" + ", ".join(f"{m} {d}" for m, d in spec.goals) + "] (Pareto front)")
+            continue
         pairs = [
             f"{doc.key[len(name) + 1 :]}={format_value(getattr(section, doc.key[len(name) + 1 :]))}"
             for doc in section_docs(name)
@@ -155,8 +171,8 @@ def _trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
     for p in trials:
         r = p.resources
         mem = p.memory.short() if p.memory else "unknown"
-        if p.over_limit:
-            mem += f"  REFUSED: > tune.max_memory_gb={spec.tune.max_memory_gb}"
+        if p.over_limit and p.memory is not None:
+            mem += "  " + skip_reason(p.memory, spec.tune.max_memory_gb or 0.0)
         rows.append(
             [
                 str(p.index),

@@ -72,18 +72,40 @@ def is_memory_metric(v: Any) -> bool:
     return v in MEMORY_METRICS
 
 
+def is_time_metric(v: Any) -> bool:
+    """A measured ``time/<name>`` key (``time/worker_hours``, ``time/step_s``, ...)."""
+    return isinstance(v, str) and v.startswith("time/") and len(v) > 5
+
+
+def is_objective_metric(v: Any) -> bool:
+    """What ``objective.metric`` accepts: a trial metric, ``memory/*``, ``time/*`` or ``eval/*``."""
+    return (
+        v in TRIAL_METRICS
+        or is_memory_metric(v)
+        or is_time_metric(v)
+        or (isinstance(v, str) and v.startswith("eval/") and len(v) > 5)
+    )
+
+
+OBJECTIVE_METRICS = (
+    f"one of {', '.join(TRIAL_METRICS)}, {', '.join(MEMORY_METRICS)}, a measured time/<name> "
+    "(time/worker_hours, ...), eval/score or eval/<task>/<metric>"
+)
+
+
 # ---- the sections -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Objective:
-    """``objective``: the metric Tune optimises."""
+    """``objective``: the metric Tune optimises (or, as a list of ``{metric, mode}``, its objectives)."""
 
     SECTION: ClassVar[str] = "objective"
 
     metric: str = setting(
         "eval/score",
         "what Tune optimises: eval/score (mean over the eval tasks), eval/<task>/<metric>, val_loss, loss, "
-        "tokens_per_s, wall_s, trial_wall_s or a measured memory/* key (memory/train_gb, ...); without "
-        "an objective section: val_loss/min when after_trial.action is not merge+eval",
+        "tokens_per_s, wall_s, trial_wall_s, a measured memory/* key (memory/train_gb, ...) or time/* key "
+        "(time/worker_hours, ...); without an objective section: val_loss/min when after_trial.action is "
+        "not merge+eval. A list of {metric, mode} searches their Pareto front (see the README)",
     )
     mode: str = setting("max", "max or min")
     memory_budget_gb: float | None = setting(
@@ -93,15 +115,7 @@ class Objective:
     def __post_init__(self) -> None:
         s = self.SECTION
         check(self.mode in ("min", "max"), f"{s}.mode", self.mode, "min or max")
-        m = self.metric
-        check(
-            m in TRIAL_METRICS
-            or is_memory_metric(m)
-            or (isinstance(m, str) and m.startswith("eval/") and len(m) > 5),
-            f"{s}.metric",
-            m,
-            f"one of {', '.join(TRIAL_METRICS)}, {', '.join(MEMORY_METRICS)}, eval/score or eval/<task>/<metric>",
-        )
+        check(is_objective_metric(self.metric), f"{s}.metric", self.metric, OBJECTIVE_METRICS)
         budget = self.memory_budget_gb
         check(_positive_or_null(budget), f"{s}.memory_budget_gb", budget, "null or a number of GB > 0")
 
@@ -179,8 +193,10 @@ class TuneSettings:
     )
     max_memory_gb: float | None = setting(
         None,
-        "GB per worker: a trial whose memory estimate of what must fit (memory/estimate_fit_gb, sequences "
-        "filling data.max_length) is above it is refused before launch (REFUSED in the dry run); null = no limit",
+        "GB per worker, the sweep's memory budget: a trial whose memory estimate of what must fit "
+        "(memory/estimate_fit_gb, sequences filling data.max_length) is above it is never launched: it is "
+        "listed 'skipped: estimate X GB > budget Y GB' (dry run and results) and Optuna is told it is "
+        "infeasible; null = no limit",
     )
     scheduler: SchedulerSpec = setting(help="FIFO or ASHA: the tune.scheduler section", factory=SchedulerSpec)
 
@@ -357,6 +373,41 @@ def parse_section(name: str, value: Any, cls: type) -> Any:
         return build_section(name, cls, value)
     except UnknownKeyError as e:
         raise SpecError(e.key, f"unknown key; accepted keys in {name}: {', '.join(e.accepted)}") from None
+
+
+def parse_objectives(value: Any) -> tuple[Objective, ...]:
+    """``objective``: one mapping (one objective, as always), or a list of ``{metric, mode}`` (several:
+    the sweep searches and marks their Pareto front). A list item is named ``objective[i].key``; a list
+    is refused when empty or when it names a metric twice."""
+    if not isinstance(value, list):
+        return (parse_section("objective", value, Objective),)
+    if not value:
+        raise SpecError("objective", "empty list: expected {metric, mode} or a list of one or more of them")
+    objectives: list[Objective] = []
+    for i, item in enumerate(value):
+        where = f"objective[{i}]"
+        if isinstance(item, dict) and "memory_budget_gb" in item:
+            raise SpecError(
+                f"{where}.memory_budget_gb",
+                "a budget is not an objective: write tune: {max_memory_gb: <GB per worker>} (trials estimated "
+                "above it are skipped before launch)",
+            )
+        if isinstance(item, dict) and set(item) - {"metric", "mode"}:
+            key = sorted(set(item) - {"metric", "mode"})[0]
+            raise SpecError(
+                f"{where}.{key}", "unknown key; accepted keys in an objective list item: metric, mode"
+            )
+        if not isinstance(item, dict) or "metric" not in item:
+            raise SpecError(where, f"{item!r} is invalid: expected {{metric: <name>, mode: min | max}}")
+        if "mode" not in item:
+            raise SpecError(f"{where}.mode", "missing: a list item says min or max for its metric")
+        try:
+            objectives.append(parse_section("objective", item, Objective))
+        except SpecError as e:
+            raise SpecError(e.key.replace("objective", where, 1), str(e).split(": ", 1)[1]) from None
+        if item["metric"] in [o.metric for o in objectives[:-1]]:
+            raise SpecError(f"{where}.metric", f"{item['metric']!r} is listed twice: list each metric once")
+    return tuple(objectives)
 
 
 def parse_scheduler(value: Any) -> SchedulerSpec:

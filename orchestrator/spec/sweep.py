@@ -63,10 +63,11 @@ from orchestrator.spec.sections import (
     Objective,
     Tracking,
     TuneSettings,
+    parse_objectives,
     parse_section,
     refuse_moved_keys,
 )
-from orchestrator.spec.validate import check_sweep_name, validate_spec
+from orchestrator.spec.validate import check_scheduler_metric, check_sweep_name, validate_spec
 from tokentune.config import ConfigError, RunConfig, load_yaml, parse_override, set_dotted
 from tokentune.errors import check_expanded_size
 
@@ -86,7 +87,9 @@ class SweepSpec:
     name: str
     base: dict[str, Any]
     search: dict[str, SearchDim] = field(default_factory=dict)
-    objective: Objective = field(default_factory=Objective)
+    objective: Objective = field(default_factory=Objective)  # the first listed: "best" means by it
+    #: every objective (``objective`` first); one unless the YAML lists several (a Pareto search)
+    objectives: tuple[Objective, ...] = ()
     tune: TuneSettings = field(default_factory=TuneSettings)
     after_trial: AfterTrial = field(default_factory=AfterTrial)
     tracking: Tracking = field(default_factory=Tracking)
@@ -99,6 +102,7 @@ class SweepSpec:
 
     def __post_init__(self) -> None:
         check_sweep_name(self.name)  # also a copy's (``replaced(name=...)``): it never leads outside storage
+        object.__setattr__(self, "objectives", tuple(self.objectives) or (self.objective,))
         object.__setattr__(self, "notes", tuple(self.notes))
 
     def replaced(self, **changes: Any) -> SweepSpec:
@@ -114,6 +118,16 @@ class SweepSpec:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _configs={})
+
+    @property
+    def goals(self) -> list[tuple[str, str]]:
+        """Every objective as ``(metric, mode)`` (``orchestrator.results.best``'s goals), the first first."""
+        return [(o.metric, o.mode) for o in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        """The objective lists several metrics: Optuna searches, and the results mark, their front."""
+        return len(self.objectives) > 1
 
     def settings(self) -> dict[str, Any]:
         """Each settings section by its YAML key (as ``orchestrator.spec.sections.SECTIONS``)."""
@@ -208,7 +222,11 @@ class SweepSpec:
             out["description"] = self.description
         out["base"] = copy.deepcopy(self.base)
         out["search"] = {k: d.to_yaml() for k, d in self.search.items()}
-        out["objective"] = dataclasses.asdict(self.objective)
+        out["objective"] = (
+            [{"metric": m, "mode": d} for m, d in self.goals]
+            if self.multi_objective
+            else dataclasses.asdict(self.objective)
+        )
         out["tune"] = dataclasses.asdict(self.tune)
         out["after_trial"] = dataclasses.asdict(self.after_trial)
         out["tracking"] = dataclasses.asdict(self.tracking)
@@ -379,6 +397,9 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", source: str | N
     obj_raw = raw.get("objective")
     if obj_raw is None:  # eval/score (max) when each trial is evaluated, else val_loss (min)
         obj_raw = {} if after.evaluates else {"metric": "val_loss", "mode": "min"}
+    objectives = parse_objectives(obj_raw)
+    tune = parse_section("tune", raw.get("tune"), TuneSettings)
+    check_scheduler_metric(objectives, tune, raw.get("tune"))
     storage = raw.get("storage") or DEFAULT_STORAGE
     if not isinstance(storage, str):
         raise SpecError("storage", f"{storage!r} is invalid: expected a folder or a URI (s3://..., gs://...)")
@@ -386,8 +407,9 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", source: str | N
         name=name.strip(),
         base=copy.deepcopy(base),
         search=search,
-        objective=parse_section("objective", obj_raw, Objective),
-        tune=parse_section("tune", raw.get("tune"), TuneSettings),
+        objective=objectives[0],
+        objectives=objectives,
+        tune=tune,
         after_trial=after,
         tracking=parse_section("tracking", raw.get("tracking"), Tracking),
         storage=storage,

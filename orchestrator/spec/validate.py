@@ -23,6 +23,7 @@ import copy
 import itertools
 import os
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.spec import inputs
@@ -180,13 +181,13 @@ def _bound_note(dim: SearchDim, value: Any) -> str:
 # ---- across sections ---------------------------------------------------------------------------------------
 def check_across_sections(spec: SweepSpec) -> None:
     """What no single section can check (each checks its own values when it is built)."""
-    metric = spec.objective.metric
-    if metric.startswith("eval/") and not spec.after_trial.evaluates:
-        raise SpecError(
-            "objective.metric",
-            f"{metric!r} needs after_trial.action: merge+eval (now {spec.after_trial.action!r}; or use "
-            "objective: {metric: val_loss, mode: min})",
-        )
+    for i, (metric, _) in enumerate(spec.goals):
+        if metric.startswith("eval/") and not spec.after_trial.evaluates:
+            raise SpecError(
+                f"objective[{i}].metric" if spec.multi_objective else "objective.metric",
+                f"{metric!r} needs after_trial.action: merge+eval (now {spec.after_trial.action!r}; or use "
+                "objective: {metric: val_loss, mode: min})",
+            )
     grids = [k for k, d in spec.search.items() if d.verb == "grid"]
     if spec.tune.algorithm == "optuna" and grids:
         raise SpecError(
@@ -194,3 +195,20 @@ def check_across_sections(spec: SweepSpec) -> None:
             "grid verbs are not supported with tune.algorithm: optuna (TPE samples each key); use "
             "{choice: [...]} instead, or tune.algorithm: grid",
         )
+
+
+def check_scheduler_metric(objectives: Sequence[Any], tune: Any, tune_raw: Any) -> None:
+    """ASHA stops trials on one metric: with a list objective it must be named (``tune.scheduler.metric``,
+    which ASHA then prunes on); its default (val_loss) is not silently chosen among several objectives."""
+    if len(objectives) < 2 or tune.scheduler.type != "asha":
+        return
+    sched = tune_raw.get("scheduler") if isinstance(tune_raw, dict) else None
+    if isinstance(sched, dict) and "metric" in sched:
+        return
+    listed = ", ".join(o.metric for o in objectives)
+    raise SpecError(
+        "tune.scheduler",
+        f"ASHA stops trials on one metric, but objective lists several ({listed}): set "
+        "tune.scheduler.metric (and mode) explicitly (val_loss, loss or memory/*; ASHA prunes on it alone), "
+        "or use tune.scheduler: fifo",
+    )
