@@ -258,8 +258,8 @@ def test_finished_trial_is_recorded_once_in_a_new_tracking_store(tmp_path):
     from mlflow import MlflowClient
 
     from orchestrator.results.tracking import SweepTracker
+    from orchestrator.results.tracking_journal import close_open_run
     from orchestrator.results.trial_status import read_status, write_status
-    from orchestrator.run.trial import close_open_run
 
     run_id = "0" * 32  # the old store's run: this store never held it
     metrics = {"eval/score": 0.5, "step": 4.0}

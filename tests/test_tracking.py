@@ -459,8 +459,8 @@ def test_pareto_plot_without_points(tmp_path):
 def test_resume_closes_a_run_left_open_after_the_trial_committed(store, tmp_path):
     """A crash between status.json (the commit point) and closing the MLflow run leaves it RUNNING; the
     resumed trial skips training and closes the run FINISHED with the recorded metrics, exactly once."""
+    from orchestrator.results.tracking_journal import close_open_run
     from orchestrator.results.trial_status import write_status
-    from orchestrator.run.trial import close_open_run
 
     uri, _ = store
     tracker = SweepTracker(uri, "exp-commit", "s1")

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.results.tracking_queue import Row, metrics_row, with_retries
-from orchestrator.results.trial_status import STATUS_FILE, TRIALS_DIR, log_event
+from orchestrator.results.trial_status import STATUS_FILE, TRIALS_DIR, log_event, write_status
+from tokentune.errors import is_number
 from tokentune.files import append_jsonl, read_jsonl
 from tokentune.redact import redact, redact_text
 
@@ -220,3 +221,32 @@ def end_parent(tracker: Any, status: str) -> None:
         tracker.end_parent(status)
     except Exception as err:  # noqa: BLE001 - tracking never fails a sweep
         log.warning("MLflow: the sweep's parent run could not be ended (%s)", redact_text(str(err)))
+
+
+def close_open_run(tracker, tdir: Path, done: dict[str, Any]) -> bool:
+    """status.json is a trial's commit point; a crash right after writing it can leave the trial's MLflow
+    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed (or, the
+    store being down, recorded to be closed on the next resume). A run the tracking store does not hold
+    (resumed with a new ``tracking.uri``) is made there, closed likewise."""
+    run_id = done.get("run_id")
+    if not run_id:
+        return False
+    tracking = TrialTracking(tracker, tdir, done.get("trial_id") or tdir.name)
+    status = tracking.run_status(run_id)
+    if status == MISSING:  # not in this store (--resume with a new tracking.uri): the trial is recorded there
+        searched = {str(k).replace(".", "/"): v for k, v in (done.get("searched") or {}).items()}
+        if tracking.start({"search": searched}) is not None:
+            info = {k: v for k, v in done.items() if k not in ("status", "time", "run_id")}
+            write_status(tdir, "finished", **info, run_id=tracking.run_id)  # the next resume finds it there
+    elif status == "FINISHED":
+        return False
+    close_finished_run(tracking, done["metrics"], done["metrics"].get("step"))
+    return True
+
+
+def close_finished_run(tracking: TrialTracking, metrics: dict[str, Any], step: Any) -> None:
+    """End a trial's run as FINISHED with its final metrics and artifacts."""
+    tracking.metrics(metrics, int(step) if is_number(step) else None)
+    tracking.artifacts()
+    tracking.tags({"tokentune.status": "finished"})
+    tracking.end("FINISHED")

@@ -36,7 +36,7 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.results.tracking_journal import MISSING, TrialTracking
+from orchestrator.results.tracking_journal import TrialTracking, close_finished_run, close_open_run
 from orchestrator.results.trial_status import (
     log_event,
     phase_durations,
@@ -168,7 +168,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         run_id=tracking.run_id,
     )
     _upload(ctx, tdir, trial_id)
-    _close_finished_run(tracking, metrics, cfg.train.max_steps)
+    close_finished_run(tracking, metrics, cfg.train.max_steps)
     if tracking.offline:  # its recorded writes go with the folder (a resume on the driver sends them)
         _upload(ctx, tdir, trial_id)
     log_event(tdir, "logged", **driver_usage(cpu0))
@@ -268,34 +268,6 @@ def _upload(ctx: TrialContext, tdir: Path, trial_id: str) -> None:
         from orchestrator.run.storage_sync import upload_trial
 
         upload_trial(tdir, ctx.storage_uri, trial_id)
-
-
-def close_open_run(tracker, tdir: Path, done: dict[str, Any]) -> bool:
-    """status.json is a trial's commit point; a crash right after writing it can leave the trial's MLflow
-    run RUNNING. On resume, close such a run as FINISHED with its metrics; True if one was closed (or, the
-    store being down, recorded to be closed on the next resume). A run the tracking store does not hold
-    (resumed with a new ``tracking.uri``) is made there, closed likewise."""
-    run_id = done.get("run_id")
-    if not run_id:
-        return False
-    tracking = TrialTracking(tracker, tdir, done.get("trial_id") or tdir.name)
-    status = tracking.run_status(run_id)
-    if status == MISSING:  # not in this store (--resume with a new tracking.uri): the trial is recorded there
-        searched = {str(k).replace(".", "/"): v for k, v in (done.get("searched") or {}).items()}
-        if tracking.start({"search": searched}) is not None:
-            info = {k: v for k, v in done.items() if k not in ("status", "time", "run_id")}
-            write_status(tdir, "finished", **info, run_id=tracking.run_id)  # the next resume finds it there
-    elif status == "FINISHED":
-        return False
-    _close_finished_run(tracking, done["metrics"], done["metrics"].get("step"))
-    return True
-
-
-def _close_finished_run(tracking: TrialTracking, metrics: dict[str, Any], step: Any) -> None:
-    tracking.metrics(metrics, int(step) if is_number(step) else None)
-    tracking.artifacts()
-    tracking.tags({"tokentune.status": "finished"})
-    tracking.end("FINISHED")
 
 
 def _train_and_evaluate(spec: SweepSpec, cfg, trial_id: str, tdir: Path, ctx: TrialContext) -> dict[str, Any]:

@@ -210,6 +210,22 @@ def setup_keys(dim: SearchDim) -> set[str]:
     return {k for v in dim.values for k in v if k != "name"}
 
 
+def check_search_keys(search: dict[str, SearchDim]) -> None:
+    """No searched key inside another (``lora`` and ``lora.rank``), none set again by a ``setup``."""
+    keys = list(search)
+    inner = setup_keys(search[SETUP_KEY]) if SETUP_KEY in search else set()
+    for a in keys:
+        for b in inner:
+            if a == b or b.startswith(a + ".") or a.startswith(b + "."):
+                raise SpecError(
+                    f"search.{a}", f"overlaps search.{SETUP_KEY}, whose setups set {b}: set it in one place"
+                )
+    for a in keys:
+        for b in keys:
+            if a != b and b.startswith(a + "."):
+                raise SpecError(f"search.{b}", f"overlaps search.{a}: search a section or its keys, not both")
+
+
 def apply_searched(d: dict[str, Any], key: str, value: Any) -> None:
     """Set a searched key's value in the config mapping ``d``: a ``setup`` sets each of its keys."""
     from tokentune.config import set_dotted

@@ -49,21 +49,20 @@ import yaml
 
 from orchestrator.spec import plan
 from orchestrator.spec.inputs import absolute_local_paths
+from orchestrator.spec.objectives import parse_objectives
 from orchestrator.spec.parts import (
-    SETUP_KEY,
     SearchDim,
     SpecError,
     apply_searched,
+    check_search_keys,
     lookup_dotted,
     parse_dim,
-    setup_keys,
 )
 from orchestrator.spec.sections import (
     AfterTrial,
     Objective,
     Tracking,
     TuneSettings,
-    parse_objectives,
     parse_section,
     refuse_moved_keys,
 )
@@ -392,7 +391,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", source: str | N
     if not isinstance(search_raw, dict):
         raise SpecError("search", f"expected a mapping of config key -> {{verb: ...}}, got {search_raw!r}")
     search = {str(k): parse_dim(str(k), v) for k, v in search_raw.items()}
-    _check_nested_keys(list(search), search)
+    check_search_keys(search)
     after = parse_section("after_trial", raw.get("after_trial"), AfterTrial)
     obj_raw = raw.get("objective")
     if obj_raw is None:  # eval/score (max) when each trial is evaluated, else val_loss (min)
@@ -416,20 +415,6 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", source: str | N
         description=str(raw.get("description") or ""),
         source=source,
     )
-
-
-def _check_nested_keys(keys: list[str], search: dict[str, SearchDim]) -> None:
-    inner = setup_keys(search[SETUP_KEY]) if SETUP_KEY in search else set()
-    for a in keys:
-        for b in inner:
-            if a == b or b.startswith(a + ".") or a.startswith(b + "."):
-                raise SpecError(
-                    f"search.{a}", f"overlaps search.{SETUP_KEY}, whose setups set {b}: set it in one place"
-                )
-    for a in keys:
-        for b in keys:
-            if a != b and b.startswith(a + "."):
-                raise SpecError(f"search.{b}", f"overlaps search.{a}: search a section or its keys, not both")
 
 
 __all__ = ["SpecError", "SweepSpec", "load_spec", "parse_spec"]
