@@ -7,7 +7,8 @@ each as a share of full fine-tuning; and what measuring costs.
     python bench/memory.py --combinations --dtype bfloat16   # every method combination, two bf16 settings
 
 Rows (``ROWS``): full fine-tuning, LoRA, QLoRA, LoRA + TokenTune and QLoRA + TokenTune at
-``--ratio`` (0.3), and LoRA + IST / RST at ``--budget`` (25% of the layers). Each row runs
+``--ratio`` (0.3), LoRA + IST / RST at ``--budget`` (25% of the layers), and LoRA and LoRA + TokenTune
+with every layer checkpointed (``checkpointing``). Each row runs
 ``tokentune.train`` itself, in a fresh process, on a Llama with random weights (saved once, so QLoRA
 quantizes it on load as training would) and rows long enough to fill ``--seq`` (every token
 supervised): ``--steps`` steps (IST/RST: ``--sparse-steps``, so that every layer has trained and
@@ -70,6 +71,8 @@ ROWS: dict[str, list[str]] = {
     "qlora+tokentune": ["qlora", "lora", "tokentune"],
     "lora+ist": ["lora", "ist"],
     "lora+rst": ["lora", "rst"],
+    "lora+checkpointing": ["lora", "checkpointing"],
+    "lora+tokentune+checkpointing": ["lora", "tokentune", "checkpointing"],
 }
 WORDS = (
     "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda sigma tau omega one two three".split()

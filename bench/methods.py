@@ -6,10 +6,12 @@
     python bench/methods.py --device cuda --preset llama2-7b --modes full --optim sgd   # AdamW state: > 80 GB
     python bench/methods.py --threads 1             # steadier CPU timings on a shared machine
     python bench/methods.py --modes lora --variants stock,ist,rst   # IST/RST at budgets 25%, 50% vs LoRA
+    python bench/methods.py --modes lora --variants stock,checkpointing,tokentune,tokentune+checkpointing
 
 A row is one (mode, variant, ratio): ``mode`` picks the trainer (lora, full, qlora = 4-bit base +
 LoRA), a variant adds methods on top (``stock``: none; ``tokentune``: TokenTune at each ratio;
-``ist`` / ``rst``: a layer-update budget, the ``ratio`` column then being the budget).
+``ist`` / ``rst``: a layer-update budget, the ``ratio`` column then being the budget;
+``checkpointing`` / ``tokentune+checkpointing``: stock / TokenTune with every layer checkpointed).
 Every row builds a Llama-architecture model with random weights and trains it through a
 ``MethodStack`` of the registered methods (the object that runs ``tokentune.train``'s hook sequence)
 on one fixed micro-batch (batch 1, no padding, every token labelled). To add a row kind,
@@ -111,6 +113,16 @@ def tokentune_methods(args, mode, ratio):
     return [*MODE_METHODS[mode], "tokentune"], {**trainer_configs(args, mode), "tokentune": {"ratio": ratio}}
 
 
+def checkpointed(variant):
+    """A variant's methods with every decoder layer checkpointed (``checkpointing``) on top."""
+
+    def methods(args, mode, ratio):
+        names, configs = variant(args, mode, ratio)
+        return [*names, "checkpointing"], configs
+
+    return methods
+
+
 #: IST probes every ``IST_UPDATE_EVERY`` steps, from the first measured step: the measured window of an
 #: IST row is that many steps, so it holds exactly one probe round (the paper's schedule, amortised).
 IST_UPDATE_EVERY = 10
@@ -131,6 +143,12 @@ def layer_budget_methods(name: str):
 VARIANTS: list[Variant] = [
     Variant("stock", stock_methods),
     Variant("tokentune", tokentune_methods, ratios=lambda args: list(args.ratios)),
+    Variant("checkpointing", checkpointed(stock_methods)),
+    Variant(
+        "tokentune+checkpointing",
+        checkpointed(tokentune_methods),
+        ratios=lambda args: list(args.ratios),
+    ),
     Variant(
         "ist", layer_budget_methods("ist"), ratios=lambda args: list(args.budgets), modes=("lora", "qlora")
     ),

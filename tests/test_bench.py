@@ -129,6 +129,8 @@ def test_memory_bench_rows_shares_and_overhead(tmp_path, capsys):
     assert train["qlora"] < train["lora"] < train["full"]
     assert train["lora+tokentune"] < train["lora"] and train["qlora+tokentune"] < train["qlora"]
     assert rows["lora+ist"]["grads_gb"] < rows["lora"]["grads_gb"]
+    for base in ("lora", "lora+tokentune"):  # checkpointing keeps layer inputs instead of activations
+        assert rows[f"{base}+checkpointing"]["activations_gb"] < rows[base]["activations_gb"]
     assert bench.main([*tiny, "--cache-dir", str(tmp_path), "--overhead", "--rounds", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert res["step_s_sampled"] > 0 and res["step_s_unsampled"] > 0

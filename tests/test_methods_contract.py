@@ -68,6 +68,7 @@ FAST_CONTRACT = [
     ["lora", "rst", "tokentune"],
     ["qlora", "lora", "ist", "tokentune"],
     ["dora", "ist", "tokentune"],
+    ["lora", "checkpointing", "ist", "tokentune"],
 ]
 
 

@@ -95,8 +95,14 @@ def test_selected_logits_equal_stock(family):
 
 
 # ---- invariant 2: every token selected == stock training ----------------------------------------
+def checkpointed(model):
+    """``model`` with every decoder layer checkpointed (the ``checkpointing`` method, prepared in place)."""
+    return REGISTRY["checkpointing"](REGISTRY["checkpointing"].config_cls()).prepare(model)
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_all_selected_equals_stock_training(family):
+def test_all_selected_equals_stock_training(family, ckpt):
     model = make_tiny_causal_lm(family, dtype=torch.float64)
     batch = make_batch()
     real = batch["attention_mask"].bool()
@@ -106,6 +112,7 @@ def test_all_selected_equals_stock_training(family):
     stock_loss, stock_grads = loss_and_grads(model, lambda: next_token_ce(model(**batch).logits, batch, real))
     with torch.no_grad():  # the float64 reference is the stock loss (which HF computes in float32)
         torch.testing.assert_close(model(**batch).loss.double(), stock_loss, atol=1e-6, rtol=1e-6)
+    model = checkpointed(model) if ckpt else model  # the selected stream recomputed in backward
     loss, ours = loss_and_grads(model, lambda: tokentune_loss(model, batch, selected))
     torch.testing.assert_close(loss, stock_loss, atol=1e-12, rtol=1e-12)
     assert_grads_close(ours, stock_grads)
@@ -135,17 +142,19 @@ def stop_gradient_reference(model, batch, selected, detach_kv=True):
             h.remove()
 
 
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_gradients_equal_stop_gradient_reference(family):
+def test_gradients_equal_stop_gradient_reference(family, ckpt):
     model = make_tiny_causal_lm(family, dtype=torch.float64)
     batch = make_batch()
     selected = draw(batch, 0.4, seed=3)
     ref_loss, ref = loss_and_grads(model, lambda: stop_gradient_reference(model, batch, selected))
+    # the reference is discriminating: without the stop-gradient on R keys/values, W_k differs
+    _, leaky = loss_and_grads(model, lambda: stop_gradient_reference(model, batch, selected, detach_kv=False))
+    model = checkpointed(model) if ckpt else model  # the selected stream recomputed in backward
     loss, ours = loss_and_grads(model, lambda: tokentune_loss(model, batch, selected))
     torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
     assert_grads_close(ours, ref)
-    # the reference is discriminating: without the stop-gradient on R keys/values, W_k differs
-    _, leaky = loss_and_grads(model, lambda: stop_gradient_reference(model, batch, selected, detach_kv=False))
     name = "model.layers.0.self_attn.k_proj.weight"
     assert not torch.allclose(leaky[name], ours[name], atol=1e-8)
 

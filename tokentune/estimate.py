@@ -18,7 +18,10 @@ each RMSNorm its input (and, when its weight trains, the normalised input); the 
 whose weight or adapter trains (q/k/v share one, gate/up share one, o_proj's is the attention
 output); attention's query, keys, values, output and log-sum-exp; the MLP's gate, up and SiLU
 outputs; the logits in fp32. IST/RST is estimated at its peak: the step whose lowest trained layer is
-the first, so every layer keeps what backward through it needs.
+the first, so every layer keeps what backward through it needs. A checkpointed layer
+(``MemoryTerms.checkpointed_layers``, the ``checkpointing`` method) keeps only its input (with
+TokenTune also the other tokens' keys and values) and rebuilds one layer's activations at a time in
+backward, a transient.
 
 Dtypes (measured on CPU with saved-tensor hooks; the same autocast rules hold on CUDA). Whatever the
 model's dtype, Llama's RMSNorm saves its input upcast to fp32 (and its fp32 rsqrt), attention saves
@@ -81,8 +84,8 @@ class MemoryTerms:
     # gate/up/SiLU outputs (None: ``compute_bytes``)
     extra_bytes_per_token: float = 0  # per trained layer and token, bytes a method saves (its own dtypes)
     extra_bytes_per_layer: float = 0  # per trained layer, bytes independent of the tokens
-    recompute_share: float = 0.0  # share of the layers' forward run again in backward (step cost only:
-    # ``tokentune.timing.step_macs``; gradient checkpointing sets it)
+    recompute_share: float = 0.0  # share of the layers' forward run again in backward (timing.step_macs)
+    checkpointed_layers: int = 0  # layers that keep only their inputs and recompute in backward
 
     @property
     def compute_bytes(self) -> float:
@@ -215,7 +218,7 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape | None = None) -> MemoryEs
         activations_gb=activations / GB,
         trainable_params=int(trainable),
         buffers_gb=deepspeed_buffer_bytes(cfg, trainable) / GB,
-        transient_gb=max(_logits_grad_bytes(t), step_copy - activations) / GB,
+        transient_gb=max(_logits_grad_bytes(t), step_copy - activations, _recompute_bytes(t)) / GB,
         device_gb=device_bytes(workers, cuda) / GB,
         host_gb=host / GB,
     )
@@ -345,39 +348,73 @@ def grouped_inputs(shape: ModelShape, names: set[str]) -> int:
     return n + (inter if "down_proj" in names else 0)
 
 
-def _activation_bytes(t: MemoryTerms, active: int) -> float:
-    """Saved for backward in one micro-batch; see the module docstring for what each term is."""
-    s, cfg = t.shape, t.cfg
-    h, inter, heads = s.hidden, s.intermediate, s.heads
+def _layer_bytes(t: MemoryTerms) -> tuple[float, float, float]:
+    """Per token that gets a gradient: what a trained layer saves, what a frozen one above the lowest
+    trained layer saves, and what a RMSNorm saves; see the module docstring for each term."""
+    s = t.shape
     c, wb = t.compute_bytes, t.weight_bytes
-    seq = cfg.data.max_length
-    tokens = cfg.train.batch_size * seq
-    share = t.token_share
-
     # RMSNorm: its input upcast to fp32 and the fp32 rsqrt; when its weight trains, the normalised input
-    norm = 4 * (h + 1) + (wb * h if t.base_trains else 0)
+    norm = 4 * (s.hidden + 1) + (wb * s.hidden if t.base_trains else 0)
     mlp = t.linear_out_bytes if t.linear_out_bytes is not None else c
-    core = 2 * norm + 4 * heads + c * 2 * heads * s.head_dim + mlp * 3 * inter  # + query, output, lse
+    core = 2 * norm + 4 * s.heads + c * 2 * s.heads * s.head_dim + mlp * 3 * s.intermediate
     in_elems = t.input_elems if t.input_elems is not None else grouped_inputs(s, t.saved_inputs)
     inputs = in_elems * (t.input_bytes if t.input_bytes is not None else c)
     trained = core + inputs + c * t.extra_per_token + t.extra_bytes_per_token
-    frozen = core  # a layer above the lowest trained one: backward passes through it, nothing trains
-    per_layer_tokens = tokens * share * (active * trained + (s.layers - active) * frozen)
-    kv = tokens * t.kv_width * s.layers * c  # keys and values of every token (TokenTune: all rows)
-    head = tokens * share * (norm + (c * h if t.base_trains else 0))  # final norm, lm_head input
+    return trained, core, norm  # frozen = core: backward passes through it, nothing trains
+
+
+def _checkpointed_input_bytes(t: MemoryTerms) -> float:
+    """Per token of the sequence, what a checkpointed layer keeps: the residual stream of the tokens
+    that get a gradient (in the weights' dtype: the stream's) and, when that is a share of them
+    (TokenTune), the other tokens' keys and values, which the selected queries attend to."""
+    s, share = t.shape, t.token_share
+    other_kv = (1 - share) * 2 * s.kv_heads * s.head_dim * t.compute_bytes
+    return share * s.hidden * t.weight_bytes + other_kv
+
+
+def _activation_bytes(t: MemoryTerms, active: int) -> float:
+    """Saved for backward in one micro-batch; see the module docstring for what each term is.
+
+    Checkpointed layers keep their inputs only; the others are counted at the peak: as many of them
+    trained as the active layers allow (IST/RST), the rest frozen above the lowest trained one."""
+    s, cfg = t.shape, t.cfg
+    c = t.compute_bytes
+    seq = cfg.data.max_length
+    tokens = cfg.train.batch_size * seq
+    share = t.token_share
+    trained, frozen, norm = _layer_bytes(t)
+    kept = max(0, min(s.layers, t.checkpointed_layers))
+    plain = s.layers - kept
+    plain_active = min(active, plain)
+    per_layer_tokens = tokens * share * (plain_active * trained + (plain - plain_active) * frozen)
+    kv = tokens * t.kv_width * plain * c  # keys and values of every token (TokenTune: all rows)
+    checkpointed = tokens * kept * _checkpointed_input_bytes(t)
+    head = tokens * share * (norm + (c * s.hidden if t.base_trains else 0))  # final norm, lm_head input
     selection = tokens * share * seq * c if t.selection_mask else 0
     logits = tokens * share * s.vocab * 4  # log-softmax output, fp32 whatever the activation dtype
-    constant = active * (t.extra_per_layer * c + t.extra_bytes_per_layer) + _autocast_weight_copies(t)
-    return per_layer_tokens + kv + head + selection + logits + constant
+    constant = min(active, plain) * (t.extra_per_layer * c + t.extra_bytes_per_layer)
+    constant += _autocast_weight_copies(t)
+    return per_layer_tokens + kv + checkpointed + head + selection + logits + constant
+
+
+def _recompute_bytes(t: MemoryTerms) -> float:
+    """With checkpointed layers: one trained layer's activations, rebuilt in backward (a transient)."""
+    if t.checkpointed_layers <= 0:
+        return 0.0
+    tokens = t.cfg.train.batch_size * t.cfg.data.max_length
+    trained = _layer_bytes(t)[0]
+    per_layer = t.extra_per_layer * t.compute_bytes + t.extra_bytes_per_layer
+    return tokens * t.token_share * trained + tokens * t.kv_width * t.compute_bytes + per_layer
 
 
 def _autocast_weight_copies(t: MemoryTerms) -> float:
     """Autocast's bf16 copies of the fp32 weights that backward multiplies by: every decoder linear
-    (while not quantized) and the head. Not saved when the weights are bf16 already (fp16 weights
+    (while not quantized; a checkpointed layer's are made again in backward) and the head. Not saved when the weights are bf16 already (fp16 weights
     would be copied too; that mix is not modelled)."""
     if not t.autocast:
         return 0.0
     s = t.shape
-    copies = s.layers * t.linear_params_per_layer if t.linear_weight_bytes > 2 else 0  # fp32/fp64
+    plain = s.layers - max(0, min(s.layers, t.checkpointed_layers))  # checkpointed layers: recomputed
+    copies = plain * t.linear_params_per_layer if t.linear_weight_bytes > 2 else 0  # fp32/fp64
     copies += s.vocab * s.hidden if t.weight_bytes > 2 else 0
     return 2.0 * copies

@@ -1,6 +1,6 @@
 """Registered training methods. Importing this package registers every built-in method."""
 
-from tokentune.methods import full, ist, lora, qlora, tokentune  # noqa: F401  (registration side effects)
+from tokentune.methods import checkpointing, full, ist, lora, qlora, tokentune  # noqa: F401  (registration side effects)
 from tokentune.methods.base import (
     REGISTRY,
     Method,

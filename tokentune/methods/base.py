@@ -162,8 +162,11 @@ def validate_methods(names: list[str], configs: dict[str, Any] | None = None) ->
     for n in names:
         if n not in REGISTRY:
             raise ConfigError(f"unknown method {n!r}; known: {known_methods()}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"methods={names!r} lists a method twice")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"methods={names!r} lists {', '.join(map(repr, twice))} twice; each method at most once"
+        )
     trainers = [n for n in names if REGISTRY[n].kind == "trainer"]
     if len(trainers) != 1:
         accepted = ", ".join(sorted(n for n, c in REGISTRY.items() if c.kind == "trainer"))

@@ -106,6 +106,12 @@ def _call_with_detached_params(module: nn.Module, inner, *args, **kwargs):
 _NO_INSTANCE_FORWARD = object()
 
 
+def gradient_stopped(module: nn.Module) -> bool:
+    """Whether ``module`` runs with its trainable parameters detached this step (``GradientStop``)."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _call_with_detached_params
+
+
 class GradientStop:
     """Installs/removes detached-parameter forwards on modules (idempotent, exact restore)."""
 

@@ -17,7 +17,8 @@ ZeRO-3 gathering hooks keep working; no model file is forked. Attention is alway
 position space (causal + padding + the layer's sliding window, if any); a baseline to compare
 against should use ``attn_implementation="sdpa"``. Attention dropout is the module's own
 ``attention_dropout`` (train mode only), drawn by SDPA (a different random stream than stock).
-Gradient checkpointing is not applied to the split forward.
+With the ``checkpointing`` method, a checkpointed layer's S path (``split_layer``) keeps only its
+inputs and is recomputed from them in backward.
 
 Positions are column indices, as in the stock forward (``position_ids = arange(L)``): with right
 padding these are the tokens' true positions. Padded positions are never selected and a selected
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokentune.methods.base import IGNORE_INDEX
+from tokentune.methods.checkpointing import layer_runner
 from tokentune.methods.tokentune.split_forward import (
     Stream,
     additive,
@@ -119,6 +121,7 @@ def _decoder_layer(layer: nn.Module, sel: Stream, rest: Stream | None, rope: Cal
         masks=lambda dtype: _masks(sel, rest, _window(attn), dtype, cache),
         attend=lambda q, k, v, mask: sdpa(q, k, v, mask, attn.num_key_value_groups, dropout, attn.scaling),
         finish=finish,
+        run=layer_runner(layer),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokentune.methods.checkpointing import layer_runner
 from tokentune.methods.tokentune.split_forward import (
     Stream,
     additive,
@@ -76,6 +77,7 @@ def _encoder_layer(layer: nn.Module, sel: Stream, rest: Stream | None, cache: di
         masks=lambda dtype: _masks(sel, rest, dtype, cache),
         attend=lambda q, k, v, mask: sdpa(q, k, v, mask, 1, dropout, attn.scaling),
         finish=finish,
+        run=layer_runner(layer),
     )
 
 

@@ -187,6 +187,7 @@ def split_layer(
     masks: Callable[[torch.dtype], tuple[torch.Tensor | None, torch.Tensor]],
     attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    run: Callable[..., Any] | None = None,
 ) -> None:
     """One transformer layer on the S stream (with grad) and the R stream (no grad), in place.
 
@@ -194,15 +195,30 @@ def split_layer(
     (R-query or None, S-query) masks over keys ordered [R, S]; ``attend(q, k, v, mask)`` -> [B, n, H * d];
     ``finish(attention_out, x)`` -> the stream's next hidden state (output projection, MLP, residuals).
     S queries attend over R's keys and values detached, so no gradient flows into R.
+
+    Order: R's q, k, v (no grad); S's whole path, a function of tensors only (its stream, R's keys and
+    values, its mask) run through ``run(fn, *tensors)`` (``checkpointing.layer_runner``: maybe
+    checkpointed, then recomputed from exactly these inputs in backward); R's attention and the rest of
+    its layer (no grad), over S's keys and values as the S path computed them.
     """
-    q_s, k_s, v_s = qkv(sel)
-    mask_r, mask_s = masks(q_s.dtype)
-    if rest is None:
-        keys, values = k_s, v_s
-    else:
+    q_r = kv_r = mask_r = mask_s = None
+    if rest is not None:
         with torch.no_grad():
             q_r, k_r, v_r = qkv(rest)
-        keys, values = torch.cat([k_r, k_s], 2), torch.cat([v_r, v_s], 2)  # R part carries no grad
+        kv_r = (k_r, v_r)
+        mask_r, mask_s = masks(q_r.dtype)
+
+    def s_path(x: torch.Tensor, mask: torch.Tensor | None, *kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q_s, k_s, v_s = qkv(Stream(x, sel.pos, sel.valid, sel.cos, sel.sin))
+        if mask is None:  # no R rows: the mask's dtype is the S queries'
+            mask = masks(q_s.dtype)[1]
+        keys, values = (torch.cat([kv[0], k_s], 2), torch.cat([kv[1], v_s], 2)) if kv else (k_s, v_s)
+        return finish(attend(q_s, keys, values, mask), x), k_s.detach(), v_s.detach()
+
+    args = (sel.x, mask_s, *(kv_r or ()))
+    x_s, k_s, v_s = run(s_path, *args) if run is not None else s_path(*args)
+    if rest is not None:
+        keys, values = torch.cat([kv_r[0], k_s], 2), torch.cat([kv_r[1], v_s], 2)  # no grad in either
         with torch.no_grad():
-            rest.x = finish(attend(q_r, keys.detach(), values.detach(), mask_r), rest.x)
-    sel.x = finish(attend(q_s, keys, values, mask_s), sel.x)
+            rest.x = finish(attend(q_r, keys, values, mask_r), rest.x)
+    sel.x = x_s
