@@ -416,8 +416,9 @@ def run_isolated(argv: list[str], mode: str, variant: Variant, ratio: float | No
 
 def table(results: list[dict[str, Any]]) -> str:
     mb = 2**20
+    w = max(10, *(len(r["method"]) for r in results))  # the method column fits its longest name
     head = (
-        f"{'mode':<6} {'method':<10} {'ratio':>5} | {'saved act MB':>12} {'x stock':>7} | "
+        f"{'mode':<6} {'method':<{w}} {'ratio':>5} | {'saved act MB':>12} {'x stock':>7} | "
         f"{'saved all MB':>12} {'x stock':>7} | {'peak MB':>8} {'x stock':>7} | {'step s':>7} {'x stock':>7} | {'cpu s':>7} {'x stock':>7} {'est x':>6} | probe"
     )
     lines = [head, "-" * len(head)]
@@ -429,7 +430,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(
-            f"{r['mode']:<6} {r['method']:<10} {ratio:>5} | {r['saved_act_bytes'] / mb:12.1f} {rel('saved_act_bytes')} | "
+            f"{r['mode']:<6} {r['method']:<{w}} {ratio:>5} | {r['saved_act_bytes'] / mb:12.1f} {rel('saved_act_bytes')} | "
             f"{r['saved_bytes'] / mb:12.1f} {rel('saved_bytes')} | {r['peak_bytes'] / mb:8.1f} {rel('peak_bytes')} | "
             f"{r['step_s']:7.3f} {rel('step_s')} | {r['step_cpu_s']:7.3f} {rel('step_cpu_s')} "
             f"{r.get('step_cost_est', float('nan')):6.2f} | "

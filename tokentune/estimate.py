@@ -366,10 +366,13 @@ def _layer_bytes(t: MemoryTerms) -> tuple[float, float, float]:
 def _checkpointed_input_bytes(t: MemoryTerms) -> float:
     """Per token of the sequence, what a checkpointed layer keeps: the residual stream of the tokens
     that get a gradient (in the weights' dtype: the stream's) and, when that is a share of them
-    (TokenTune), the other tokens' keys and values, which the selected queries attend to."""
+    (TokenTune), the other tokens' keys and values, which the selected queries attend to: keys after
+    RoPE, whose cos/sin are in the stream's dtype (so at least as wide), values as the linears output."""
     s, share = t.shape, t.token_share
-    other_kv = (1 - share) * 2 * s.kv_heads * s.head_dim * t.compute_bytes
-    return share * s.hidden * t.weight_bytes + other_kv
+    c, wb = t.compute_bytes, t.weight_bytes
+    v_bytes = t.linear_out_bytes if t.linear_out_bytes is not None else c
+    other_kv = (1 - share) * s.kv_heads * s.head_dim * (max(c, wb) + v_bytes)
+    return share * s.hidden * wb + other_kv
 
 
 def _activation_bytes(t: MemoryTerms, active: int) -> float:
