@@ -34,6 +34,7 @@ def trials_by_setup(sweep_dir: Path) -> dict[str, list[dict]]:
     for status in sorted(sweep_dir.glob("trials/*/status.json")):
         done = json.loads(status.read_text())
         name = (done.get("searched") or {}).get("setup")
+        name = name.get("name") if isinstance(name, dict) else name  # status.json keeps the setup's keys
         if done.get("status") == "finished" and name in out:
             out[name].append(done.get("metrics") or {})
     return out

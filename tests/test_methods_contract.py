@@ -158,3 +158,20 @@ def test_a_worker_skips_the_packages_only_unused_methods_need():
         [sys.executable, "-c", code.format(m=[["lora"], ["qlora", "lora"]])], capture_output=True, text=True
     )
     assert qlora.stdout.split() == ["[]", "True"], qlora.stderr[-2000:]
+
+
+def test_a_worker_keeps_bitsandbytes_for_an_8bit_optimizer_without_qlora():
+    """A LoRA worker with ``train.optimizer: adamw_8bit`` needs bitsandbytes though no method does (the
+    memory-levers sweep failed its adamw_8bit trials with "bitsandbytes is not installed" before)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from orchestrator.run.train_worker import skip_unused; from tokentune.config import RunConfig; "
+        "print(skip_unused([RunConfig.from_dict({{'methods': ['lora'], 'train': {{'optimizer': '{o}'}}}})]))"
+    )
+    for optimizer, skipped in (("adamw_8bit", "[]"), ("adamw", "['bitsandbytes']")):
+        done = subprocess.run(
+            [sys.executable, "-c", code.format(o=optimizer)], capture_output=True, text=True
+        )
+        assert done.stdout.split() == [skipped], done.stderr[-2000:]

@@ -59,6 +59,11 @@ def check_offload(offload: str, zero_stage: int | None) -> None:
         )
 
 
+def optimizer_packages(cfg: RunConfig) -> set[str]:
+    """The optional packages ``train.optimizer`` imports (a worker must not skip them)."""
+    return {"bitsandbytes"} if cfg.train.optimizer in EIGHT_BIT else set()
+
+
 def check_optimizer(cfg: RunConfig, gpu: bool | None = None) -> None:
     """``train.optimizer`` can run for ``cfg``: bitsandbytes installed for the 8-bit ones, no DeepSpeed
     with them, and a GPU for the paged one (``gpu``: whether the run uses one; None: not known yet, as

@@ -80,14 +80,23 @@ def set_deepspeed_accelerator(use_gpu: bool, environ: MutableMapping[str, str] |
     return env.get(DS_ACCELERATOR)
 
 
+def skip_unused(cfgs: list[RunConfig]) -> list[str]:
+    """Keep this worker from importing the optional packages none of ``cfgs`` uses (e.g. bitsandbytes
+    without QLoRA or an 8-bit optimizer); returns the skipped names."""
+    from tokentune.methods import skip_unused_packages
+    from tokentune.optimizers import optimizer_packages
+
+    return skip_unused_packages(
+        [c.methods for c in cfgs], keep={p for c in cfgs for p in optimizer_packages(c)}
+    )
+
+
 def _worker_setup(use_gpu: bool, cfgs: list[RunConfig]):
     """DeepSpeed imported (CPU accelerator unless GPU workers), the device; returns rank, world, device."""
     import ray.train
     import torch
 
-    from tokentune.methods import skip_unused_packages
-
-    skip_unused_packages([c.methods for c in cfgs])  # e.g. bitsandbytes without QLoRA
+    skip_unused(cfgs)
     ctx = ray.train.get_context()
     set_deepspeed_accelerator(use_gpu)
     if any(c.compute.zero_stage is not None for c in cfgs):

@@ -13,15 +13,20 @@ from tokentune.methods.base import (
 from tokentune.methods.stack import MethodStack
 
 
-def skip_unused_packages(method_lists: list[list[str]]) -> list[str]:
+def skip_unused_packages(
+    method_lists: list[list[str]], keep: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
     """Keep this process from importing the optional packages (``Method.packages``) that none of the
     methods in ``method_lists`` needs: peft imports bitsandbytes (and, through it, torch's inductor)
     whenever it is installed, ~0.7 s per process here, though only QLoRA uses it. Only for a process
     that trains nothing else (a Ray Train worker); returns the skipped names. An already imported
-    package is left alone."""
+    package is left alone, and so is each of ``keep`` (what else the run uses: an 8-bit optimizer's
+    bitsandbytes, ``tokentune.optimizers.optimizer_packages``)."""
     import sys
 
-    used = {p for names in method_lists for n in names if n in REGISTRY for p in REGISTRY[n].packages}
+    used = {p for names in method_lists for n in names if n in REGISTRY for p in REGISTRY[n].packages} | set(
+        keep
+    )
     skipped = []
     for name in sorted({p for m in REGISTRY.values() for p in m.packages} - used):
         if name not in sys.modules:
