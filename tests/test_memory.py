@@ -122,9 +122,10 @@ def test_training_reports_the_breakdown_on_log_steps(tiny_workspace, tmp_path, o
 
 
 # ---- estimate vs measured over every allowed combination ------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wide_llama(tmp_path_factory):
-    """A random Llama of hidden 256 (GQA, untied head) with the shipped tokenizer."""
+    """A random Llama of hidden 256 (GQA, untied head) with the shipped tokenizer (made once per test
+    process, in seconds: session-scoped so that this file's many slow tests spread over the workers)."""
     import transformers
 
     from tokentune import assets
