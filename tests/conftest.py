@@ -462,9 +462,7 @@ def _shares_module_state(item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
     if info is None:  # not a plain test function: keep its module together
         return True
-    return any(
-        defs and defs[-1].scope in ("class", "module", "package") for defs in info.name2fixturedefs.values()
-    )
+    return any(defs and defs[-1].scope in ("class", "module", "package") for defs in info.name2fixturedefs.values())
 
 
 # ---- a spec the loader refuses -----------------------------------------------------------------------------
