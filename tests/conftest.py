@@ -437,32 +437,14 @@ def pytest_runtest_teardown(item, nextitem):
     return result
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks (``--dist loadgroup``)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run where CUDA is visible and are skipped (with the reason) elsewhere.
-
-    Under ``--dist loadgroup`` (the test command) a module whose tests share a module-scoped fixture (a
-    local Ray, an MLflow store, a trained model) goes to one worker as one unit; the tests of every other
-    module are spread one by one, the ``slow`` ones first, so the two workers end close together instead
-    of one finishing a long file alone."""
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
-    shared = {item.module.__name__ for item in items if _shares_module_state(item)}
+    """Tests marked ``gpu`` run where CUDA is visible and are skipped (with the reason) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
     for item in items:
-        if item.module.__name__ in shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda i: i.module.__name__ in shared or i.get_closest_marker("slow") is None)
-
-
-def _shares_module_state(item) -> bool:
-    """Whether ``item`` uses a fixture that lives longer than one test but not a whole session."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:  # not a plain test function: keep its module together
-        return True
-    return any(defs and defs[-1].scope in ("class", "module", "package") for defs in info.name2fixturedefs.values())
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 # ---- a spec the loader refuses -----------------------------------------------------------------------------
