@@ -447,6 +447,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+#: gradient checkpointing doubles the allowed combinations: every one runs on the tiny model in fp32; on
+#: the wider model and under bf16, these (each trainer, QLoRA, with TokenTune and with IST) stand for them
+CHECKPOINTING_SAMPLE = [
+    ["full", "checkpointing"],
+    ["lora", "checkpointing"],
+    ["dora", "checkpointing"],
+    ["qlora", "lora", "checkpointing"],
+    ["lora", "tokentune", "checkpointing"],
+    ["lora", "ist", "checkpointing"],
+]
+
+
+def sampled_combinations(everything: bool) -> list[list[str]]:
+    """The allowed combinations; unless ``everything``, those with checkpointing only as sampled."""
+    return [
+        m
+        for m in allowed_combinations()
+        if everything or "checkpointing" not in m or sorted(m) in map(sorted, CHECKPOINTING_SAMPLE)
+    ]
+
+
 # ---- a spec the loader refuses -----------------------------------------------------------------------------
 def refused(d: dict, key: str, *fragments: str, overrides=None) -> str:
     """``load_spec(d, overrides)`` raises a SpecError naming ``key`` whose text holds every fragment."""

@@ -8,7 +8,7 @@
   ``memory/train_gb`` and each component within +-25% or 2 MB. Sequences fill ``data.max_length``
   (the estimate's assumption); IST/RST run until every layer has trained and the first layer was
   the lowest trained one at a sampled step (their estimated peak).
-- The same under bf16 in its two settings (``BF16``): bf16 weights (``model.dtype: bfloat16``) and
+- The same under bf16 (in ``test_memory_bf16.py``, ``BF16``): bf16 weights (``model.dtype: bfloat16``) and
   bf16 autocast over fp32 weights (``train.bf16: true``); the cross product is slow, one combination
   per setting (every kind of dtype term between them) runs in the fast loop.
 - The estimate's device and transient terms (what must fit beyond ``memory/train_gb``), CUDA's
@@ -26,10 +26,10 @@ from torch import nn
 
 from tests.conftest import (
     SPARSE_METHODS,
-    allowed_combinations,
     check_estimate,
     memory_run_dict,
     reached_sparse_peak,
+    sampled_combinations,
     tiny_run_dict,
 )
 from tokentune.config import RunConfig
@@ -37,7 +37,6 @@ from tokentune.estimate import (
     CUDA_CONTEXT_GB,
     GB,
     NCCL_BUFFERS_GB,
-    autocast_on,
     estimate_measured,
     estimate_memory,
 )
@@ -143,32 +142,13 @@ def wide_llama(tmp_path_factory):
 
 
 MODELS = {"tiny-seq128": (None, 128), "hidden256-seq256": ("wide", 256)}
-#: gradient checkpointing doubles the allowed combinations: every one runs on the tiny model in fp32; on
-#: the wider model and under bf16, these (each trainer, QLoRA, with TokenTune and with IST) stand for them
-CHECKPOINTING_SAMPLE = [
-    ["full", "checkpointing"],
-    ["lora", "checkpointing"],
-    ["dora", "checkpointing"],
-    ["qlora", "lora", "checkpointing"],
-    ["lora", "tokentune", "checkpointing"],
-    ["lora", "ist", "checkpointing"],
-]
-
-
-def _combinations(everything: bool) -> list[list[str]]:
-    """The allowed combinations; unless ``everything``, those with checkpointing only as sampled."""
-    return [
-        m
-        for m in allowed_combinations()
-        if everything or "checkpointing" not in m or sorted(m) in map(sorted, CHECKPOINTING_SAMPLE)
-    ]
 
 
 def _estimate_params() -> list:
     return [
         pytest.param(methods, model, id=f"{'+'.join(methods)}-{model}")
         for model in MODELS
-        for methods in _combinations(everything=model == "tiny-seq128")
+        for methods in sampled_combinations(everything=model == "tiny-seq128")
     ]
 
 
@@ -195,48 +175,6 @@ def test_estimate_matches_measured_fast(long_rows, tmp_path, one_thread):
     assert check_estimate(cfg, res.memory) == []
     # the planning estimate (max_length) equals the measured-shape one here: sequences fill it
     assert estimate_memory(cfg).total_gb == pytest.approx(estimate_measured(cfg, res.memory).total_gb)
-
-
-# ---- bf16: bf16 weights, and bf16 autocast over fp32 weights ------------------------------------------------
-#: setting -> (model.dtype, train.bf16)
-BF16 = {"bf16-weights": ("bfloat16", "true"), "autocast-fp32-weights": ("float32", "true")}
-
-
-def bf16_run_dict(methods, setting, data, out_dir, max_length, steps=8) -> dict:
-    dtype, bf16 = BF16[setting]
-    d = memory_run_dict(methods, data, out_dir, max_length=max_length, steps=steps)
-    d["model"] = {"dtype": dtype}
-    d["train"]["bf16"] = bf16
-    if "qlora" in methods:  # the 4-bit matmuls compute in the weights' dtype
-        d["qlora"] = {"compute_dtype": dtype}
-    return d
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("setting", BF16)
-@pytest.mark.parametrize("methods", _combinations(everything=False), ids=lambda m: "+".join(m))
-def test_estimate_matches_measured_bf16(methods, setting, long_rows, tmp_path, one_thread):
-    steps = 8 if any(m in methods for m in SPARSE_METHODS) else 2  # the second step has every state
-    cfg = RunConfig.from_dict(bf16_run_dict(methods, setting, long_rows, tmp_path / "out", 128, steps))
-    res = train(cfg)
-    assert res.memory["memory/peak_seq_len"] == 128
-    if any(m in methods for m in SPARSE_METHODS):
-        assert reached_sparse_peak(res.history, 4), "IST/RST never trained every layer in 8 steps"
-    assert check_estimate(cfg, res.memory) == []
-
-
-@pytest.mark.parametrize(
-    "methods, setting",
-    [(["qlora", "lora", "tokentune"], "bf16-weights"), (["full"], "autocast-fp32-weights")],
-    ids=["qlora+lora+tokentune-bf16-weights", "full-autocast-fp32-weights"],
-)
-def test_estimate_matches_measured_bf16_fast(methods, setting, long_rows, tmp_path, one_thread):
-    """QLoRA's fp32 upcast and LoRA's input copies under autocast; autocast's bf16 copies of fp32
-    weights and of each linear's input (full fine-tuning). Every combination: the slow test above."""
-    cfg = RunConfig.from_dict(bf16_run_dict(methods, setting, long_rows, tmp_path / "o", 64, steps=2))
-    assert autocast_on(cfg)
-    res = train(cfg)
-    assert check_estimate(cfg, res.memory) == []
 
 
 # ---- what must fit beyond train_gb ------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """A per-worker memory estimate composed from the methods' own terms. Pure: no model is loaded.
 
-    est = estimate_memory(cfg)            # MemoryEstimate | None (None: the model's shape is unknown)
-    est.total_gb, est.short(), est.metrics()
+    est = estimate_memory(cfg)  # MemoryEstimate | None (the model's shape unknown); est.total_gb, est.metrics()
 
 It estimates the same four components ``tokentune.memory.MemoryMeter`` measures (weights, grads,
 optimizer, activations; see there), for a micro-batch of ``train.batch_size`` sequences that fill
@@ -18,10 +17,8 @@ each RMSNorm its input (and, when its weight trains, the normalised input); the 
 whose weight or adapter trains (q/k/v share one, gate/up share one, o_proj's is the attention
 output); attention's query, keys, values, output and log-sum-exp; the MLP's gate, up and SiLU
 outputs; the logits in fp32. IST/RST is estimated at its peak: the step whose lowest trained layer is
-the first, so every layer keeps what backward through it needs. A checkpointed layer
-(``MemoryTerms.checkpointed_layers``, the ``checkpointing`` method) keeps only its input (with
-TokenTune also the other tokens' keys and values) and rebuilds one layer's activations at a time in
-backward, a transient.
+the first, so every layer keeps what backward through it needs. A checkpointed layer (``checkpointing``)
+keeps only its input (with TokenTune also the other tokens' keys/values): one layer rebuilt, a transient.
 
 Dtypes (measured on CPU with saved-tensor hooks; the same autocast rules hold on CUDA). Whatever the
 model's dtype, Llama's RMSNorm saves its input upcast to fp32 (and its fp32 rsqrt), attention saves
