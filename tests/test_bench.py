@@ -203,3 +203,35 @@ def test_scale_bench_table_checks_flat_driver_usage_and_placement_on_every_node(
     assert [(r["node"], r["worker_node"], r["cold"]) for r in rows] == [
         ("127.0.0.2", "127.0.0.2", True), ("127.0.0.3", "127.0.0.9", False), ("127.0.0.4", "?", True),
     ]  # fmt: skip
+
+
+def test_levers_table_groups_a_sweeps_trials_by_setup(tmp_path):
+    """``bench/levers_table.py``: one row per setup in the spec's order, medians over the finished trials
+    (a failed one left out), memory in MB and as a share of the first setup's."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    setups = [
+        {"name": "lora", "methods": ["lora"]},
+        {"name": "lora+ckpt", "methods": ["lora", "checkpointing"]},
+    ]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"search": {"setup": {"grid": setups}}}))
+    trials = [("lora", "finished", 0.04), ("lora", "finished", 0.02), ("lora+ckpt", "finished", 0.015)]
+    trials += [("lora+ckpt", "failed", None)]
+    for i, (name, status, gb) in enumerate(trials):
+        (tmp_path / "trials" / str(i)).mkdir(parents=True)
+        metrics = {"memory/train_gb": gb, "eval/score": 0.5 + i / 100} if gb else {}
+        done = {"status": status, "searched": {"setup": setups[name != "lora"]}, "metrics": metrics}
+        (tmp_path / "trials" / str(i) / "status.json").write_text(json.dumps(done))
+    out = subprocess.run(
+        [sys.executable, "bench/levers_table.py", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out[2:]]
+    assert [r[:4] for r in rows] == [
+        ["lora", "2", "0.505 (0.500-0.510)", "30.7"],
+        ["lora+ckpt", "1", "0.520 (0.520-0.520)", "15.4"],
+    ]
+    assert rows[1][-2] == "0.50"  # memory vs the first setup
