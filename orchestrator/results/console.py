@@ -128,8 +128,6 @@ class SweepProgress(Callback):
 
 def _searched(config: dict[str, Any]) -> dict[str, Any]:
     """Tune's config of a trial as printed: a setup by its name."""
-    return {
-        k: v["name"] if isinstance(v, dict) and isinstance(v.get("name"), str) else v
-        for k, v in (config or {}).items()
-        if not str(k).startswith("_")
-    }
+    from orchestrator.spec.parts import setup_name
+
+    return {k: setup_name(v) or v for k, v in (config or {}).items() if not str(k).startswith("_")}

@@ -239,10 +239,16 @@ def apply_searched(d: dict[str, Any], key: str, value: Any) -> None:
 
 
 # ---- small helpers -------------------------------------------------------------------------------------
+def setup_name(v: Any) -> str | None:
+    """A setup's name (a ``search.setup`` value: a mapping with a ``name``), else None."""
+    return v["name"] if isinstance(v, dict) and isinstance(v.get("name"), str) else None
+
+
 def value_label(v: Any) -> str:
     """A compact, readable label: ``[lora, tokentune]``, ``0.0003``, ``8``; a setup's name."""
-    if isinstance(v, dict) and isinstance(v.get("name"), str):
-        return v["name"]
+    name = setup_name(v)
+    if name is not None:
+        return name
     if isinstance(v, (list, dict)):
         return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip()
     if isinstance(v, float):
