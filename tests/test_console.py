@@ -44,7 +44,7 @@ def test_progress_lines_count_finished_stopped_and_failed(tmp_path):
     p.on_trial_error(0, [], c)  # a second report of the same end is ignored
     lines = [re.sub(r"^\[\d\d:\d\d:\d\d\] ", "", ln) for ln in out.getvalue().splitlines()]
     assert "trial t_a started | lora.rank=4" in lines
-    assert "0/4 trials done, 3 running, 1 queued | elapsed 0s" in lines
+    assert any(ln.startswith("0/4 trials done, 3 running, 1 queued | elapsed ") for ln in lines)
     assert any(ln.startswith("trial t_a finished (") and ln.endswith("): eval/score=0.615") for ln in lines)
     assert any(ln.startswith("trial t_b stopped (") for ln in lines)
     assert any(ln.startswith("trial t_c failed (") and "DataError: data file 'x'" in ln for ln in lines)
@@ -107,3 +107,37 @@ def test_sweep_command_ends_with_where_to_look_or_with_the_table_when_quiet(monk
     assert lines[1].startswith("results: /tmp/s/results.csv")
     assert lines[2].startswith("MLflow: mlflow ui --backend-store-uri sqlite:////tmp/s/mlflow.db")
     assert lines[3].strip() == result.mlflow_compare_url
+
+
+def test_a_resumed_sweep_counts_the_trials_that_ended_before_it(tmp_path):
+    """On ``--resume`` Tune hands back the ended trials without starting them: they count as done (the
+    line said "1/24 trials done, 23 queued, ETA ~24h" with 23 finished before), the ETA is this run's pace."""
+    out = io.StringIO()
+    p = SweepProgress(total=4, sweep_dir=str(tmp_path), objective="val_loss", every_s=3600, out=out)
+    before = []
+    for tid, tune_state, ours in (
+        ("t_a", "TERMINATED", "finished"),
+        ("t_b", "TERMINATED", "skipped"),
+        ("t_c", "ERROR", "failed"),
+    ):
+        trial_dir(tmp_path, tid).mkdir(parents=True)
+        write_status(trial_dir(tmp_path, tid), ours)
+        before.append(SimpleNamespace(trial_id=tid, config={}, status=tune_state))
+    d = _trial("t_d")
+    d.status = "PENDING"
+    p.on_step_begin(0, [*before, d])
+    d.status = "RUNNING"
+    p.on_trial_start(0, [*before, d], d)
+    lines = [re.sub(r"^\[\d\d:\d\d:\d\d\] ", "", ln) for ln in out.getvalue().splitlines()]
+    assert lines[-1].startswith(
+        "3/4 trials done (3 before this run, 1 finished, 1 skipped, 1 failed), 1 running, 0 queued |"
+    ), lines[-1]
+    assert "ETA" not in lines[-1]  # nothing ended in this run yet: no pace to go by
+    trial_dir(tmp_path, "t_d").mkdir(parents=True)
+    write_status(trial_dir(tmp_path, "t_d"), "finished", metrics={"val_loss": 1.5})
+    d.status = "TERMINATED"
+    p.on_trial_complete(0, [*before, d], d)
+    last = re.sub(r"^\[\d\d:\d\d:\d\d\] ", "", out.getvalue().splitlines()[-1])
+    assert last.startswith(
+        "4/4 trials done (3 before this run, 2 finished, 1 skipped, 1 failed), 0 running, 0 queued"
+    )

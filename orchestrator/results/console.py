@@ -9,6 +9,9 @@ A trial that Tune stopped early (ASHA, the time limit) is ``stopped``, not ``fai
 ``status.json`` of its own (``orchestrator.results.trial_status``). The heartbeat repeats every
 ``every_s`` seconds while trials run. Ray's worker logs do not come here unless the sweep runs with
 ``--verbose`` (``log_to_driver``); they stay in Ray's log folder (:data:`RAY_LOGS`).
+
+On ``--resume`` the trials that ended in an earlier run count as done ("24/24 trials done (23 before this
+run, ...)") and the ETA is this run's pace over what is left.
 """
 
 from __future__ import annotations
@@ -67,10 +70,15 @@ class SweepProgress(Callback):
         self.t0 = time.monotonic()
         self.started: dict[str, float] = {}
         self.ended: dict[str, str] = {}  # trial id -> finished | skipped | failed | stopped
+        self.earlier: dict[str, str] = {}  # the same, for trials that ended before this run (--resume)
         self.last_line = 0.0
 
     # ---- Tune hooks ----------------------------------------------------------------------------------
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self._note_earlier(trials)
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._note_earlier(trials)
         self.started.setdefault(trial.trial_id, time.monotonic())
         self._say(f"trial {trial.trial_id} started | {searched_text(_searched(trial.config))}")
         self._counts()
@@ -89,6 +97,18 @@ class SweepProgress(Callback):
         if len(self.started) > len(self.ended) and time.monotonic() - self.last_line >= self.every_s:
             self._counts()
 
+    def _note_earlier(self, trials: list) -> None:
+        """Trials Tune restored as ended (``--resume``) that this run never started."""
+        for t in trials:
+            tid, tune_state = getattr(t, "trial_id", None), getattr(t, "status", None)
+            if tid in self.started or tid in self.earlier or tune_state not in ("TERMINATED", "ERROR"):
+                continue
+            status = (read_status(trial_dir(self.sweep_dir, tid)) or {}).get("status")
+            if tune_state == "ERROR":
+                self.earlier[tid] = "failed"
+            else:
+                self.earlier[tid] = status if status in ("finished", "skipped") else "stopped"
+
     # ---- lines ---------------------------------------------------------------------------------------
     def _end(self, trial: Any, state: str, metrics: dict[str, Any], error: str = "") -> None:
         if trial.trial_id in self.ended:
@@ -102,14 +122,20 @@ class SweepProgress(Callback):
         self._counts()
 
     def _counts(self) -> None:
-        done = len(self.ended)
-        running = len(self.started) - done
-        queued = max(0, self.total - len(self.started))
+        now = len(self.ended)  # ended in this run: the ETA's pace
+        done = now + len(self.earlier)
+        running = len(self.started) - now
+        queued = max(0, self.total - len(self.started) - len(self.earlier))
         merging = self._waiting_for_merge()
-        states = [s for s in ("finished", "skipped", "stopped", "failed") if s in self.ended.values()]
-        kinds = ", ".join(f"{sum(v == s for v in self.ended.values())} {s}" for s in states)
+        ended = [*self.ended.values(), *self.earlier.values()]
+        states = [s for s in ("finished", "skipped", "stopped", "failed") if s in ended]
+        kinds = ", ".join(f"{sum(v == s for v in ended)} {s}" for s in states)
+        if self.earlier:
+            kinds = f"{len(self.earlier)} before this run, {kinds}"
         elapsed = time.monotonic() - self.t0
-        eta = f", ETA ~{duration(elapsed / done * (self.total - done))}" if 0 < done < self.total else ""
+        eta = (
+            f", ETA ~{duration(elapsed / now * (self.total - done))}" if 0 < now and done < self.total else ""
+        )
         self._say(
             f"{done}/{self.total} trials done{f' ({kinds})' if kinds else ''}, {running} running"
             f"{f' ({merging} waiting for merge + eval)' if merging else ''}, {queued} queued | "
