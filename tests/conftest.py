@@ -459,8 +459,14 @@ CHECKPOINTING_SAMPLE = [
 ]
 
 
+#: set to 1 to run every checkpointing combination wherever a test samples them (CI samples, ~10 min less)
+ALL_COMBINATIONS_ENV = "TOKENTUNE_TEST_ALL_COMBINATIONS"
+
+
 def sampled_combinations(everything: bool) -> list[list[str]]:
-    """The allowed combinations; unless ``everything``, those with checkpointing only as sampled."""
+    """The allowed combinations; unless ``everything`` (or :data:`ALL_COMBINATIONS_ENV` is 1), those with
+    checkpointing only as sampled."""
+    everything = everything or os.environ.get(ALL_COMBINATIONS_ENV) == "1"
     return [
         m
         for m in allowed_combinations()

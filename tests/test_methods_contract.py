@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import allowed_combinations, tiny_run_dict
+from tests.conftest import ALL_COMBINATIONS_ENV, allowed_combinations, sampled_combinations, tiny_run_dict
 from tokentune.config import RunConfig
 from tokentune.methods import REGISTRY, Method, register
 from tokentune.train import train
@@ -60,7 +60,9 @@ def test_every_method_is_covered():
 
 #: the fast loop's share of the contract: every method and every trainer at least once, QLoRA and each
 #: modifier combined with others (DoRA, ~5x slower on CPU, once); every other allowed combination is
-#: marked slow (the full suite runs them all)
+#: marked slow. The full suite runs every combination without checkpointing and, with it, the sampled
+#: ones (conftest.CHECKPOINTING_SAMPLE: each trainer, QLoRA, with TokenTune, with IST; its gradients are
+#: checked against no checkpointing in test_checkpointing.py); ALL_COMBINATIONS_ENV=1 runs all 56.
 FAST_CONTRACT = [
     ["full"],
     ["full", "rst"],
@@ -73,10 +75,21 @@ FAST_CONTRACT = [
 
 
 def _contract_params() -> list:
+    run = sampled_combinations(everything=False)
     return [
         pytest.param(m, id="+".join(m), marks=[] if m in FAST_CONTRACT else [pytest.mark.slow])
         for m in allowed_combinations()
+        if m in run or m in FAST_CONTRACT
     ]
+
+
+def test_the_contract_runs_every_combination_or_its_checkpointing_sample(monkeypatch):
+    ids = {p.id for p in _contract_params()}
+    every = {"+".join(m) for m in allowed_combinations()}
+    assert {i for i in every if "checkpointing" not in i} <= ids  # no other combination is sampled
+    assert 7 <= sum("checkpointing" in i for i in ids) < sum("checkpointing" in i for i in every)
+    monkeypatch.setenv(ALL_COMBINATIONS_ENV, "1")
+    assert {p.id for p in _contract_params()} == every
 
 
 @pytest.mark.parametrize("methods", _contract_params())
