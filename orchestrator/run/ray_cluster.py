@@ -172,14 +172,49 @@ def init_ray(
         # a trial starts ~3 processes at once (its driver, the Train controller, the workers): Ray's
         # default (one per CPU) queues those starts on a small machine and warns after 4x that many
         os.environ.setdefault(STARTUP_ENV, str(max(LOCAL_STARTUP_CONCURRENCY, os.cpu_count() or 1)))
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=include_dashboard,
-            runtime_env=env,
-            **kwargs,
+        start_local(
+            lambda: ray.init(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=include_dashboard,
+                runtime_env=env,
+                **kwargs,
+            )
         )
     return dict(ray.cluster_resources())
+
+
+#: Ray gives a local node 30 s (fixed in Ray 2.60) to register its raylet; on a loaded machine that start
+#: fails now and then ("The current node timed out during startup"). Then a local start is tried again.
+LOCAL_START_ATTEMPTS = 3
+START_TIMEOUT_TEXT = "timed out during startup"
+
+
+def start_local(init: Any, attempts: int = LOCAL_START_ATTEMPTS) -> None:
+    """Run ``init`` (a local ``ray.init``); when Ray's node start times out, stop the processes that
+    attempt left (the GCS, raylet, dashboard it started are this process's children) and try again, up
+    to ``attempts`` times, one warning each. Any other error is raised at once."""
+    import psutil
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            init()
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if START_TIMEOUT_TEXT not in str(e) or attempt == attempts:
+                raise
+            left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(left, timeout=10)
+            ray.shutdown()
+            log.warning(
+                "local Ray start timed out (a loaded machine?): stopped its %d processes, trying again (%d of %d)",
+                len(left), attempt + 1, attempts,
+            )  # fmt: skip
 
 
 def nodes_on_other_machines(
