@@ -471,8 +471,9 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """The longest files first (:data:`FILE_SECONDS`), each file's tests in their order. Tests marked
     ``gpu`` run where CUDA is visible and are skipped (with the reason) elsewhere."""
-    place = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda it: (-FILE_SECONDS.get(Path(str(it.fspath)).name, 0), place[id(it)]))
+    items.sort(
+        key=lambda it: -FILE_SECONDS.get(Path(str(it.fspath)).name, 0)
+    )  # stable: a file keeps its order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
@@ -493,7 +494,7 @@ CHECKPOINTING_SAMPLE = [
 ]
 
 
-#: set to 1 to run every checkpointing combination wherever a test samples them (CI samples, ~10 min less)
+#: set to 1 to run every checkpointing combination wherever a test samples them (CI runs the sample)
 ALL_COMBINATIONS_ENV = "TOKENTUNE_TEST_ALL_COMBINATIONS"
 
 

@@ -103,11 +103,11 @@ class SweepProgress(Callback):
             tid, tune_state = getattr(t, "trial_id", None), getattr(t, "status", None)
             if tid in self.started or tid in self.earlier or tune_state not in ("TERMINATED", "ERROR"):
                 continue
-            status = (read_status(trial_dir(self.sweep_dir, tid)) or {}).get("status")
             if tune_state == "ERROR":
                 self.earlier[tid] = "failed"
-            else:
-                self.earlier[tid] = status if status in ("finished", "skipped") else "stopped"
+                continue
+            status = (read_status(trial_dir(self.sweep_dir, tid)) or {}).get("status")
+            self.earlier[tid] = status if status in ("finished", "skipped") else "stopped"
 
     # ---- lines ---------------------------------------------------------------------------------------
     def _end(self, trial: Any, state: str, metrics: dict[str, Any], error: str = "") -> None:

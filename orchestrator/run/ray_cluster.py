@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,7 @@ LOCAL_START_ATTEMPTS = 3
 START_TIMEOUT_TEXT = "timed out during startup"
 
 
-def start_local(init: Any, attempts: int = LOCAL_START_ATTEMPTS) -> None:
+def start_local(init: Callable[[], Any], attempts: int = LOCAL_START_ATTEMPTS) -> None:
     """Run ``init`` (a local ``ray.init``); when Ray's node start times out, stop the processes that
     attempt left (the GCS, raylet, dashboard it started are this process's children) and try again, up
     to ``attempts`` times, one warning each. Any other error is raised at once."""
